@@ -1,0 +1,122 @@
+//! Snapshot files and the manifest that names the current set.
+//!
+//! A snapshot set is one file per shard, all taken at the same LSN:
+//! `snap-{lsn:020}-{shard}.bin`. A set becomes current only when
+//! `MANIFEST` names it; the manifest is replaced atomically (write a
+//! temporary file, fsync, rename, fsync the directory), so a crash leaves
+//! either the old set or the new one, never a mix.
+//!
+//! Snapshot file: `b"STKSNAP1"`, u64 lsn, u32 shard, u32 shard_count,
+//! u64 payload_len, payload, u32 crc32c of everything before it.
+//! Manifest: `b"STKMANI1"`, u64 lsn, u32 shard_count, u32 crc32c.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::Path;
+
+use crate::{sync_dir, Error};
+
+const SNAP_MAGIC: &[u8; 8] = b"STKSNAP1";
+const MANIFEST_MAGIC: &[u8; 8] = b"STKMANI1";
+pub const MANIFEST: &str = "MANIFEST";
+
+pub fn snapshot_name(lsn: u64, shard: u32) -> String {
+    format!("snap-{lsn:020}-{shard}.bin")
+}
+
+/// Writes `bytes` to `dir/name` so that after return it survives a crash.
+pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dst = dir.join(name);
+    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+    sync_dir(dir)
+}
+
+fn read_all(path: &Path) -> Result<Vec<u8>, Error> {
+    let mut data = Vec::new();
+    File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|e| Error::io(path, e))?;
+    Ok(data)
+}
+
+/// Encodes one shard's snapshot around its payload.
+pub fn encode_snapshot(lsn: u64, shard: u32, shard_count: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 36);
+    out.extend_from_slice(SNAP_MAGIC);
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.extend_from_slice(&shard.to_le_bytes());
+    out.extend_from_slice(&shard_count.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    let sum = crc32c::crc32c(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
+}
+
+/// Reads and checks one snapshot file; returns its payload.
+pub fn read_snapshot(dir: &Path, lsn: u64, shard: u32, shard_count: u32) -> Result<Vec<u8>, Error> {
+    let path = dir.join(snapshot_name(lsn, shard));
+    let data = read_all(&path)?;
+    let bad = |why: &str| Error::Corrupt(format!("{}: {why}", path.display()));
+    if data.len() < 36 || &data[..8] != SNAP_MAGIC {
+        return Err(bad("not a snapshot file"));
+    }
+    let (body, sum) = data.split_at(data.len() - 4);
+    if crc32c::crc32c(body) != u32::from_le_bytes(sum.try_into().unwrap()) {
+        return Err(bad("checksum mismatch"));
+    }
+    let f_lsn = u64::from_le_bytes(body[8..16].try_into().unwrap());
+    let f_shard = u32::from_le_bytes(body[16..20].try_into().unwrap());
+    let f_count = u32::from_le_bytes(body[20..24].try_into().unwrap());
+    let len = u64::from_le_bytes(body[24..32].try_into().unwrap()) as usize;
+    if (f_lsn, f_shard, f_count) != (lsn, shard, shard_count) || len != body.len() - 32 {
+        return Err(bad("header does not match the manifest"));
+    }
+    Ok(body[32..].to_vec())
+}
+
+/// The current snapshot set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub lsn: u64,
+    pub shard_count: u32,
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>, Error> {
+    let path = dir.join(MANIFEST);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = read_all(&path)?;
+    if data.len() != 24 || &data[..8] != MANIFEST_MAGIC {
+        return Err(Error::Corrupt(format!("{}: not a manifest", path.display())));
+    }
+    if crc32c::crc32c(&data[..20]) != u32::from_le_bytes(data[20..24].try_into().unwrap()) {
+        return Err(Error::Corrupt(format!("{}: checksum mismatch", path.display())));
+    }
+    Ok(Some(Manifest {
+        lsn: u64::from_le_bytes(data[8..16].try_into().unwrap()),
+        shard_count: u32::from_le_bytes(data[16..20].try_into().unwrap()),
+    }))
+}
+
+/// Makes a fully written snapshot set current, then removes older snapshot files.
+pub fn commit_manifest(dir: &Path, m: Manifest) -> Result<(), Error> {
+    let mut out = Vec::with_capacity(24);
+    out.extend_from_slice(MANIFEST_MAGIC);
+    out.extend_from_slice(&m.lsn.to_le_bytes());
+    out.extend_from_slice(&m.shard_count.to_le_bytes());
+    let sum = crc32c::crc32c(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    write_durably(dir, MANIFEST, &out)?;
+    let keep = format!("snap-{:020}-", m.lsn);
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap-") && !name.starts_with(&keep) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! The write-ahead log: segment files of checksummed records, written by one
+//! thread with group commit.
+//!
+//! Record layout (little-endian), 24-byte header then payload:
+//!
+//! ```text
+//! u32 payload_len
+//! u32 crc32c       over the 16 bytes lsn|ts_ms and the payload
+//! u64 lsn          1, 2, 3, ... without gaps
+//! u64 ts_ms        writer clock, never decreasing
+//! payload
+//! ```
+//!
+//! Segments are `wal-{first_lsn:020}.log`. A new one starts at every open and
+//! when the current one passes the configured size.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+
+use crate::{sync_dir, Error};
+
+pub const RECORD_HEADER: usize = 24;
+/// Largest payload a record may carry.
+pub const MAX_PAYLOAD: usize = 16 << 20;
+
+/// One committed record, as replayed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub lsn: u64,
+    pub ts_ms: u64,
+    pub payload: Vec<u8>,
+}
+
+fn crc(lsn: u64, ts_ms: u64, payload: &[u8]) -> u32 {
+    let mut head = [0u8; 16];
+    head[..8].copy_from_slice(&lsn.to_le_bytes());
+    head[8..].copy_from_slice(&ts_ms.to_le_bytes());
+    crc32c::crc32c_append(crc32c::crc32c(&head), payload)
+}
+
+/// Appends one encoded record to `out`.
+pub fn encode_record(lsn: u64, ts_ms: u64, payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc(lsn, ts_ms, payload).to_le_bytes());
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.extend_from_slice(&ts_ms.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+pub fn segment_name(first_lsn: u64) -> String {
+    format!("wal-{first_lsn:020}.log")
+}
+
+/// Segments in `dir`, ascending by first LSN.
+pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
+    let mut segs = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(num) = name.strip_prefix("wal-").and_then(|s| s.strip_suffix(".log")) {
+            if let Ok(lsn) = num.parse::<u64>() {
+                segs.push((lsn, entry.path()));
+            }
+        }
+    }
+    segs.sort();
+    Ok(segs)
+}
+
+/// What replay found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReplayEnd {
+    /// The LSN the next record gets.
+    pub next_lsn: u64,
+    /// Timestamp of the last record (0 if none were replayed).
+    pub last_ts_ms: u64,
+    /// Records handed to the callback.
+    pub replayed: u64,
+    /// Bytes cut from the end of the last segment: a write torn by a crash.
+    pub torn_bytes: u64,
+}
+
+/// Calls `apply` for every record with an LSN above `after_lsn`, in order.
+///
+/// A bad record at the end of the last segment is a write that a crash cut
+/// short (it was never acknowledged): the segment is truncated there and
+/// replay ends. A bad record anywhere else, or a gap in LSNs, is corruption
+/// and an error: the server refuses to start rather than lose data silently.
+pub fn replay(dir: &Path, after_lsn: u64, mut apply: impl FnMut(Record)) -> Result<ReplayEnd, Error> {
+    let segs = list_segments(dir)?;
+    let mut end = ReplayEnd { next_lsn: after_lsn + 1, ..Default::default() };
+    // Segments wholly at or below after_lsn are skipped: the next one starts at or below it + 1.
+    let first = segs.iter().rposition(|(lsn, _)| *lsn <= after_lsn + 1).unwrap_or(0);
+    let mut expect: Option<u64> = None;
+    for (i, (first_lsn, path)) in segs.iter().enumerate().skip(first) {
+        let last_segment = i + 1 == segs.len();
+        let mut data = Vec::new();
+        File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|e| Error::io(path, e))?;
+        let mut pos = 0usize;
+        if let Some(want) = expect {
+            if *first_lsn != want {
+                return Err(Error::Corrupt(format!(
+                    "{}: starts at LSN {first_lsn}, expected {want}",
+                    path.display()
+                )));
+            }
+        } else if *first_lsn > after_lsn + 1 {
+            return Err(Error::Corrupt(format!(
+                "log starts at LSN {first_lsn} but the snapshot ends at {after_lsn}: records are missing"
+            )));
+        }
+        let mut lsn_here = *first_lsn;
+        while pos < data.len() {
+            match parse_record(&data[pos..]) {
+                Some((rec, len)) if rec.lsn == lsn_here => {
+                    pos += len;
+                    lsn_here += 1;
+                    end.last_ts_ms = rec.ts_ms;
+                    if rec.lsn > after_lsn {
+                        end.replayed += 1;
+                        apply(rec);
+                    }
+                }
+                bad => {
+                    let why = match bad {
+                        Some((rec, _)) => format!("LSN {} where {lsn_here} was expected", rec.lsn),
+                        None => "an incomplete or checksum-failing record".to_string(),
+                    };
+                    if !last_segment {
+                        return Err(Error::Corrupt(format!("{}: offset {pos}: {why}", path.display())));
+                    }
+                    let torn = (data.len() - pos) as u64;
+                    tracing::warn!(
+                        segment = %path.display(), offset = pos, bytes = torn,
+                        "torn write at the end of the log ({why}); truncating: it was never acknowledged"
+                    );
+                    let f = OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
+                    f.set_len(pos as u64).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))?;
+                    end.torn_bytes = torn;
+                    break;
+                }
+            }
+        }
+        expect = Some(lsn_here);
+        end.next_lsn = end.next_lsn.max(lsn_here);
+    }
+    Ok(end)
+}
+
+/// Parses one record; `None` if it is incomplete or fails its checksum.
+fn parse_record(buf: &[u8]) -> Option<(Record, usize)> {
+    if buf.len() < RECORD_HEADER {
+        return None;
+    }
+    let len = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as usize;
+    let sum = u32::from_le_bytes(buf[4..8].try_into().unwrap());
+    let lsn = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+    let ts_ms = u64::from_le_bytes(buf[16..24].try_into().unwrap());
+    if len > MAX_PAYLOAD || buf.len() - RECORD_HEADER < len {
+        return None;
+    }
+    let payload = &buf[RECORD_HEADER..RECORD_HEADER + len];
+    if crc(lsn, ts_ms, payload) != sum {
+        return None;
+    }
+    Some((Record { lsn, ts_ms, payload: payload.to_vec() }, RECORD_HEADER + len))
+}
+
+/// Deletes segments whose records all have LSN <= `lsn` (a snapshot covers them).
+/// The newest segment is never deleted.
+pub fn delete_segments_through(dir: &Path, lsn: u64) -> Result<usize, Error> {
+    let segs = list_segments(dir)?;
+    let mut deleted = 0;
+    for pair in segs.windows(2) {
+        let (next_first, _) = pair[1];
+        if next_first <= lsn + 1 {
+            fs::remove_file(&pair[0].1).map_err(|e| Error::io(&pair[0].1, e))?;
+            deleted += 1;
+        }
+    }
+    if deleted > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(deleted)
+}
+
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    pub dir: PathBuf,
+    /// Start a new segment when the current one passes this many bytes.
+    pub segment_bytes: u64,
+    /// Most records in one group commit.
+    pub max_batch: usize,
+    /// Submissions that may wait for the writer; beyond this `try_submit` says Full.
+    pub queue_capacity: usize,
+}
+
+impl WalConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        WalConfig { dir: dir.into(), segment_bytes: 64 << 20, max_batch: 4096, queue_capacity: 16384 }
+    }
+}
+
+/// Counters the writer keeps; read them from any thread.
+#[derive(Debug, Default)]
+pub struct WalStats {
+    pub records: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Sum over fsyncs of the microseconds spent in write + fdatasync.
+    pub sync_micros: AtomicU64,
+}
+
+/// A payload waiting to be logged, and what the caller wants back after the commit.
+pub struct Submission<T> {
+    pub payload: Vec<u8>,
+    pub token: T,
+}
+
+/// A durable record, handed to the commit callback.
+pub struct Committed<T> {
+    pub lsn: u64,
+    pub ts_ms: u64,
+    pub payload: Vec<u8>,
+    pub token: T,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The writer queue is full: shed load.
+    Full,
+    /// The writer has stopped.
+    Closed,
+}
+
+/// The submitting side of the log; cheap to clone.
+pub struct Wal<T> {
+    tx: Sender<Submission<T>>,
+    pub stats: Arc<WalStats>,
+}
+
+impl<T> Clone for Wal<T> {
+    fn clone(&self) -> Self {
+        Wal { tx: self.tx.clone(), stats: self.stats.clone() }
+    }
+}
+
+impl<T: Send + 'static> Wal<T> {
+    /// Starts the writer thread. It appends at `next_lsn` (from [`replay`]) in
+    /// a fresh segment, and after every fdatasync calls `on_commit` with the
+    /// batch it made durable, in LSN order. The thread ends when every `Wal`
+    /// handle is dropped; join the returned handle to wait for it.
+    ///
+    /// A failed write or fsync aborts the process: after a failed fsync the
+    /// kernel may have dropped the dirty pages, so retrying could acknowledge
+    /// data that is not on disk.
+    pub fn start(
+        cfg: WalConfig,
+        next_lsn: u64,
+        last_ts_ms: u64,
+        on_commit: impl FnMut(Vec<Committed<T>>) + Send + 'static,
+    ) -> Result<(Wal<T>, std::thread::JoinHandle<()>), Error> {
+        let (tx, rx) = channel::bounded(cfg.queue_capacity);
+        let stats = Arc::new(WalStats::default());
+        let file = create_segment(&cfg.dir, next_lsn)?;
+        let mut w = Writer { cfg, file, written: 0, next_lsn, last_ts_ms, stats: stats.clone() };
+        let handle = std::thread::Builder::new()
+            .name("stockd-wal".into())
+            .spawn(move || w.run(rx, on_commit))
+            .map_err(|e| Error::io(Path::new("<thread>"), e))?;
+        Ok((Wal { tx, stats }, handle))
+    }
+
+    /// Queues a payload without blocking.
+    pub fn try_submit(&self, payload: Vec<u8>, token: T) -> Result<(), (SubmitError, T)> {
+        self.tx.try_send(Submission { payload, token }).map_err(|e| match e {
+            TrySendError::Full(s) => (SubmitError::Full, s.token),
+            TrySendError::Disconnected(s) => (SubmitError::Closed, s.token),
+        })
+    }
+
+    /// Queues a payload, waiting while the queue is full (for tools and tests).
+    pub fn submit(&self, payload: Vec<u8>, token: T) -> Result<(), SubmitError> {
+        self.tx.send(Submission { payload, token }).map_err(|_| SubmitError::Closed)
+    }
+}
+
+fn create_segment(dir: &Path, first_lsn: u64) -> Result<File, Error> {
+    let path = dir.join(segment_name(first_lsn));
+    // A segment named after the next LSN can hold no valid record: replay
+    // ended before it. Truncating it is safe.
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    file.sync_all().map_err(|e| Error::io(&path, e))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+struct Writer {
+    cfg: WalConfig,
+    file: File,
+    written: u64,
+    next_lsn: u64,
+    last_ts_ms: u64,
+    stats: Arc<WalStats>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Writer {
+    fn run<T>(&mut self, rx: Receiver<Submission<T>>, mut on_commit: impl FnMut(Vec<Committed<T>>)) {
+        let mut buf = Vec::with_capacity(1 << 20);
+        let mut batch: Vec<Submission<T>> = Vec::with_capacity(self.cfg.max_batch);
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            // Everything that queued up during the previous fsync joins this one.
+            while batch.len() < self.cfg.max_batch {
+                match rx.try_recv() {
+                    Ok(s) => batch.push(s),
+                    Err(_) => break,
+                }
+            }
+            let ts_ms = now_ms().max(self.last_ts_ms);
+            self.last_ts_ms = ts_ms;
+            buf.clear();
+            let mut done = Vec::with_capacity(batch.len());
+            for s in batch.drain(..) {
+                let lsn = self.next_lsn;
+                self.next_lsn += 1;
+                encode_record(lsn, ts_ms, &s.payload, &mut buf);
+                done.push(Committed { lsn, ts_ms, payload: s.payload, token: s.token });
+            }
+            let t = Instant::now();
+            if let Err(e) = self.file.write_all(&buf).and_then(|_| self.file.sync_data()) {
+                tracing::error!(error = %e, "write-ahead log write or fdatasync failed; aborting to avoid acknowledging lost data");
+                std::process::abort();
+            }
+            self.stats.sync_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            self.stats.records.fetch_add(done.len() as u64, Ordering::Relaxed);
+            self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.written += buf.len() as u64;
+            on_commit(done);
+            if self.written >= self.cfg.segment_bytes {
+                match create_segment(&self.cfg.dir, self.next_lsn) {
+                    Ok(f) => {
+                        self.file = f;
+                        self.written = 0;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a new log segment; keeping the current one")
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Error {
+    pub(crate) fn io(path: &Path, e: io::Error) -> Error {
+        Error::Io(format!("{}: {e}", path.display()))
+    }
+}

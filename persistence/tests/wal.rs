@@ -1,0 +1,136 @@
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::sync::mpsc;
+
+use stockd_persistence::snapshot::{self, Manifest};
+use stockd_persistence::wal::{self, Record, Wal, WalConfig};
+use stockd_persistence::Error;
+
+/// Logs `n` payloads through a real writer thread, waiting for every commit.
+fn write_records(cfg: WalConfig, first: u64, n: u64) -> Vec<(u64, u64)> {
+    let (tx, rx) = mpsc::channel();
+    let (w, handle) = Wal::start(cfg, first, 0, move |batch| {
+        for c in batch {
+            tx.send((c.lsn, c.token)).unwrap();
+        }
+    })
+    .unwrap();
+    for i in 0..n {
+        w.submit(format!("payload {i}").into_bytes(), i).unwrap();
+    }
+    drop(w);
+    handle.join().unwrap();
+    let got: Vec<_> = rx.iter().collect();
+    assert_eq!(got.len() as u64, n);
+    got
+}
+
+fn replay_all(dir: &Path, after: u64) -> (Vec<Record>, wal::ReplayEnd) {
+    let mut recs = Vec::new();
+    let end = wal::replay(dir, after, |r| recs.push(r)).unwrap();
+    (recs, end)
+}
+
+#[test]
+fn committed_records_replay_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let got = write_records(WalConfig::new(dir.path()), 1, 500);
+    // LSNs are assigned in submission order from one thread.
+    for (i, (lsn, token)) in got.iter().enumerate() {
+        assert_eq!(*lsn, i as u64 + 1);
+        assert_eq!(*token, i as u64);
+    }
+    let (recs, end) = replay_all(dir.path(), 0);
+    assert_eq!(recs.len(), 500);
+    assert_eq!(end.next_lsn, 501);
+    assert_eq!(recs[7].payload, b"payload 7");
+    let (recs, end) = replay_all(dir.path(), 480);
+    assert_eq!(recs.first().unwrap().lsn, 481);
+    assert_eq!(end.replayed, 20);
+    // A second writer continues the log in a new segment.
+    write_records(WalConfig::new(dir.path()), end.next_lsn, 10);
+    let (recs, end) = replay_all(dir.path(), 0);
+    assert_eq!(recs.len(), 510);
+    assert_eq!(end.next_lsn, 511);
+    assert_eq!(wal::list_segments(dir.path()).unwrap().len(), 2);
+}
+
+#[test]
+fn torn_tail_is_truncated_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    write_records(WalConfig::new(dir.path()), 1, 10);
+    let (_, seg) = wal::list_segments(dir.path()).unwrap().pop().unwrap();
+    let good_len = std::fs::metadata(&seg).unwrap().len();
+    // Half of an eleventh record, as a crash in the middle of a write leaves it.
+    let mut rec = Vec::new();
+    wal::encode_record(11, 5, b"never acknowledged", &mut rec);
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&rec[..rec.len() / 2]).unwrap();
+    drop(f);
+    let (recs, end) = replay_all(dir.path(), 0);
+    assert_eq!(recs.len(), 10);
+    assert_eq!(end.next_lsn, 11);
+    assert_eq!(end.torn_bytes, (rec.len() / 2) as u64);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), good_len);
+    // A flipped byte inside the last record is also a torn write there.
+    let mut data = std::fs::read(&seg).unwrap();
+    let n = data.len();
+    data[n - 1] ^= 0xff;
+    std::fs::write(&seg, &data).unwrap();
+    let (recs, end) = replay_all(dir.path(), 0);
+    assert_eq!((recs.len(), end.next_lsn), (9, 10));
+}
+
+#[test]
+fn corruption_before_the_last_segment_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    write_records(WalConfig::new(dir.path()), 1, 10);
+    write_records(WalConfig::new(dir.path()), 11, 10);
+    let (_, first) = wal::list_segments(dir.path()).unwrap().remove(0);
+    let mut data = std::fs::read(&first).unwrap();
+    data[30] ^= 1;
+    std::fs::write(&first, &data).unwrap();
+    let e = wal::replay(dir.path(), 0, |_| {}).unwrap_err();
+    assert!(matches!(e, Error::Corrupt(_)), "{e}");
+}
+
+#[test]
+fn segments_roll_and_are_deleted_behind_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = WalConfig { segment_bytes: 1000, max_batch: 8, ..WalConfig::new(dir.path()) };
+    write_records(cfg, 1, 400);
+    let segs = wal::list_segments(dir.path()).unwrap();
+    assert!(segs.len() > 5, "{} segments", segs.len());
+    let deleted = wal::delete_segments_through(dir.path(), 200).unwrap();
+    assert!(deleted > 0);
+    let left = wal::list_segments(dir.path()).unwrap();
+    assert!(left[0].0 <= 201, "first remaining segment starts at {}", left[0].0);
+    let (recs, end) = replay_all(dir.path(), 200);
+    assert_eq!(recs.first().unwrap().lsn, 201);
+    assert_eq!(end.next_lsn, 401);
+    // Replaying from before the deleted range is an error, not silent loss.
+    assert!(wal::replay(dir.path(), 0, |_| {}).is_err());
+}
+
+#[test]
+fn snapshot_set_and_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(snapshot::read_manifest(dir.path()).unwrap(), None);
+    for (lsn, payload) in [(5u64, b"old".as_slice()), (9, b"new")] {
+        for shard in 0..2u32 {
+            let bytes = snapshot::encode_snapshot(lsn, shard, 2, payload);
+            snapshot::write_durably(dir.path(), &snapshot::snapshot_name(lsn, shard), &bytes).unwrap();
+        }
+        snapshot::commit_manifest(dir.path(), Manifest { lsn, shard_count: 2 }).unwrap();
+    }
+    let m = snapshot::read_manifest(dir.path()).unwrap().unwrap();
+    assert_eq!(m, Manifest { lsn: 9, shard_count: 2 });
+    assert_eq!(snapshot::read_snapshot(dir.path(), 9, 1, 2).unwrap(), b"new");
+    assert!(snapshot::read_snapshot(dir.path(), 5, 0, 2).is_err(), "old set removed");
+    let path = dir.path().join(snapshot::snapshot_name(9, 0));
+    let mut data = std::fs::read(&path).unwrap();
+    data[33] ^= 4;
+    std::fs::write(&path, data).unwrap();
+    assert!(matches!(snapshot::read_snapshot(dir.path(), 9, 0, 2), Err(Error::Corrupt(_))));
+}
