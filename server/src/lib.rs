@@ -1,0 +1,3 @@
+//! stockd: a thread-per-core exact inventory server.
+
+pub mod state;

@@ -1,0 +1,417 @@
+//! Property tests of the state machine against a deliberately simple model.
+
+use std::collections::{HashMap, HashSet};
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// What the model says a command should do.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Insufficient { line: u16, available: u64 },
+    Duplicate,
+    NotFound,
+    Conflict,
+}
+
+#[derive(Clone, Debug)]
+enum ModelId {
+    Order { lines: Vec<Line>, cancelled: bool, from_hold: bool },
+    Hold { lines: Vec<Line>, deadline: u64, done: Option<bool> }, // Some(true) confirmed, Some(false) released
+}
+
+/// Sequential reference: no pending, no sharding, no eviction.
+#[derive(Default)]
+struct Model {
+    rows: HashMap<Key, (u64, u64)>,
+    ids: HashMap<u64, ModelId>,
+    receipts: HashSet<u64>,
+}
+
+impl Model {
+    fn avail(&self, k: Key) -> u64 {
+        self.rows.get(&k).map_or(0, |(o, h)| o - h)
+    }
+
+    /// Takes `lines` from available (orders: on hand; holds: into held) if all fit.
+    fn take(&mut self, lines: &[Line], into_held: bool) -> Outcome {
+        let mut need: HashMap<Key, u64> = HashMap::new();
+        for (i, l) in lines.iter().enumerate() {
+            let n = need.entry(l.key).or_default();
+            *n += l.qty as u64;
+            if *n > self.avail(l.key) {
+                let available = self.avail(l.key) - (*n - l.qty as u64);
+                return Outcome::Insufficient { line: i as u16, available };
+            }
+        }
+        for l in lines {
+            let r = self.rows.entry(l.key).or_default();
+            if into_held {
+                r.1 += l.qty as u64;
+            } else {
+                r.0 -= l.qty as u64;
+            }
+        }
+        Outcome::Ok
+    }
+
+    fn add(&mut self, lines: &[Line]) {
+        for l in lines {
+            self.rows.entry(l.key).or_default().0 += l.qty as u64;
+        }
+    }
+
+    fn run(&mut self, cmd: &Command, now: u64) -> Outcome {
+        match cmd {
+            Command::Order { id, lines } => match self.ids.get(id) {
+                Some(ModelId::Order { from_hold: false, .. }) => Outcome::Duplicate,
+                Some(_) => Outcome::Conflict,
+                None => {
+                    let o = self.take(lines, false);
+                    if o == Outcome::Ok {
+                        self.ids.insert(
+                            *id,
+                            ModelId::Order { lines: lines.clone(), cancelled: false, from_hold: false },
+                        );
+                    }
+                    o
+                }
+            },
+            Command::Inbound { id, lines } => {
+                if !self.receipts.insert(*id) {
+                    return Outcome::Duplicate;
+                }
+                self.add(lines);
+                Outcome::Ok
+            }
+            Command::Reserve { id, ttl_ms, lines } => match self.ids.get(id) {
+                Some(ModelId::Hold { .. }) | Some(ModelId::Order { from_hold: true, .. }) => {
+                    Outcome::Duplicate
+                }
+                Some(_) => Outcome::Conflict,
+                None => {
+                    let o = self.take(lines, true);
+                    if o == Outcome::Ok {
+                        let deadline = now + *ttl_ms as u64;
+                        self.ids.insert(*id, ModelId::Hold { lines: lines.clone(), deadline, done: None });
+                    }
+                    o
+                }
+            },
+            Command::Cancel { id } => match self.ids.get(id).cloned() {
+                None => Outcome::NotFound,
+                Some(ModelId::Order { cancelled: true, .. }) => Outcome::Duplicate,
+                Some(ModelId::Order { lines, from_hold, .. }) => {
+                    self.add(&lines);
+                    self.ids.insert(*id, ModelId::Order { lines, cancelled: true, from_hold });
+                    Outcome::Ok
+                }
+                Some(ModelId::Hold { .. }) => Outcome::Conflict,
+            },
+            Command::Confirm { id } => match self.ids.get(id).cloned() {
+                None => Outcome::NotFound,
+                Some(ModelId::Hold { lines, deadline, done: None }) if deadline > now => {
+                    for l in &lines {
+                        let r = self.rows.get_mut(&l.key).unwrap();
+                        r.0 -= l.qty as u64;
+                        r.1 -= l.qty as u64;
+                    }
+                    // A confirmed hold is an order from now on.
+                    self.ids.insert(*id, ModelId::Order { lines, cancelled: false, from_hold: true });
+                    Outcome::Ok
+                }
+                Some(ModelId::Order { from_hold: true, .. }) => Outcome::Duplicate,
+                Some(_) => Outcome::Conflict,
+            },
+            Command::Release { id, .. } => match self.ids.get(id).cloned() {
+                None => Outcome::NotFound,
+                Some(ModelId::Hold { lines, deadline, done: None }) => {
+                    for l in &lines {
+                        self.rows.get_mut(&l.key).unwrap().1 -= l.qty as u64;
+                    }
+                    self.ids.insert(*id, ModelId::Hold { lines, deadline, done: Some(false) });
+                    Outcome::Ok
+                }
+                Some(ModelId::Hold { done: Some(false), .. }) => Outcome::Duplicate,
+                Some(_) => Outcome::Conflict,
+            },
+            Command::Adjust { key, on_hand, .. } => {
+                let held = self.rows.get(key).map_or(0, |r| r.1);
+                if *on_hand < held {
+                    return Outcome::Conflict;
+                }
+                self.rows.entry(*key).or_default().0 = *on_hand;
+                Outcome::Ok
+            }
+        }
+    }
+}
+
+fn outcome(r: &Response) -> Outcome {
+    match r {
+        Response::Ok(_) => Outcome::Ok,
+        Response::Insufficient { line, available } => {
+            Outcome::Insufficient { line: *line, available: *available }
+        }
+        Response::Duplicate { .. } => Outcome::Duplicate,
+        Response::Error { status: Status::NotFound, .. } => Outcome::NotFound,
+        Response::Error { status: Status::Conflict, .. } => Outcome::Conflict,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+const KEYS: [Key; 4] =
+    [Key { item: 1, fc: 1 }, Key { item: 1, fc: 2 }, Key { item: 2, fc: 1 }, Key { item: 77, fc: 3 }];
+
+fn lines() -> impl Strategy<Value = Vec<Line>> {
+    prop::collection::vec((0..KEYS.len(), 1u32..6), 1..4)
+        .prop_map(|v| v.into_iter().map(|(k, qty)| Line { key: KEYS[k], qty }).collect())
+}
+
+fn command() -> impl Strategy<Value = Command> {
+    let id = 0u64..8;
+    prop_oneof![
+        4 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Order { id, lines }),
+        3 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Inbound { id, lines }),
+        1 => id.clone().prop_map(|id| Command::Cancel { id }),
+        2 => (id.clone(), 1u32..50, lines()).prop_map(|(id, ttl_ms, lines)| Command::Reserve { id, ttl_ms, lines }),
+        1 => id.clone().prop_map(|id| Command::Confirm { id }),
+        1 => id.clone().prop_map(|id| Command::Release { id, expired: false }),
+        1 => (0..KEYS.len(), 0u64..20).prop_map(|(k, on_hand)| Command::Adjust { key: KEYS[k], on_hand, reason: 1 }),
+    ]
+}
+
+/// Runs one command through plan, prepare on every shard, and apply, the way the server does.
+fn execute(
+    stores: &mut [Store],
+    cmd: Command,
+    txn: u64,
+    lsn: &mut u64,
+    now: u64,
+) -> (Response, Option<Mutation>) {
+    let n = stores.len();
+    let owner = shard_of(cmd.owner_id(), n);
+    let m = match stores[owner].plan(cmd, now) {
+        Ok(m) => m,
+        Err(resp) => return (resp, None),
+    };
+    let mut first_refusal: Option<Refusal> = None;
+    let mut prepared = Vec::new();
+    for (i, s) in stores.iter_mut().enumerate() {
+        match s.prepare(txn, &m) {
+            Ok(()) => prepared.push(i),
+            Err(r) => {
+                let line = |r: &Refusal| match r {
+                    Refusal::Insufficient { line, .. }
+                    | Refusal::Overflow { line }
+                    | Refusal::Busy { line } => *line,
+                    Refusal::BelowHeld { .. } => 0,
+                };
+                if first_refusal.as_ref().is_none_or(|f| line(&r) < line(f)) {
+                    first_refusal = Some(r);
+                }
+            }
+        }
+    }
+    if let Some(r) = first_refusal {
+        for i in prepared {
+            stores[i].abort(txn);
+        }
+        return (r.response(), None);
+    }
+    *lsn += 1;
+    for s in stores.iter_mut() {
+        s.apply(Some(txn), *lsn, now, &m);
+    }
+    (Response::Ok(stockd_protocol::Reply::Committed { lsn: *lsn }), Some(m))
+}
+
+fn check_rows(stores: &[Store], model: &Model) -> Result<(), TestCaseError> {
+    for k in KEYS {
+        let owner = &stores[shard_of(k.item, stores.len())];
+        prop_assert_eq!(owner.available(k), model.avail(k), "key {:?}", k);
+        if let Some(r) = owner.row(k) {
+            prop_assert_eq!((r.on_hand, r.held), *model.rows.get(&k).unwrap_or(&(0, 0)));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Sequential commands on 1 to 3 shards behave exactly like the model; the
+    /// log replayed into a fresh store, and a snapshot re-split, agree too.
+    #[test]
+    fn matches_reference_model(cmds in prop::collection::vec(command(), 1..60), shards in 1usize..4) {
+        let mut stores: Vec<Store> = (0..shards).map(|i| Store::new(i, shards, IdLimits::default())).collect();
+        let mut model = Model::default();
+        let mut log = Vec::new();
+        let mut lsn = 0;
+        for (step, cmd) in cmds.into_iter().enumerate() {
+            let now = 1_000 + step as u64 * 10;
+            // Holds past their deadline are released first, as the expiry timer does.
+            for s in 0..shards {
+                for id in stores[s].expired_holds(now, 100) {
+                    let (r, m) = execute(&mut stores, Command::Release { id, expired: true }, step as u64, &mut lsn, now);
+                    prop_assert_eq!(outcome(&r), model.run(&Command::Release { id, expired: true }, now));
+                    log.extend(m.map(|m| (lsn, now, m)));
+                }
+            }
+            let want = model.run(&cmd, now);
+            let (resp, m) = execute(&mut stores, cmd.clone(), 1_000 + step as u64, &mut lsn, now);
+            prop_assert_eq!(outcome(&resp), want, "{:?}", cmd);
+            log.extend(m.map(|m| (lsn, now, m)));
+            check_rows(&stores, &model)?;
+        }
+        // Replay of the log (encoded and decoded, as on disk) into one store.
+        let mut replayed = Store::new(0, 1, IdLimits::default());
+        for (lsn, ts, m) in &log {
+            let mut bytes = Vec::new();
+            m.encode(&mut bytes);
+            replayed.apply(None, *lsn, *ts, &Mutation::decode(&bytes).unwrap());
+        }
+        check_rows(std::slice::from_ref(&replayed), &model)?;
+        // Snapshots of the shards merged and split into a different count.
+        let mut merged = Store::new(0, 1, IdLimits::default());
+        for s in &stores {
+            merged.absorb(&s.encode()).unwrap();
+        }
+        prop_assert_eq!(merged.encode().len(), replayed.encode().len());
+        let resplit = merged.split(shards % 3 + 1);
+        check_rows(&resplit, &model)?;
+        for s in &resplit {
+            for id in 0..8u64 {
+                if shard_of(id, s.shards) == s.shard {
+                    prop_assert_eq!(s.id(id), replayed.id(id));
+                }
+            }
+        }
+    }
+
+    /// Orders and inbounds prepared concurrently on two shards, decided in any
+    /// order: no row ever goes below zero, and replaying the committed records
+    /// gives the same rows.
+    #[test]
+    fn interleaved_prepares_never_oversell(
+        steps in prop::collection::vec((any::<bool>(), lines(), any::<prop::sample::Index>(), 0u8..3), 1..80)
+    ) {
+        let mut stores: Vec<Store> = (0..2).map(|i| Store::new(i, 2, IdLimits::default())).collect();
+        let mut open: Vec<(u64, Mutation)> = Vec::new();
+        let mut log = Vec::new();
+        let mut lsn = 0;
+        for (n, (is_order, lines, pick, action)) in steps.into_iter().enumerate() {
+            let id = n as u64;
+            let op = if is_order { Op::Order { id } } else { Op::Inbound { id } };
+            let m = Mutation { op, lines };
+            let results: Vec<_> = stores.iter_mut().map(|s| s.prepare(id, &m)).collect();
+            if results.iter().all(Result::is_ok) {
+                open.push((id, m));
+            } else {
+                for s in stores.iter_mut() {
+                    s.abort(id);
+                }
+            }
+            if !open.is_empty() && action > 0 {
+                let (txn, m) = open.remove(pick.index(open.len()));
+                if action == 1 {
+                    lsn += 1;
+                    for s in stores.iter_mut() {
+                        s.apply(Some(txn), lsn, 0, &m);
+                    }
+                    log.push((lsn, m));
+                } else {
+                    for s in stores.iter_mut() {
+                        s.abort(txn);
+                    }
+                }
+            }
+            for s in &stores {
+                for k in KEYS {
+                    if let Some(r) = s.row(k) {
+                        prop_assert!(r.held <= r.on_hand && r.on_hand <= STOCK_MAX);
+                        prop_assert!(r.pend_take <= r.available(), "{:?}", r);
+                    }
+                }
+            }
+        }
+        // Commit what is still open: every prepared order must still fit.
+        for (txn, m) in open {
+            lsn += 1;
+            for s in stores.iter_mut() {
+                s.apply(Some(txn), lsn, 0, &m);
+            }
+            log.push((lsn, m));
+        }
+        let mut replayed = Store::new(0, 1, IdLimits::default());
+        for (lsn, m) in &log {
+            replayed.apply(None, *lsn, 0, m);
+        }
+        for k in KEYS {
+            let s = &stores[shard_of(k.item, 2)];
+            let live = s.row(k).map_or((0, 0, 0), |r| (r.on_hand, r.held, r.pend_n));
+            prop_assert_eq!(live, replayed.row(k).map_or((0, 0, 0), |r| (r.on_hand, r.held, 0)));
+        }
+    }
+}
+
+#[test]
+fn ids_are_forgotten_after_the_window_but_live_holds_are_kept() {
+    let limits = IdLimits { window_ms: 1_000, max_ids: 3 };
+    let mut s = Store::new(0, 1, limits);
+    let key = Key { item: 5, fc: 1 };
+    let inbound = Mutation { op: Op::Inbound { id: 1 }, lines: vec![Line { key, qty: 10 }] };
+    s.apply(None, 1, 0, &inbound);
+    let hold = Mutation { op: Op::Reserve { id: 2, ttl_ms: 5_000 }, lines: vec![Line { key, qty: 1 }] };
+    s.apply(None, 2, 10, &hold);
+    let order = Mutation { op: Op::Order { id: 3 }, lines: vec![Line { key, qty: 1 }] };
+    s.apply(None, 3, 20, &order);
+    // Table full: a new id is refused rather than forgetting one early.
+    let r = s.plan(Command::Order { id: 4, lines: vec![Line { key, qty: 1 }] }, 30).unwrap_err();
+    assert_eq!(r.status(), Status::Overloaded);
+    // A retry of a remembered id is still a duplicate.
+    assert_eq!(
+        s.plan(Command::Inbound { id: 1, lines: vec![] }, 30).unwrap_err(),
+        Response::Duplicate { lsn: 1 }
+    );
+    // Past the window the receipt is forgotten; the live hold stops eviction.
+    s.apply(None, 4, 2_000, &Mutation { op: Op::Inbound { id: 9 }, lines: vec![Line { key, qty: 1 }] });
+    let again = s.plan(Command::Inbound { id: 1, lines: vec![Line { key, qty: 1 }] }, 2_000);
+    assert!(!matches!(again, Err(Response::Duplicate { .. })), "{again:?}");
+    assert_eq!(s.id_count(), 3, "receipt 1 forgotten, 9 added");
+    assert!(s.id(2).is_some() && s.id(3).is_some(), "order 3 waits behind the live hold 2");
+    assert_eq!(s.expired_holds(5_010, 10), vec![2]);
+}
+
+#[test]
+fn adjust_refuses_below_held_and_with_changes_in_flight() {
+    let mut s = Store::new(0, 1, IdLimits::default());
+    let key = Key { item: 5, fc: 1 };
+    s.apply(None, 1, 0, &Mutation { op: Op::Inbound { id: 1 }, lines: vec![Line { key, qty: 10 }] });
+    s.apply(
+        None,
+        2,
+        0,
+        &Mutation { op: Op::Reserve { id: 2, ttl_ms: 100 }, lines: vec![Line { key, qty: 4 }] },
+    );
+    let adj = |s: &Store, on_hand| s.plan(Command::Adjust { key, on_hand, reason: 0 }, 0).unwrap();
+    assert_eq!(s.clone_prepare(&adj(&s, 3)), Err(Refusal::BelowHeld { held: 4 }));
+    let order = Mutation { op: Op::Order { id: 3 }, lines: vec![Line { key, qty: 1 }] };
+    s.prepare(77, &order).unwrap();
+    assert_eq!(s.prepare(78, &adj(&s, 8)), Err(Refusal::Busy { line: 0 }));
+    s.abort(77);
+    let m = adj(&s, 8);
+    s.prepare(79, &m).unwrap();
+    s.apply(Some(79), 3, 0, &m);
+    assert_eq!((s.row(key).unwrap().on_hand, s.available(key)), (8, 4));
+}
+
+impl Store {
+    fn clone_prepare(&self, m: &Mutation) -> Result<(), Refusal> {
+        let mut copy = Store::new(self.shard, self.shards, self.limits);
+        copy.absorb(&self.encode()).unwrap();
+        copy.prepare(0, m)
+    }
+}
