@@ -126,6 +126,12 @@ pub struct Line {
     pub qty: u32,
 }
 
+impl Line {
+    pub const fn new(item: u64, fc: u32, qty: u32) -> Line {
+        Line { key: Key { item, fc }, qty }
+    }
+}
+
 /// The murmur3 64-bit finalizer; spreads sequential ids over shards.
 pub fn fmix64(mut h: u64) -> u64 {
     h ^= h >> 33;

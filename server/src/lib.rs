@@ -1,3 +1,13 @@
 //! stockd: a thread-per-core exact inventory server.
+//!
+//! - [`state`]: the stock state machine (no I/O).
+//! - [`shard`]: one shard's thread state, its mailbox, mutation coordination.
+//! - [`conn`]: one client connection.
+//! - [`server`]: startup, recovery, snapshots, shutdown.
 
+pub mod conn;
+pub mod server;
+pub mod shard;
 pub mod state;
+
+pub use server::{start, Config, Running};

@@ -1,0 +1,329 @@
+//! One client connection, served on the shard thread that accepted it.
+//!
+//! Requests are read in batches; reads of keys this shard owns are answered
+//! inline into the write buffer, everything else is handed to the owning
+//! shard and answered through the connection's channel, possibly out of
+//! order. At most [`MAX_INFLIGHT`] requests wait for another shard or for the
+//! log; beyond that the connection stops reading (backpressure, not memory).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use stockd_protocol::{
+    begin_frame, end_frame, opcode, parse_frame, shard_of, FrameError, HelloInfo, Key, Reply, Request,
+    Response, Status, HEADER_LEN, MAX_BODY, RESPONSE_BIT,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::shard::{Forwarded, Out, Shard};
+use crate::state::Command;
+
+/// Requests of one connection that may wait for another shard or the log.
+pub const MAX_INFLIGHT: usize = 1024;
+
+/// What every connection of a shard needs to know.
+pub struct ConnCtx {
+    pub hello: HelloInfo,
+    pub auth_token: Option<Vec<u8>>,
+}
+
+struct PendingBatch {
+    values: Vec<u64>,
+    parts_left: usize,
+    /// Answered already (OVERLOADED); parts still out are absorbed silently.
+    failed: bool,
+}
+
+struct Conn {
+    tx: mpsc::UnboundedSender<Out>,
+    inflight: usize,
+    authed: bool,
+    batches: HashMap<u64, PendingBatch>,
+    wbuf: Vec<u8>,
+}
+
+/// Serves one connection until the peer closes it or breaks the framing.
+pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<ConnCtx>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut conn = Conn {
+        tx,
+        inflight: 0,
+        authed: ctx.auth_token.is_none(),
+        batches: HashMap::new(),
+        wbuf: Vec::with_capacity(64 << 10),
+    };
+    let mut rbuf: Vec<u8> = Vec::with_capacity(64 << 10);
+    loop {
+        let mut close = false;
+        let mut consumed = 0;
+        {
+            let mut sh = shard.borrow_mut();
+            while conn.inflight < MAX_INFLIGHT {
+                match parse_frame(&rbuf[consumed..]) {
+                    Ok(Some((h, body))) => {
+                        conn.handle(&mut sh, &ctx, h.opcode, h.request_id, body);
+                        consumed += HEADER_LEN + h.body_len;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        conn.frame_error(&mut sh, &e);
+                        close = true;
+                        break;
+                    }
+                }
+            }
+        }
+        rbuf.drain(..consumed);
+        while let Ok(out) = rx.try_recv() {
+            conn.deliver(out);
+        }
+        if !conn.wbuf.is_empty() {
+            if stream.write_all(&conn.wbuf).await.is_err() {
+                break;
+            }
+            conn.wbuf.clear();
+        }
+        if close {
+            break;
+        }
+        if rbuf.capacity() - rbuf.len() < 16 << 10 {
+            rbuf.reserve(64 << 10);
+        }
+        let can_read = conn.inflight < MAX_INFLIGHT && rbuf.len() < 2 * (MAX_BODY + HEADER_LEN);
+        tokio::select! {
+            biased;
+            Some(out) = rx.recv() => conn.deliver(out),
+            r = stream.read_buf(&mut rbuf), if can_read => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+impl Conn {
+    fn deliver(&mut self, out: Out) {
+        match out {
+            Out::Frame(f) => {
+                self.inflight -= 1;
+                self.wbuf.extend_from_slice(&f);
+            }
+            Out::BatchPart { request_id, positions, values } => {
+                self.inflight -= 1;
+                let Some(b) = self.batches.get_mut(&request_id) else { return };
+                for (p, v) in positions.iter().zip(values) {
+                    b.values[*p as usize] = v;
+                }
+                b.parts_left -= 1;
+                if b.parts_left == 0 {
+                    let b = self.batches.remove(&request_id).expect("present");
+                    if !b.failed {
+                        put_batch(&mut self.wbuf, request_id, &b.values);
+                    }
+                }
+            }
+        }
+    }
+
+    fn error(&mut self, op: u8, request_id: u64, status: Status, message: &str) {
+        stockd_protocol::encode_error(op, request_id, status, message, &mut self.wbuf);
+    }
+
+    fn frame_error(&mut self, sh: &mut Shard, e: &FrameError) {
+        sh.node.stats[sh.index].errors.fetch_add(1, Relaxed);
+        tracing::debug!(error = %e, "closing a connection that broke the framing");
+        match *e {
+            FrameError::TooLarge { request_id, .. } => {
+                self.error(0, request_id, Status::FrameTooLarge, &e.to_string())
+            }
+            FrameError::BadVersion { request_id, .. } => {
+                self.error(0, request_id, Status::UnsupportedVersion, &e.to_string())
+            }
+            FrameError::BadLength(_) => {}
+        }
+    }
+
+    fn handle(&mut self, sh: &mut Shard, ctx: &ConnCtx, op: u8, rid: u64, body: &[u8]) {
+        if op & RESPONSE_BIT != 0 {
+            return self.error(
+                op & !RESPONSE_BIT,
+                rid,
+                Status::BadRequest,
+                "response frames are not requests",
+            );
+        }
+        if !self.authed && op != opcode::HELLO && op != opcode::PING {
+            return self.error(
+                op,
+                rid,
+                Status::Unauthorized,
+                "this server requires HELLO with a valid token first",
+            );
+        }
+        let req = match Request::decode(op, body) {
+            Ok(r) => r,
+            Err(e) => {
+                sh.node.stats[sh.index].errors.fetch_add(1, Relaxed);
+                return self.error(op, rid, Status::BadRequest, &e.0);
+            }
+        };
+        let n = sh.node.shards();
+        let me = sh.index;
+        match req {
+            Request::Hello { token } => {
+                if let Some(want) = &ctx.auth_token {
+                    if !constant_time_eq(&token, want) {
+                        return self.error(op, rid, Status::Unauthorized, "bad auth token");
+                    }
+                }
+                self.authed = true;
+                Response::Ok(Reply::Hello(ctx.hello.clone())).encode(op, rid, &mut self.wbuf);
+            }
+            Request::Ping => Response::Ok(Reply::Pong).encode(op, rid, &mut self.wbuf),
+            Request::Stats => Response::Ok(Reply::Stats(crate::server::collect_stats(&sh.node))).encode(
+                op,
+                rid,
+                &mut self.wbuf,
+            ),
+            Request::Query { key } => {
+                let owner = shard_of(key.item, n);
+                if owner == me {
+                    sh.drain_internal();
+                    sh.count_read(1);
+                    let start = begin_frame(&mut self.wbuf, op | RESPONSE_BIT, rid);
+                    self.wbuf.push(Status::Ok as u8);
+                    self.wbuf.extend_from_slice(&sh.store.available(key).to_le_bytes());
+                    end_frame(&mut self.wbuf, start);
+                } else {
+                    self.forward(sh, owner, op, rid, Forwarded::Query { request_id: rid, key, reply: None });
+                }
+            }
+            Request::QueryItem { item } => {
+                let owner = shard_of(item, n);
+                if owner == me {
+                    sh.drain_internal();
+                    sh.count_read(1);
+                    Response::Ok(Reply::Item(sh.store.item(item))).encode(op, rid, &mut self.wbuf);
+                } else {
+                    self.forward(
+                        sh,
+                        owner,
+                        op,
+                        rid,
+                        Forwarded::QueryItem { request_id: rid, item, reply: None },
+                    );
+                }
+            }
+            Request::QueryBatch { keys } => self.query_batch(sh, op, rid, keys),
+            Request::Order { id, lines } => self.command(sh, op, rid, Command::Order { id, lines }),
+            Request::Inbound { id, lines } => self.command(sh, op, rid, Command::Inbound { id, lines }),
+            Request::Cancel { id } => self.command(sh, op, rid, Command::Cancel { id }),
+            Request::Reserve { id, ttl_ms, lines } => {
+                self.command(sh, op, rid, Command::Reserve { id, ttl_ms, lines })
+            }
+            Request::Confirm { id } => self.command(sh, op, rid, Command::Confirm { id }),
+            Request::Release { id } => self.command(sh, op, rid, Command::Release { id, expired: false }),
+            Request::Adjust { key, on_hand, reason } => {
+                self.command(sh, op, rid, Command::Adjust { key, on_hand, reason })
+            }
+        }
+    }
+
+    fn query_batch(&mut self, sh: &mut Shard, op: u8, rid: u64, keys: Vec<Key>) {
+        let n = sh.node.shards();
+        let me = sh.index;
+        sh.drain_internal();
+        if keys.iter().all(|k| shard_of(k.item, n) == me) {
+            sh.count_read(keys.len());
+            let values: Vec<u64> = keys.iter().map(|k| sh.store.available(*k)).collect();
+            return put_batch(&mut self.wbuf, rid, &values);
+        }
+        if self.batches.contains_key(&rid) {
+            return self.error(
+                op,
+                rid,
+                Status::BadRequest,
+                "a QUERY_BATCH with this request id is still in flight",
+            );
+        }
+        let mut parts: Vec<(Vec<u16>, Vec<Key>)> = (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let p = &mut parts[shard_of(k.item, n)];
+            p.0.push(i as u16);
+            p.1.push(*k);
+        }
+        let mut values = vec![0u64; keys.len()];
+        let (positions, local) = std::mem::take(&mut parts[me]);
+        sh.count_read(local.len());
+        for (p, k) in positions.iter().zip(&local) {
+            values[*p as usize] = sh.store.available(*k);
+        }
+        let mut parts_left = 0;
+        for (owner, (positions, keys)) in parts.into_iter().enumerate() {
+            if keys.is_empty() {
+                continue;
+            }
+            let f = Forwarded::QueryBatch { request_id: rid, positions, keys, reply: Some(self.tx.clone()) };
+            if sh.node.mailboxes[owner].push_request(f).is_err() {
+                sh.node.stats[me].overloaded.fetch_add(1, Relaxed);
+                if parts_left > 0 {
+                    self.batches.insert(rid, PendingBatch { values: Vec::new(), parts_left, failed: true });
+                }
+                return self.error(op, rid, Status::Overloaded, "shard queue full; retry");
+            }
+            sh.node.stats[me].forwarded.fetch_add(1, Relaxed);
+            self.inflight += 1;
+            parts_left += 1;
+        }
+        self.batches.insert(rid, PendingBatch { values, parts_left, failed: false });
+    }
+
+    fn command(&mut self, sh: &mut Shard, op: u8, rid: u64, cmd: Command) {
+        let coord = shard_of(cmd.owner_id(), sh.node.shards());
+        if coord == sh.index {
+            self.inflight += 1;
+            sh.start(op, rid, cmd, Some(self.tx.clone()));
+        } else {
+            self.forward(sh, coord, op, rid, Forwarded::Command { op, request_id: rid, cmd, reply: None });
+        }
+    }
+
+    /// Hands a request to its owner shard, with this connection as the reply address.
+    fn forward(&mut self, sh: &mut Shard, owner: usize, op: u8, rid: u64, mut f: Forwarded) {
+        match &mut f {
+            Forwarded::Query { reply, .. }
+            | Forwarded::QueryItem { reply, .. }
+            | Forwarded::QueryBatch { reply, .. }
+            | Forwarded::Command { reply, .. } => *reply = Some(self.tx.clone()),
+        }
+        let stats = &sh.node.stats[sh.index];
+        if sh.node.mailboxes[owner].push_request(f).is_err() {
+            stats.overloaded.fetch_add(1, Relaxed);
+            return self.error(op, rid, Status::Overloaded, "shard queue full; retry");
+        }
+        stats.forwarded.fetch_add(1, Relaxed);
+        self.inflight += 1;
+    }
+}
+
+fn put_batch(out: &mut Vec<u8>, rid: u64, values: &[u64]) {
+    let start = begin_frame(out, opcode::QUERY_BATCH | RESPONSE_BIT, rid);
+    out.push(Status::Ok as u8);
+    out.extend_from_slice(&(values.len() as u16).to_le_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    end_frame(out, start);
+}
+
+/// Compares secrets without leaking where they differ through timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,70 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use stockd::state::IdLimits;
+use stockd::Config;
+
+/// stockd: thread-per-core exact inventory server.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address every shard accepts on (SO_REUSEPORT).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Write-ahead log, snapshots, lock file.
+    #[arg(long, default_value = "./stockd-data")]
+    data_dir: PathBuf,
+    /// Shards (threads); default: the number of cores.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// First per-shard port (default: listen port + 1).
+    #[arg(long)]
+    shard_port_base: Option<u16>,
+    /// Require HELLO with this token before any other request.
+    #[arg(long, env = "STOCKD_AUTH_TOKEN")]
+    auth_token: Option<String>,
+    /// Seconds between snapshots (when something was logged).
+    #[arg(long, default_value_t = 60)]
+    snapshot_interval_secs: u64,
+    /// Hours an order, hold or receipt id is remembered for idempotent retries.
+    #[arg(long, default_value_t = 24)]
+    id_window_hours: u64,
+    /// Ids remembered per shard at most; new ids beyond it get OVERLOADED.
+    #[arg(long, default_value_t = 2_000_000)]
+    max_ids_per_shard: usize,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let shards = args.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut cfg = Config::new(args.listen, args.data_dir, shards);
+    cfg.shard_port_base = args.shard_port_base;
+    cfg.auth_token = args.auth_token;
+    cfg.snapshot_interval = Duration::from_secs(args.snapshot_interval_secs.max(1));
+    cfg.ids = IdLimits { window_ms: args.id_window_hours * 3_600_000, max_ids: args.max_ids_per_shard };
+    let running = match stockd::start(cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("stockd: {e}");
+            std::process::exit(1);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    });
+    running.shutdown();
+}
