@@ -277,6 +277,15 @@ fn shard_main(index: usize, node: Arc<Node>, store: Store, listeners: Vec<StdLis
                 }
             });
         }
+        let retry_shard = shard.clone();
+        let wake = shard.borrow().retry_wake.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                wake.notified().await;
+                tokio::time::sleep(Duration::from_micros(500)).await;
+                retry_shard.borrow_mut().retry_contended();
+            }
+        });
         let timer_shard = shard.clone();
         tokio::task::spawn_local(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));

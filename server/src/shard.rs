@@ -13,6 +13,7 @@
 //! coordinator last -> each applies -> the coordinator answers.
 
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,6 +29,9 @@ use crate::state::{Command, Mutation, Refusal, Store};
 pub const MAX_TXNS: usize = 16_384;
 /// Client requests other shards may queue for this one.
 pub const FORWARD_CAPACITY: usize = 8_192;
+/// Times a mutation refused only by contention is prepared again before the
+/// refusal is returned as it stands (about one fsync apart).
+pub const MAX_CONTENDED_RETRIES: u32 = 200;
 
 /// What a connection receives from shards.
 pub enum Out {
@@ -196,7 +200,11 @@ struct Txn {
     participants: u64,
     waiting: u32,
     prepared: u64,
+    /// The first definitive refusal (by line).
     refusal: Option<Refusal>,
+    /// The first contended refusal of this attempt, if any.
+    contended: Option<Refusal>,
+    attempts: u32,
     expiry: bool,
 }
 
@@ -209,6 +217,10 @@ pub struct Shard {
     busy_ids: HashSet<(bool, u64)>,
     next_txn: u64,
     scratch: Vec<u8>,
+    /// Mutations refused only because undecided ones reserved the units:
+    /// prepared again after a short pause (see [`Shard::retry_contended`]).
+    pub retries: Vec<u64>,
+    pub retry_wake: Rc<Notify>,
 }
 
 fn send(reply: &ReplyTo, out: Out) {
@@ -240,6 +252,8 @@ impl Shard {
             busy_ids: HashSet::new(),
             next_txn: 0,
             scratch: Vec::new(),
+            retries: Vec::new(),
+            retry_wake: Rc::new(Notify::new()),
         }
     }
 
@@ -345,11 +359,22 @@ impl Shard {
             waiting: participants.count_ones(),
             prepared: 0,
             refusal: None,
+            contended: None,
+            attempts: 0,
             expiry,
         };
         self.txns.insert(txn, t);
         self.stats().txns_open.store(self.txns.len() as u64, Relaxed);
-        for i in 0..n {
+        self.prepare_everywhere(txn);
+    }
+
+    fn prepare_everywhere(&mut self, txn: u64) {
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        let (participants, m) = (t.participants, t.m.clone());
+        t.waiting = participants.count_ones();
+        t.prepared = 0;
+        t.contended = None;
+        for i in 0..self.node.shards() {
             if participants & (1 << i) == 0 {
                 continue;
             }
@@ -359,6 +384,13 @@ impl Shard {
             } else {
                 self.mailbox(i).push_internal(Internal::Prepare { txn, coord: self.index, m: m.clone() });
             }
+        }
+    }
+
+    /// Prepares again the mutations that met only contended refusals.
+    pub fn retry_contended(&mut self) {
+        for txn in std::mem::take(&mut self.retries) {
+            self.prepare_everywhere(txn);
         }
     }
 
@@ -394,14 +426,9 @@ impl Shard {
         match result {
             Ok(()) => t.prepared |= 1 << from,
             Err(r) => {
-                let line = |r: &Refusal| match r {
-                    Refusal::Insufficient { line, .. }
-                    | Refusal::Overflow { line }
-                    | Refusal::Busy { line } => *line,
-                    Refusal::BelowHeld { .. } => 0,
-                };
-                if t.refusal.as_ref().is_none_or(|old| line(&r) < line(old)) {
-                    t.refusal = Some(r);
+                let slot = if r.is_contended() { &mut t.contended } else { &mut t.refusal };
+                if slot.as_ref().is_none_or(|old| r.line() < old.line()) {
+                    *slot = Some(r);
                 }
             }
         }
@@ -411,8 +438,19 @@ impl Shard {
     }
 
     fn decide(&mut self, txn: u64) {
-        let t = self.txns.get(&txn).expect("decide is called for a known txn");
-        if let Some(r) = t.refusal.clone() {
+        let t = self.txns.get_mut(&txn).expect("decide is called for a known txn");
+        // A definitive refusal answers at once. A contended one (the units
+        // exist but undecided mutations reserved them) would be an answer no
+        // serial order explains if those mutations abort; so release our own
+        // reservations and try again once they had time to be decided.
+        if t.refusal.is_none() && t.contended.is_some() && t.attempts < MAX_CONTENDED_RETRIES {
+            t.attempts += 1;
+            self.abort_everywhere(txn);
+            self.retries.push(txn);
+            self.retry_wake.notify_one();
+            return;
+        }
+        if let Some(r) = t.refusal.clone().or_else(|| t.contended.clone()) {
             let resp = r.response();
             self.abort_everywhere(txn);
             return self.finish(txn, &resp);

@@ -221,16 +221,41 @@ pub struct IdEntry {
 /// Why a prepare refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    Insufficient { line: u16, available: u64 },
-    Overflow { line: u16 },
-    Busy { line: u16 },
-    BelowHeld { held: u64 },
+    /// `available` is what this line can take now. `contended`: durable stock
+    /// would cover the line, but other undecided mutations have reserved it;
+    /// the coordinator retries until they are decided instead of refusing.
+    Insufficient {
+        line: u16,
+        available: u64,
+        contended: bool,
+    },
+    Overflow {
+        line: u16,
+    },
+    Busy {
+        line: u16,
+    },
+    BelowHeld {
+        held: u64,
+    },
 }
 
 impl Refusal {
+    /// The first line this refusal is about.
+    pub fn line(&self) -> u16 {
+        match *self {
+            Refusal::Insufficient { line, .. } | Refusal::Overflow { line } | Refusal::Busy { line } => line,
+            Refusal::BelowHeld { .. } => 0,
+        }
+    }
+
+    pub fn is_contended(&self) -> bool {
+        matches!(self, Refusal::Insufficient { contended: true, .. })
+    }
+
     pub fn response(&self) -> Response {
         match *self {
-            Refusal::Insufficient { line, available } => Response::Insufficient { line, available },
+            Refusal::Insufficient { line, available, .. } => Response::Insufficient { line, available },
             Refusal::Overflow { line } => Response::Error {
                 status: Status::BadRequest,
                 message: format!("line {line}: the row would exceed the maximum of {STOCK_MAX} units"),
@@ -446,7 +471,14 @@ impl Store {
                 let take = (d_held - d_on).max(0) as u64;
                 let room = row.available().saturating_sub(row.pend_take);
                 if take > room {
-                    result = Err(Refusal::Insufficient { line, available: room });
+                    // Units earlier lines of this same mutation reserved are not contention.
+                    let own: u64 = taken
+                        .iter()
+                        .filter(|(k, _, _)| *k == key)
+                        .map(|(_, d_on, d_held)| (d_held - d_on).max(0) as u64)
+                        .sum();
+                    let contended = take + own <= row.available();
+                    result = Err(Refusal::Insufficient { line, available: room, contended });
                     break;
                 }
                 if d_on > 0 && row.on_hand + row.pend_add + d_on as u64 > STOCK_MAX {

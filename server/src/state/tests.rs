@@ -203,13 +203,9 @@ fn execute(
         match s.prepare(txn, &m) {
             Ok(()) => prepared.push(i),
             Err(r) => {
-                let line = |r: &Refusal| match r {
-                    Refusal::Insufficient { line, .. }
-                    | Refusal::Overflow { line }
-                    | Refusal::Busy { line } => *line,
-                    Refusal::BelowHeld { .. } => 0,
-                };
-                if first_refusal.as_ref().is_none_or(|f| line(&r) < line(f)) {
+                // Sequential: nothing else is in flight, so no refusal is contended.
+                assert!(!r.is_contended(), "{r:?}");
+                if first_refusal.as_ref().is_none_or(|f| r.line() < f.line()) {
                     first_refusal = Some(r);
                 }
             }
