@@ -321,6 +321,9 @@ impl Shard {
 
     /// Begins a mutation this shard coordinates (it owns the command's id).
     pub fn start(&mut self, op: u8, request_id: u64, cmd: Command, reply: ReplyTo) {
+        // Records already durable must be applied before this shard judges
+        // anything: a client may send this right after an acknowledgement.
+        self.drain_internal();
         let expiry = matches!(cmd, Command::Release { expired: true, .. });
         if self.txns.len() >= MAX_TXNS {
             self.stats().overloaded.fetch_add(1, Relaxed);
@@ -389,6 +392,7 @@ impl Shard {
 
     /// Prepares again the mutations that met only contended refusals.
     pub fn retry_contended(&mut self) {
+        self.drain_internal();
         for txn in std::mem::take(&mut self.retries) {
             self.prepare_everywhere(txn);
         }
