@@ -33,8 +33,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{lookup_host, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
+pub use stockd_protocol::{fmix64, HelloInfo, Key, Line, Reply, Request, Response, Status};
 use stockd_protocol::{parse_frame, shard_of, HASH_FMIX64_MOD, HEADER_LEN, MAX_BATCH_KEYS};
-pub use stockd_protocol::{HelloInfo, Key, Line, Reply, Request, Response, Status};
 
 /// Everything a call can fail with.
 #[derive(Debug)]

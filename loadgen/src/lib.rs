@@ -1,0 +1,683 @@
+//! stock-loadgen: drives stockd or Redis with the same workloads and
+//! reports throughput and latency (HdrHistogram).
+//!
+//! Key space: items `1..=keys`, each with centers `1..=centers`. Items are
+//! drawn from a Zipf distribution of exponent `zipf` (0 = uniform; item 1 is
+//! the hottest), centers uniformly. Orders and inbounds use distinct keys
+//! within one request and quantity 1 per line.
+//!
+//! Redis key layout: `stock:{vendor_item_id}:{fulfillment_center_id}` holds
+//! the available units as an integer string. Queries are GET / MGET, orders
+//! one Lua script (EVALSHA) that checks every line and decrements all or
+//! none, inbounds INCRBY per line (one pipeline per receipt).
+
+pub mod plot;
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use stockd_client::{Applied, Client, Error as ClientError, Key, Line};
+
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    Query,
+    QueryBatch,
+    Order,
+    Inbound,
+    /// Percentages of queries, orders and inbounds (summing to 100).
+    Mixed {
+        query: u32,
+        order: u32,
+        inbound: u32,
+    },
+}
+
+impl FromStr for Workload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "query" => Workload::Query,
+            "query-batch" => Workload::QueryBatch,
+            "order" => Workload::Order,
+            "inbound" => Workload::Inbound,
+            _ => {
+                let Some(mix) = s.strip_prefix("mixed:") else {
+                    return Err(format!(
+                        "unknown workload `{s}`: query, query-batch, order, inbound, mixed:Q,O,I"
+                    ));
+                };
+                let parts: Vec<u32> = mix
+                    .split(',')
+                    .map(|p| p.trim().parse::<u32>().map_err(|e| format!("mixed:{mix}: {e}")))
+                    .collect::<Result<_, _>>()?;
+                let [query, order, inbound] = parts[..] else {
+                    return Err(format!("mixed:{mix}: expected three percentages Q,O,I"));
+                };
+                if query + order + inbound != 100 {
+                    return Err(format!("mixed:{mix}: percentages must add up to 100"));
+                }
+                Workload::Mixed { query, order, inbound }
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Workload::Query => f.write_str("query"),
+            Workload::QueryBatch => f.write_str("query-batch"),
+            Workload::Order => f.write_str("order"),
+            Workload::Inbound => f.write_str("inbound"),
+            Workload::Mixed { query, order, inbound } => write!(f, "mixed:{query},{order},{inbound}"),
+        }
+    }
+}
+
+/// Which server, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Stockd(String),
+    Redis(String),
+}
+
+impl FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(a) = s.strip_prefix("stockd://") {
+            Ok(Target::Stockd(a.to_string()))
+        } else if s.starts_with("redis://") {
+            Ok(Target::Redis(s.to_string()))
+        } else {
+            Err(format!("`{s}`: target must be stockd://HOST:PORT or redis://HOST:PORT"))
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Stockd(a) => write!(f, "stockd://{a}"),
+            Target::Redis(a) => f.write_str(a),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub target: Target,
+    pub workload: Workload,
+    pub keys: u64,
+    pub centers: u32,
+    pub zipf: f64,
+    pub connections: usize,
+    pub pipeline: usize,
+    pub batch: usize,
+    pub lines: usize,
+    pub duration: Duration,
+    /// Offered requests per second (open loop); None: closed loop.
+    pub rate: Option<f64>,
+    pub seed: u64,
+    /// Put `preload_qty` units on every key first, through the target's write path.
+    pub preload: bool,
+    pub preload_qty: u32,
+    /// Print a progress line every second.
+    pub progress: bool,
+}
+
+impl Config {
+    pub fn new(target: Target, workload: Workload) -> Config {
+        Config {
+            target,
+            workload,
+            keys: 100_000,
+            centers: 4,
+            zipf: 0.0,
+            connections: 16,
+            pipeline: 16,
+            batch: 64,
+            lines: 1,
+            duration: Duration::from_secs(10),
+            rate: None,
+            seed: 1,
+            preload: false,
+            preload_qty: 1_000_000,
+            progress: false,
+        }
+    }
+}
+
+/// xorshift64*: small, fast, reproducible from the seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(stockd_client::fmix64(seed ^ 0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// Draws keys: Zipf over items (rank 1 = item 1 hottest), uniform over centers.
+#[derive(Clone, Debug)]
+pub struct KeyGen {
+    /// cdf[i] = P(item <= i + 1); empty for the uniform case.
+    cdf: Arc<Vec<f64>>,
+    keys: u64,
+    centers: u32,
+}
+
+impl KeyGen {
+    pub fn new(keys: u64, centers: u32, zipf: f64) -> KeyGen {
+        assert!(keys > 0 && centers > 0, "keys and centers must be positive");
+        let cdf = if zipf == 0.0 {
+            Vec::new()
+        } else {
+            let mut acc = 0.0;
+            let mut v: Vec<f64> = (1..=keys)
+                .map(|k| {
+                    acc += 1.0 / (k as f64).powf(zipf);
+                    acc
+                })
+                .collect();
+            for x in &mut v {
+                *x /= acc;
+            }
+            v
+        };
+        KeyGen { cdf: Arc::new(cdf), keys, centers }
+    }
+
+    pub fn item(&self, rng: &mut Rng) -> u64 {
+        if self.cdf.is_empty() {
+            return 1 + rng.below(self.keys);
+        }
+        let u = rng.next_f64();
+        1 + self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1) as u64
+    }
+
+    pub fn key(&self, rng: &mut Rng) -> Key {
+        Key { item: self.item(rng), fc: 1 + rng.below(self.centers as u64) as u32 }
+    }
+
+    /// `n` distinct keys (fewer if the key space is smaller).
+    pub fn distinct(&self, rng: &mut Rng, n: usize) -> Vec<Key> {
+        let n = n.min((self.keys * self.centers as u64) as usize);
+        let mut out: Vec<Key> = Vec::with_capacity(n);
+        let mut tries = 0;
+        while out.len() < n && tries < n * 100 {
+            let k = self.key(rng);
+            if !out.contains(&k) {
+                out.push(k);
+            }
+            tries += 1;
+        }
+        out
+    }
+
+    /// Every key, for preloading and conservation checks.
+    pub fn all(&self) -> impl Iterator<Item = Key> + '_ {
+        (1..=self.keys).flat_map(move |item| (1..=self.centers).map(move |fc| Key { item, fc }))
+    }
+}
+
+/// The JSON report: exactly these fields.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Report {
+    pub target: String,
+    pub workload: String,
+    pub ops: u64,
+    pub errors: u64,
+    pub duration_s: f64,
+    pub throughput_ops_s: f64,
+    pub keys_per_s: f64,
+    pub latency_us: Latency,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        Latency {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// Everything a run measured.
+pub struct Outcome {
+    pub report: Report,
+    pub histogram: Histogram<u64>,
+    /// Orders refused for lack of stock: an expected outcome, not an error.
+    pub insufficient: u64,
+    /// Unexpected errors by kind (status name or "io").
+    pub errors_by_kind: BTreeMap<String, u64>,
+    /// Units taken by successful orders, and added by successful inbounds.
+    pub order_units: u64,
+    pub inbound_units: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    ops: AtomicU64,
+    keys: AtomicU64,
+    insufficient: AtomicU64,
+    order_units: AtomicU64,
+    inbound_units: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Counters {
+    fn error(&self, kind: String) {
+        *self.errors.lock().unwrap().entry(kind).or_default() += 1;
+    }
+    fn error_count(&self) -> u64 {
+        self.errors.lock().unwrap().values().sum()
+    }
+}
+
+const ORDER_SCRIPT: &str = r#"
+for i = 1, #KEYS do
+  local v = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if v < tonumber(ARGV[i]) then return {i - 1, v} end
+end
+for i = 1, #KEYS do redis.call('DECRBY', KEYS[i], ARGV[i]) end
+return {-1, 0}
+"#;
+
+pub fn redis_key(k: Key) -> String {
+    format!("stock:{}:{}", k.item, k.fc)
+}
+
+/// One connection to the target.
+#[derive(Clone)]
+pub enum Conn {
+    Stockd(Client),
+    Redis(redis::aio::MultiplexedConnection, Arc<redis::Script>),
+}
+
+/// What one request ended as.
+enum Res {
+    Ok,
+    Insufficient,
+    Err(String),
+}
+
+fn client_err(e: ClientError) -> Res {
+    match e {
+        ClientError::Insufficient { .. } => Res::Insufficient,
+        other => Res::Err(other.status().map_or("io".to_string(), |s| s.name().to_string())),
+    }
+}
+
+fn redis_err(e: redis::RedisError) -> Res {
+    Res::Err(format!("redis:{:?}", e.kind()))
+}
+
+impl Conn {
+    pub async fn open(target: &Target) -> Result<Conn, String> {
+        match target {
+            Target::Stockd(a) => {
+                Client::connect(a).await.map(Conn::Stockd).map_err(|e| format!("{target}: {e}"))
+            }
+            Target::Redis(url) => {
+                let c = redis::Client::open(url.as_str()).map_err(|e| format!("{url}: {e}"))?;
+                let conn = c.get_multiplexed_async_connection().await.map_err(|e| format!("{url}: {e}"))?;
+                Ok(Conn::Redis(conn, Arc::new(redis::Script::new(ORDER_SCRIPT))))
+            }
+        }
+    }
+
+    async fn query(&mut self, k: Key) -> Res {
+        match self {
+            Conn::Stockd(c) => c.query(k.item, k.fc).await.map_or_else(client_err, |_| Res::Ok),
+            Conn::Redis(c, _) => redis::cmd("GET")
+                .arg(redis_key(k))
+                .query_async::<Option<i64>>(c)
+                .await
+                .map_or_else(redis_err, |_| Res::Ok),
+        }
+    }
+
+    /// Available units of many keys, in order.
+    pub async fn query_batch(&mut self, keys: &[Key]) -> Result<Vec<u64>, String> {
+        match self {
+            Conn::Stockd(c) => c.query_batch(keys).await.map_err(|e| e.to_string()),
+            Conn::Redis(c, _) => {
+                let names: Vec<String> = keys.iter().map(|k| redis_key(*k)).collect();
+                let v: Vec<Option<i64>> =
+                    redis::cmd("MGET").arg(names).query_async(c).await.map_err(|e| e.to_string())?;
+                Ok(v.into_iter().map(|x| x.unwrap_or(0).max(0) as u64).collect())
+            }
+        }
+    }
+
+    async fn order(&mut self, id: u64, lines: &[Line]) -> Res {
+        match self {
+            Conn::Stockd(c) => match c.order(id, lines).await {
+                Ok(Applied::New { .. }) => Res::Ok,
+                Ok(Applied::Duplicate { .. }) => Res::Err("duplicate".into()),
+                Err(e) => client_err(e),
+            },
+            Conn::Redis(c, script) => {
+                let mut inv = script.prepare_invoke();
+                for l in lines {
+                    inv.key(redis_key(l.key)).arg(l.qty);
+                }
+                match inv.invoke_async::<(i64, i64)>(c).await {
+                    Ok((-1, _)) => Res::Ok,
+                    Ok(_) => Res::Insufficient,
+                    Err(e) => redis_err(e),
+                }
+            }
+        }
+    }
+
+    async fn inbound(&mut self, id: u64, lines: &[Line]) -> Res {
+        match self {
+            Conn::Stockd(c) => match c.inbound(id, lines).await {
+                Ok(Applied::New { .. }) => Res::Ok,
+                Ok(Applied::Duplicate { .. }) => Res::Err("duplicate".into()),
+                Err(e) => client_err(e),
+            },
+            Conn::Redis(c, _) => {
+                let mut p = redis::pipe();
+                for l in lines {
+                    p.cmd("INCRBY").arg(redis_key(l.key)).arg(l.qty);
+                }
+                p.query_async::<Vec<i64>>(c).await.map_or_else(redis_err, |_| Res::Ok)
+            }
+        }
+    }
+}
+
+/// Puts `qty` units on every key, through the target's own write path
+/// (stockd: INBOUND receipts of up to 256 lines; Redis: SET in pipelines).
+pub async fn preload(conn: &Conn, keys: &KeyGen, qty: u32, seed: u64) -> Result<u64, String> {
+    let all: Vec<Key> = keys.all().collect();
+    let mut tasks = Vec::new();
+    let chunks: Vec<Vec<Key>> = all.chunks(256).map(|c| c.to_vec()).collect();
+    let base = receipt_base(seed) | 0xFFFF_0000_0000;
+    for (n, part) in chunks.chunks(chunks.len().div_ceil(16).max(1)).enumerate() {
+        let mut conn = conn.clone();
+        let part = part.to_vec();
+        tasks.push(tokio::spawn(async move {
+            for (i, chunk) in part.iter().enumerate() {
+                match &mut conn {
+                    Conn::Stockd(c) => {
+                        let lines: Vec<Line> = chunk.iter().map(|k| Line { key: *k, qty }).collect();
+                        let id = base + ((n as u64) << 20) + i as u64;
+                        c.inbound(id, &lines).await.map_err(|e| format!("preload: {e}"))?;
+                    }
+                    Conn::Redis(c, _) => {
+                        let mut p = redis::pipe();
+                        for k in chunk {
+                            p.cmd("SET").arg(redis_key(*k)).arg(qty).ignore();
+                        }
+                        p.query_async::<()>(c).await.map_err(|e| format!("preload: {e}"))?;
+                    }
+                }
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(all.len() as u64)
+}
+
+/// High bits of every id this run uses, from the seed, so runs against the
+/// same server do not collide.
+fn receipt_base(seed: u64) -> u64 {
+    stockd_client::fmix64(seed) & 0xFFFF_0000_0000_0000
+}
+
+/// What one request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Query,
+    Batch,
+    Order,
+    Inbound,
+}
+
+/// Picks the kind of the next request.
+pub fn pick(workload: Workload, rng: &mut Rng) -> Kind {
+    match workload {
+        Workload::Query => Kind::Query,
+        Workload::QueryBatch => Kind::Batch,
+        Workload::Order => Kind::Order,
+        Workload::Inbound => Kind::Inbound,
+        Workload::Mixed { query, order, .. } => {
+            let r = rng.below(100) as u32;
+            if r < query {
+                Kind::Query
+            } else if r < query + order {
+                Kind::Order
+            } else {
+                Kind::Inbound
+            }
+        }
+    }
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Runs the workload and measures it. Opens `connections` connections and
+/// keeps `pipeline` requests in flight on each.
+pub async fn run(cfg: &Config) -> Result<Outcome, String> {
+    if cfg.connections == 0 || cfg.pipeline == 0 || cfg.batch == 0 || cfg.lines == 0 {
+        return Err("connections, pipeline, batch and lines must be at least 1".into());
+    }
+    let keys = KeyGen::new(cfg.keys, cfg.centers, cfg.zipf);
+    let mut conns = Vec::with_capacity(cfg.connections);
+    for _ in 0..cfg.connections {
+        conns.push(Conn::open(&cfg.target).await?);
+    }
+    if cfg.preload {
+        let t = Instant::now();
+        let n = preload(&conns[0], &keys, cfg.preload_qty, cfg.seed).await?;
+        if cfg.progress {
+            eprintln!(
+                "preloaded {n} keys with {} units each in {:.1}s",
+                cfg.preload_qty,
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let counters = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = cfg.connections * cfg.pipeline;
+    let interval = cfg.rate.map(|r| Duration::from_secs_f64(workers as f64 / r.max(1e-9)));
+    let hists: Vec<Arc<Mutex<Histogram<u64>>>> =
+        (0..workers).map(|_| Arc::new(Mutex::new(new_histogram()))).collect();
+    let start = Instant::now();
+    let id_base = receipt_base(cfg.seed);
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let mut conn = conns[w % cfg.connections].clone();
+        let (keys, counters, stop, hist) = (keys.clone(), counters.clone(), stop.clone(), hists[w].clone());
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(cfg.seed.wrapping_add(w as u64 * 7919));
+            let mut seq: u64 = 0;
+            // Open loop: evenly spaced intended send times, staggered across workers.
+            let mut intended = interval.map(|i| start + i.mul_f64(w as f64 / workers as f64));
+            while !stop.load(Relaxed) {
+                let sent_at = match intended {
+                    Some(t) => {
+                        tokio::time::sleep_until(t.into()).await;
+                        if stop.load(Relaxed) {
+                            break;
+                        }
+                        t
+                    }
+                    None => Instant::now(),
+                };
+                let kind = pick(cfg.workload, &mut rng);
+                let (res, nkeys, units) = match kind {
+                    Kind::Query => (conn.query(keys.key(&mut rng)).await, 1, 0),
+                    Kind::Batch => {
+                        let ks: Vec<Key> = (0..cfg.batch).map(|_| keys.key(&mut rng)).collect();
+                        let r = conn.query_batch(&ks).await.map_or_else(Res::Err, |_| Res::Ok);
+                        (r, ks.len() as u64, 0)
+                    }
+                    Kind::Order | Kind::Inbound => {
+                        seq += 1;
+                        let id = id_base | (w as u64) << 32 | seq;
+                        let lines: Vec<Line> = keys
+                            .distinct(&mut rng, cfg.lines)
+                            .into_iter()
+                            .map(|key| Line { key, qty: 1 })
+                            .collect();
+                        let units = lines.len() as u64;
+                        let r = if kind == Kind::Order {
+                            conn.order(id, &lines).await
+                        } else {
+                            conn.inbound(id, &lines).await
+                        };
+                        (r, 0, units)
+                    }
+                };
+                let done = Instant::now();
+                let us = done.saturating_duration_since(sent_at).as_micros().max(1) as u64;
+                hist.lock().unwrap().saturating_record(us);
+                counters.ops.fetch_add(1, Relaxed);
+                match res {
+                    Res::Ok => {
+                        counters.keys.fetch_add(nkeys, Relaxed);
+                        match kind {
+                            Kind::Order => counters.order_units.fetch_add(units, Relaxed),
+                            Kind::Inbound => counters.inbound_units.fetch_add(units, Relaxed),
+                            _ => 0,
+                        };
+                    }
+                    Res::Insufficient => {
+                        counters.insufficient.fetch_add(1, Relaxed);
+                    }
+                    Res::Err(kind) => counters.error(kind),
+                }
+                if let (Some(t), Some(i)) = (intended.as_mut(), interval) {
+                    *t += i;
+                }
+            }
+        }));
+    }
+    // Progress, once per second, until the duration is over.
+    let mut last_ops = 0;
+    let mut tick = tokio::time::interval_at((start + Duration::from_secs(1)).into(), Duration::from_secs(1));
+    while start.elapsed() < cfg.duration {
+        let left = cfg.duration.saturating_sub(start.elapsed());
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep(left) => break,
+        }
+        if cfg.progress {
+            let ops = counters.ops.load(Relaxed);
+            let mut merged = new_histogram();
+            for h in &hists {
+                merged.add(&*h.lock().unwrap()).ok();
+            }
+            eprintln!(
+                "[{:>3.0}s] {:>10} ops/s  errors {}  insufficient {}  p99 so far {} us",
+                start.elapsed().as_secs_f64(),
+                ops - last_ops,
+                counters.error_count(),
+                counters.insufficient.load(Relaxed),
+                merged.value_at_quantile(0.99)
+            );
+            last_ops = ops;
+        }
+    }
+    stop.store(true, Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())?;
+    }
+    let mut histogram = new_histogram();
+    for h in &hists {
+        histogram.add(&*h.lock().unwrap()).map_err(|e| e.to_string())?;
+    }
+    let ops = counters.ops.load(Relaxed);
+    let errors_by_kind = counters.errors.lock().unwrap().clone();
+    let errors = errors_by_kind.values().sum();
+    let report = Report {
+        target: cfg.target.to_string(),
+        workload: cfg.workload.to_string(),
+        ops,
+        errors,
+        duration_s: elapsed,
+        throughput_ops_s: ops as f64 / elapsed,
+        keys_per_s: counters.keys.load(Relaxed) as f64 / elapsed,
+        latency_us: Latency::of(&histogram),
+    };
+    Ok(Outcome {
+        report,
+        histogram,
+        insufficient: counters.insufficient.load(Relaxed),
+        errors_by_kind,
+        order_units: counters.order_units.load(Relaxed),
+        inbound_units: counters.inbound_units.load(Relaxed),
+    })
+}
+
+/// The HdrHistogram percentile distribution (".hgrm" text), values in microseconds.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    let mut out = String::from("       Value     Percentile TotalCount 1/(1-Percentile)\n\n");
+    let mut total = 0;
+    for v in h.iter_quantiles(5) {
+        let p = v.quantile_iterated_to();
+        total += v.count_since_last_iteration();
+        let inv = if p < 1.0 { format!("{:.2}", 1.0 / (1.0 - p)) } else { "inf".into() };
+        out.push_str(&format!(
+            "{:>12.3} {:>14.12} {:>10} {:>14}\n",
+            v.value_iterated_to() as f64,
+            p,
+            total,
+            inv
+        ));
+    }
+    out.push_str(&format!(
+        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]\n#[Max     = {:>12.3}, Total count    = {:>12}]\n#[Value unit: microseconds]\n",
+        h.mean(),
+        h.stdev(),
+        h.max() as f64,
+        h.len()
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,79 @@
+//! A short mixed run against a real stockd and a real redis-server, both on
+//! 127.0.0.1: no unexpected errors, and every unit accounted for.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stock_loadgen::{run, Config, Conn, KeyGen, Target, Workload};
+
+struct Redis(Child);
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_redis() -> (Redis, u16) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (apt-get install redis-server; .ci/run does it)");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Redis(child), port)
+}
+
+async fn conserved(target: Target) {
+    let mut cfg = Config::new(target.clone(), Workload::Mixed { query: 60, order: 30, inbound: 10 });
+    cfg.keys = 40;
+    cfg.centers = 2;
+    cfg.zipf = 0.99;
+    cfg.connections = 3;
+    cfg.pipeline = 4;
+    cfg.lines = 2;
+    cfg.duration = Duration::from_secs(2);
+    cfg.preload = true;
+    cfg.preload_qty = 150;
+    cfg.seed = 11;
+    let out = run(&cfg).await.unwrap();
+    let r = &out.report;
+    assert_eq!(r.errors, 0, "{target}: unexpected errors {:?}", out.errors_by_kind);
+    assert!(r.ops > 100, "{target}: only {} ops", r.ops);
+    assert!(out.order_units > 0 && out.inbound_units > 0);
+    let keys: Vec<_> = KeyGen::new(cfg.keys, cfg.centers, 0.0).all().collect();
+    let mut conn = Conn::open(&target).await.unwrap();
+    let total: u64 = conn.query_batch(&keys).await.unwrap().iter().sum();
+    let preload = keys.len() as u64 * cfg.preload_qty as u64;
+    assert_eq!(
+        total,
+        preload + out.inbound_units - out.order_units,
+        "{target}: preload {preload} - ordered {} + received {}",
+        out.order_units,
+        out.inbound_units
+    );
+    eprintln!(
+        "{target}: {} ops, {} refused for stock, {} units ordered, {} received, conserved",
+        r.ops, out.insufficient, out.order_units, out.inbound_units
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_mixed_runs_conserve_stock_on_both_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = stockd::Config::new("127.0.0.1:0".parse().unwrap(), dir.path(), 2);
+    cfg.pin = false;
+    let srv = stockd::start(cfg).unwrap();
+    conserved(Target::Stockd(srv.addr.to_string())).await;
+    srv.shutdown();
+
+    let (_redis, port) = start_redis();
+    conserved(Target::Redis(format!("redis://127.0.0.1:{port}"))).await;
+}
