@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 STOCKD_PORT=${STOCKD_PORT:-7600}
 REDIS_PORT=${REDIS_PORT:-6390}
-SHARDS=${SHARDS:-2}
+# One shard by default: the load generator runs on the same 2 cores, and a
+# second shard thread only fights it for CPU (measured: docs/benchmarks.md).
+SHARDS=${SHARDS:-1}
 OUT=$(mktemp -d /tmp/stockd-bench.XXXXXX)
 echo "results in $OUT"
 

@@ -46,7 +46,7 @@ fn measure(mut f: impl FnMut(u64) -> u64) -> f64 {
 }
 
 fn stocked() -> Store {
-    let mut s = Store::new(0, 1, IdLimits { window_ms: u64::MAX, max_ids: usize::MAX });
+    let mut s = Store::new(0, 1, IdLimits { window_ms: u64::MAX, min_window_ms: 0, max_ids: usize::MAX });
     let mut lsn = 0;
     for item in 0..ITEMS {
         let lines: Vec<Line> = (0..CENTERS).map(|fc| Line::new(item, fc, 4_000_000)).collect();

@@ -31,9 +31,13 @@ struct Args {
     /// Hours an order, hold or receipt id is remembered for idempotent retries.
     #[arg(long, default_value_t = 24)]
     id_window_hours: u64,
-    /// Ids remembered per shard at most; new ids beyond it get OVERLOADED.
-    #[arg(long, default_value_t = 2_000_000)]
+    /// Ids remembered per shard at most; beyond it the oldest are forgotten first.
+    #[arg(long, default_value_t = 16_000_000)]
     max_ids_per_shard: usize,
+    /// Seconds an id is remembered however full the table is; new ids that do
+    /// not fit get OVERLOADED.
+    #[arg(long, default_value_t = 60)]
+    id_min_window_secs: u64,
 }
 
 fn main() {
@@ -48,7 +52,11 @@ fn main() {
     cfg.shard_port_base = args.shard_port_base;
     cfg.auth_token = args.auth_token;
     cfg.snapshot_interval = Duration::from_secs(args.snapshot_interval_secs.max(1));
-    cfg.ids = IdLimits { window_ms: args.id_window_hours * 3_600_000, max_ids: args.max_ids_per_shard };
+    cfg.ids = IdLimits {
+        window_ms: args.id_window_hours * 3_600_000,
+        min_window_ms: args.id_min_window_secs * 1000,
+        max_ids: args.max_ids_per_shard,
+    };
     let running = match stockd::start(cfg) {
         Ok(r) => r,
         Err(e) => {

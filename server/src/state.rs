@@ -18,8 +18,52 @@
 //! acknowledged answers were based on.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
 
-use stockd_protocol::{shard_of, Key, Line, Reader, Response, Status, STOCK_MAX};
+use stockd_protocol::{fmix64, shard_of, Key, Line, Reader, Response, Status, STOCK_MAX};
+
+/// Hashes the u64 ids that key every table here: one keyed murmur3
+/// finalizer instead of SipHash (a query is mostly this lookup; the profile
+/// showed SipHash at a fifth of server time). The key is random per process,
+/// so clients cannot choose ids that collide in the table.
+#[derive(Clone, Copy)]
+pub struct IdHashBuilder(u64);
+
+impl Default for IdHashBuilder {
+    fn default() -> Self {
+        static KEY: OnceLock<u64> = OnceLock::new();
+        IdHashBuilder(
+            *KEY.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)),
+        )
+    }
+}
+
+impl BuildHasher for IdHashBuilder {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(self.0)
+    }
+}
+
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by the u64-keyed tables; correct for any other key anyway.
+        for b in bytes {
+            self.0 = fmix64(self.0 ^ *b as u64);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = fmix64(self.0 ^ x);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub type IdMap<V> = HashMap<u64, V, IdHashBuilder>;
 
 /// Durable quantities of one row, plus what in-flight mutations may change.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -273,18 +317,22 @@ impl Refusal {
 }
 
 /// Limits of the idempotency memory.
+///
+/// An id is remembered for `window_ms` (by log time), unless the table
+/// reaches `max_ids`: then the oldest ids are forgotten first, but never one
+/// younger than `min_window_ms`. If even that does not fit, new ids are
+/// refused with OVERLOADED: shedding load is better than applying a retried
+/// order twice.
 #[derive(Clone, Copy, Debug)]
 pub struct IdLimits {
-    /// Ids are remembered at least this long (by log timestamp).
     pub window_ms: u64,
-    /// At most this many ids (orders, holds, receipts) per shard; beyond it new
-    /// ids are refused with OVERLOADED rather than forgetting one early.
+    pub min_window_ms: u64,
     pub max_ids: usize,
 }
 
 impl Default for IdLimits {
     fn default() -> Self {
-        IdLimits { window_ms: 24 * 3600 * 1000, max_ids: 2_000_000 }
+        IdLimits { window_ms: 24 * 3600 * 1000, min_window_ms: 60_000, max_ids: 16_000_000 }
     }
 }
 
@@ -293,16 +341,16 @@ pub struct Store {
     pub shard: usize,
     pub shards: usize,
     limits: IdLimits,
-    rows: HashMap<u64, Vec<(u32, Row)>>,
-    ids: HashMap<u64, IdEntry>,
+    rows: IdMap<Vec<(u32, Row)>>,
+    ids: IdMap<IdEntry>,
     /// Receipt id -> (lsn, ts_ms).
-    receipts: HashMap<u64, (u64, u64)>,
+    receipts: IdMap<(u64, u64)>,
     /// Ids in the order they were created: (ts_ms, is_receipt, id).
     fifo: VecDeque<(u64, bool, u64)>,
     /// Holds not yet confirmed or released: (deadline_ms, id).
     deadlines: BTreeSet<(u64, u64)>,
     /// Prepared, undecided mutations: txn -> the deltas reserved for it here.
-    pending: HashMap<u64, Vec<(Key, i64, i64)>>,
+    pending: IdMap<Vec<(Key, i64, i64)>>,
     /// LSN of the last record applied.
     pub applied_lsn: u64,
 }
@@ -313,12 +361,12 @@ impl Store {
             shard,
             shards,
             limits,
-            rows: HashMap::new(),
-            ids: HashMap::new(),
-            receipts: HashMap::new(),
+            rows: IdMap::default(),
+            ids: IdMap::default(),
+            receipts: IdMap::default(),
             fifo: VecDeque::new(),
             deadlines: BTreeSet::new(),
-            pending: HashMap::new(),
+            pending: IdMap::default(),
             applied_lsn: 0,
         }
     }
@@ -384,18 +432,18 @@ impl Store {
             Command::Order { id, lines } => match self.ids.get(&id) {
                 Some(e) if !e.is_hold => Err(Response::Duplicate { lsn: e.lsn }),
                 Some(_) => conflict(format!("id {id} is a hold, not an order")),
-                None if self.id_count() >= self.limits.max_ids => full(),
+                None if self.table_full(now_ms) => full(),
                 None => Ok(Mutation { op: Op::Order { id }, lines }),
             },
             Command::Reserve { id, ttl_ms, lines } => match self.ids.get(&id) {
                 Some(e) if e.is_hold => Err(Response::Duplicate { lsn: e.lsn }),
                 Some(_) => conflict(format!("id {id} is an order, not a hold")),
-                None if self.id_count() >= self.limits.max_ids => full(),
+                None if self.table_full(now_ms) => full(),
                 None => Ok(Mutation { op: Op::Reserve { id, ttl_ms }, lines }),
             },
             Command::Inbound { id, lines } => match self.receipts.get(&id) {
                 Some(&(lsn, _)) => Err(Response::Duplicate { lsn }),
-                None if self.id_count() >= self.limits.max_ids => full(),
+                None if self.table_full(now_ms) => full(),
                 None => Ok(Mutation { op: Op::Inbound { id }, lines }),
             },
             Command::Cancel { id } => {
@@ -581,22 +629,37 @@ impl Store {
         self.evict(ts_ms);
     }
 
-    /// Forgets ids older than the window. Runs at apply time from log
-    /// timestamps, so live service and replay forget the same ids.
+    /// True if a new id cannot be remembered at `now_ms` without forgetting
+    /// one younger than the minimum window.
+    fn table_full(&self, now_ms: u64) -> bool {
+        self.id_count() >= self.limits.max_ids
+            && self.fifo.front().is_none_or(|(ts, _, _)| ts + self.limits.min_window_ms > now_ms)
+    }
+
+    /// Forgets ids older than the window, and the oldest ones beyond the cap
+    /// (never younger than the minimum window). Runs at apply time from log
+    /// timestamps, so live service and replay forget the same ids. A live
+    /// hold is never forgotten: it goes to the back of the line.
     fn evict(&mut self, now_ms: u64) {
         let cutoff = now_ms.saturating_sub(self.limits.window_ms);
+        let mut rotated = 0;
         while let Some(&(ts, is_receipt, id)) = self.fifo.front() {
-            if ts >= cutoff {
+            let over = self.id_count() > self.limits.max_ids && ts + self.limits.min_window_ms <= now_ms;
+            if ts >= cutoff && !over {
                 break;
             }
+            self.fifo.pop_front();
             if is_receipt {
                 self.receipts.remove(&id);
             } else if matches!(self.ids.get(&id).map(|e| &e.state), Some(IdState::Held { .. })) {
-                break; // a live hold stays until it is confirmed, released or expires
+                self.fifo.push_back((now_ms, false, id));
+                rotated += 1;
+                if rotated > self.fifo.len() {
+                    break;
+                }
             } else {
                 self.ids.remove(&id);
             }
-            self.fifo.pop_front();
         }
     }
 

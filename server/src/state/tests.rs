@@ -354,30 +354,32 @@ proptest! {
 }
 
 #[test]
-fn ids_are_forgotten_after_the_window_but_live_holds_are_kept() {
-    let limits = IdLimits { window_ms: 1_000, max_ids: 3 };
+fn ids_are_forgotten_after_the_window_or_beyond_the_cap_but_live_holds_are_kept() {
+    let limits = IdLimits { window_ms: 1_000, min_window_ms: 100, max_ids: 3 };
     let mut s = Store::new(0, 1, limits);
     let key = Key { item: 5, fc: 1 };
-    let inbound = Mutation { op: Op::Inbound { id: 1 }, lines: vec![Line { key, qty: 10 }] };
-    s.apply(None, 1, 0, &inbound);
-    let hold = Mutation { op: Op::Reserve { id: 2, ttl_ms: 5_000 }, lines: vec![Line { key, qty: 1 }] };
-    s.apply(None, 2, 10, &hold);
-    let order = Mutation { op: Op::Order { id: 3 }, lines: vec![Line { key, qty: 1 }] };
-    s.apply(None, 3, 20, &order);
-    // Table full: a new id is refused rather than forgetting one early.
-    let r = s.plan(Command::Order { id: 4, lines: vec![Line { key, qty: 1 }] }, 30).unwrap_err();
+    let line = |qty| vec![Line { key, qty }];
+    s.apply(None, 1, 0, &Mutation { op: Op::Inbound { id: 1 }, lines: line(10) });
+    s.apply(None, 2, 10, &Mutation { op: Op::Reserve { id: 2, ttl_ms: 5_000 }, lines: line(1) });
+    s.apply(None, 3, 20, &Mutation { op: Op::Order { id: 3 }, lines: line(1) });
+    // Full, and the oldest id is younger than the minimum window: refused.
+    let r = s.plan(Command::Order { id: 4, lines: line(1) }, 30).unwrap_err();
     assert_eq!(r.status(), Status::Overloaded);
-    // A retry of a remembered id is still a duplicate.
     assert_eq!(
-        s.plan(Command::Inbound { id: 1, lines: vec![] }, 30).unwrap_err(),
+        s.plan(Command::Inbound { id: 1, lines: line(1) }, 30).unwrap_err(),
         Response::Duplicate { lsn: 1 }
     );
-    // Past the window the receipt is forgotten; the live hold stops eviction.
-    s.apply(None, 4, 2_000, &Mutation { op: Op::Inbound { id: 9 }, lines: vec![Line { key, qty: 1 }] });
-    let again = s.plan(Command::Inbound { id: 1, lines: vec![Line { key, qty: 1 }] }, 2_000);
+    // Later the oldest may go: accepted, and applying it forgets receipt 1.
+    let m = s.plan(Command::Order { id: 4, lines: line(1) }, 200).unwrap();
+    s.apply(None, 4, 200, &m);
+    assert_eq!(s.id_count(), 3);
+    let again = s.plan(Command::Inbound { id: 1, lines: line(1) }, 200);
     assert!(!matches!(again, Err(Response::Duplicate { .. })), "{again:?}");
-    assert_eq!(s.id_count(), 3, "receipt 1 forgotten, 9 added");
-    assert!(s.id(2).is_some() && s.id(3).is_some(), "order 3 waits behind the live hold 2");
+    // Past the window everything old is forgotten except the live hold.
+    s.apply(None, 5, 2_000, &Mutation { op: Op::Inbound { id: 9 }, lines: line(1) });
+    assert!(s.id(2).is_some(), "live hold kept");
+    assert!(s.id(3).is_none() && s.id(4).is_none());
+    assert_eq!(s.id_count(), 2);
     assert_eq!(s.expired_holds(5_010, 10), vec![2]);
 }
 
