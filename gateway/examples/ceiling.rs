@@ -14,7 +14,9 @@ fn main() {
     rt.block_on(async move {
         let app = Router::new().route(
             "/v1/stock/{item}/{fc}",
-            get(|| async { Json(json!({"vendor_item_id": 1001, "fulfillment_center_id": 7, "available": 10})) }),
+            get(|| async {
+                Json(json!({"vendor_item_id": 1001, "fulfillment_center_id": 7, "available": 10}))
+            }),
         );
         let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
         axum::serve(listener, app).await.unwrap();
