@@ -12,7 +12,7 @@
 //! after fdatasync the WAL thread hands the record to every involved shard,
 //! coordinator last -> each applies -> the coordinator answers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use stockd_persistence::wal::{Committed, SubmitError, Wal};
 use stockd_protocol::{encode_error, opcode, shard_of, Key, Reply, Response, Status};
 use tokio::sync::{mpsc, Notify};
 
-use crate::state::{Command, Mutation, Refusal, Store};
+use crate::state::{Command, IdHashBuilder, IdMap, Mutation, Refusal, Store};
 
 /// Most mutations one shard coordinates at once; beyond it, OVERLOADED.
 pub const MAX_TXNS: usize = 16_384;
@@ -212,9 +212,9 @@ pub struct Shard {
     pub index: usize,
     pub node: Arc<Node>,
     pub store: Store,
-    txns: HashMap<u64, Txn>,
+    txns: IdMap<Txn>,
     /// Ids with a mutation in flight: (is_receipt, id).
-    busy_ids: HashSet<(bool, u64)>,
+    busy_ids: HashSet<(bool, u64), IdHashBuilder>,
     next_txn: u64,
     scratch: Vec<u8>,
     /// Mutations refused only because undecided ones reserved the units:
@@ -248,8 +248,8 @@ impl Shard {
             index,
             node,
             store,
-            txns: HashMap::new(),
-            busy_ids: HashSet::new(),
+            txns: IdMap::default(),
+            busy_ids: HashSet::default(),
             next_txn: 0,
             scratch: Vec::new(),
             retries: Vec::new(),

@@ -342,6 +342,8 @@ pub struct Store {
     pub shards: usize,
     limits: IdLimits,
     rows: IdMap<Vec<(u32, Row)>>,
+    /// Rows in `rows` (kept, not counted: STATS reads it after every commit).
+    row_count: usize,
     ids: IdMap<IdEntry>,
     /// Receipt id -> (lsn, ts_ms).
     receipts: IdMap<(u64, u64)>,
@@ -362,6 +364,7 @@ impl Store {
             shards,
             limits,
             rows: IdMap::default(),
+            row_count: 0,
             ids: IdMap::default(),
             receipts: IdMap::default(),
             fifo: VecDeque::new(),
@@ -385,6 +388,7 @@ impl Store {
             Some(i) => i,
             None => {
                 v.push((key.fc, Row::default()));
+                self.row_count += 1;
                 v.len() - 1
             }
         };
@@ -405,7 +409,7 @@ impl Store {
     }
 
     pub fn row_count(&self) -> usize {
-        self.rows.values().map(Vec::len).sum()
+        self.row_count
     }
 
     pub fn id_count(&self) -> usize {
