@@ -134,7 +134,7 @@ pub struct ShardStats {
 /// Everything the shard threads share.
 pub struct Node {
     pub mailboxes: Arc<Vec<Mailbox>>,
-    pub stats: Vec<ShardStats>,
+    pub stats: Arc<Vec<ShardStats>>,
     pub wal: Wal<WalToken>,
     pub stop: AtomicBool,
     pub snapshots: crossbeam::channel::Sender<(u64, usize, Vec<u8>)>,

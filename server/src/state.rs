@@ -158,12 +158,7 @@ impl Mutation {
             }
             _ => {}
         }
-        out.extend_from_slice(&(self.lines.len() as u16).to_le_bytes());
-        for l in &self.lines {
-            out.extend_from_slice(&l.key.item.to_le_bytes());
-            out.extend_from_slice(&l.key.fc.to_le_bytes());
-            out.extend_from_slice(&l.qty.to_le_bytes());
-        }
+        put_lines(out, &self.lines);
     }
 
     pub fn decode(buf: &[u8]) -> Result<Mutation, String> {
@@ -193,6 +188,15 @@ impl Mutation {
         }
         r.finish().map_err(e)?;
         Ok(Mutation { op, lines })
+    }
+}
+
+fn put_lines(out: &mut Vec<u8>, lines: &[Line]) {
+    out.extend_from_slice(&(lines.len() as u16).to_le_bytes());
+    for l in lines {
+        out.extend_from_slice(&l.key.item.to_le_bytes());
+        out.extend_from_slice(&l.key.fc.to_le_bytes());
+        out.extend_from_slice(&l.qty.to_le_bytes());
     }
 }
 
@@ -674,7 +678,7 @@ impl Store {
 
     /// Serializes the durable state (rows, ids, receipts; not pending).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.row_count() * 20 + self.id_count() * 40 + 64);
+        let mut out = Vec::with_capacity(self.row_count() * 28 + self.id_count() * 70 + 64);
         let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
         put(&mut out, self.applied_lsn);
         put(&mut out, self.row_count() as u64);
@@ -707,7 +711,10 @@ impl Store {
             out.push(tag);
             put(&mut out, a);
             put(&mut out, b);
-            Mutation { op: Op::Order { id: 0 }, lines: e.lines.clone() }.encode(&mut out);
+            // Lines as a record body (tag, id, count, lines), read back by `absorb`.
+            out.push(1);
+            put(&mut out, 0);
+            put_lines(&mut out, &e.lines);
         }
         out
     }
