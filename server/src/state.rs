@@ -65,6 +65,56 @@ impl Hasher for IdHasher {
 
 pub type IdMap<V> = HashMap<u64, V, IdHashBuilder>;
 
+/// A map from id split into 64 tables, for the tables that grow to millions
+/// of entries: growing one re-hashes 1/64 of the entries, so the shard
+/// stalls for milliseconds, not for the hundred-odd a single table takes.
+pub struct SplitMap<V> {
+    parts: Vec<IdMap<V>>,
+    len: usize,
+}
+
+impl<V> Default for SplitMap<V> {
+    fn default() -> Self {
+        SplitMap { parts: (0..64).map(|_| IdMap::default()).collect(), len: 0 }
+    }
+}
+
+impl<V> SplitMap<V> {
+    fn part(id: u64) -> usize {
+        // Top bits of an unkeyed mix; the tables hash with their own key.
+        (fmix64(id ^ 0x0123_4567_89ab_cdef) >> 58) as usize
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn get(&self, id: &u64) -> Option<&V> {
+        self.parts[Self::part(*id)].get(id)
+    }
+    pub fn get_mut(&mut self, id: &u64) -> Option<&mut V> {
+        self.parts[Self::part(*id)].get_mut(id)
+    }
+    pub fn insert(&mut self, id: u64, v: V) -> Option<V> {
+        let old = self.parts[Self::part(id)].insert(id, v);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+    pub fn remove(&mut self, id: &u64) -> Option<V> {
+        let old = self.parts[Self::part(*id)].remove(id);
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &V)> {
+        self.parts.iter().flat_map(|p| p.iter())
+    }
+}
+
 /// Durable quantities of one row, plus what in-flight mutations may change.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Row {
@@ -348,9 +398,9 @@ pub struct Store {
     rows: IdMap<Vec<(u32, Row)>>,
     /// Rows in `rows` (kept, not counted: STATS reads it after every commit).
     row_count: usize,
-    ids: IdMap<IdEntry>,
+    ids: SplitMap<IdEntry>,
     /// Receipt id -> (lsn, ts_ms).
-    receipts: IdMap<(u64, u64)>,
+    receipts: SplitMap<(u64, u64)>,
     /// Ids in the order they were created: (ts_ms, is_receipt, id).
     fifo: VecDeque<(u64, bool, u64)>,
     /// Holds not yet confirmed or released: (deadline_ms, id).
@@ -369,8 +419,8 @@ impl Store {
             limits,
             rows: IdMap::default(),
             row_count: 0,
-            ids: IdMap::default(),
-            receipts: IdMap::default(),
+            ids: SplitMap::default(),
+            receipts: SplitMap::default(),
             fifo: VecDeque::new(),
             deadlines: BTreeSet::new(),
             pending: IdMap::default(),
@@ -691,13 +741,13 @@ impl Store {
             }
         }
         put(&mut out, self.receipts.len() as u64);
-        for (id, (lsn, ts)) in &self.receipts {
+        for (id, (lsn, ts)) in self.receipts.iter() {
             put(&mut out, *id);
             put(&mut out, *lsn);
             put(&mut out, *ts);
         }
         put(&mut out, self.ids.len() as u64);
-        for (id, e) in &self.ids {
+        for (id, e) in self.ids.iter() {
             put(&mut out, *id);
             put(&mut out, e.lsn);
             put(&mut out, e.ts_ms);
