@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use stockd_client::{Applied, Client, Error as StockdError, Key, Line, Options, Status};
+use stockd_client::{constant_time_eq, Applied, Client, Error as StockdError, Key, Line, Options, Status};
 use tokio::sync::Mutex;
 
 use crate::metrics::Metrics;
@@ -231,11 +231,6 @@ impl Gateway {
             ))
         }
     }
-}
-
-/// Equal-length secrets compare in constant time; lengths are not secret.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Deserialize)]

@@ -142,6 +142,12 @@ pub fn fmix64(mut h: u64) -> u64 {
     h
 }
 
+/// Compares secrets (auth tokens, API keys) without leaking through timing
+/// where they differ. Lengths are not secret.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The shard that owns a vendor item (all its centers) or an order/hold/receipt id.
 pub fn shard_of(id: u64, shards: usize) -> usize {
     (fmix64(id) % shards as u64) as usize

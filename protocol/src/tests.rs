@@ -188,3 +188,11 @@ fn limits_are_enforced() {
     assert!(Request::decode(h.opcode, &body).is_err());
     assert!(Request::decode(opcode::PING, &[0]).unwrap_err().0.contains("trailing"));
 }
+
+#[test]
+fn secrets_compare_by_content_and_length() {
+    assert!(constant_time_eq(b"s3cret", b"s3cret"));
+    assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+    assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+    assert!(constant_time_eq(b"", b""));
+}

@@ -12,8 +12,8 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use stockd_protocol::{
-    begin_frame, end_frame, opcode, parse_frame, shard_of, FrameError, HelloInfo, Key, Reply, Request,
-    Response, Status, HEADER_LEN, MAX_BODY, RESPONSE_BIT,
+    begin_frame, constant_time_eq, end_frame, opcode, parse_frame, shard_of, FrameError, HelloInfo, Key,
+    Reply, Request, Response, Status, HEADER_LEN, MAX_BODY, RESPONSE_BIT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -318,12 +318,4 @@ fn put_batch(out: &mut Vec<u8>, rid: u64, values: &[u64]) {
         out.extend_from_slice(&v.to_le_bytes());
     }
     end_frame(out, start);
-}
-
-/// Compares secrets without leaking where they differ through timing.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
