@@ -90,16 +90,19 @@ pub struct WalToken {
     pub m: Arc<Mutation>,
 }
 
-#[derive(Default)]
 pub struct Mailbox {
-    pub requests: Option<ArrayQueue<Forwarded>>,
+    pub requests: ArrayQueue<Forwarded>,
     pub internal: SegQueue<Internal>,
     pub notify: Notify,
 }
 
 impl Mailbox {
     pub fn new() -> Mailbox {
-        Mailbox { requests: Some(ArrayQueue::new(FORWARD_CAPACITY)), ..Default::default() }
+        Mailbox {
+            requests: ArrayQueue::new(FORWARD_CAPACITY),
+            internal: SegQueue::new(),
+            notify: Notify::new(),
+        }
     }
     pub fn push_internal(&self, m: Internal) {
         self.internal.push(m);
@@ -107,9 +110,15 @@ impl Mailbox {
     }
     /// Hands over a client request; gives it back if the queue is full.
     pub fn push_request(&self, f: Forwarded) -> Result<(), Forwarded> {
-        self.requests.as_ref().expect("mailbox built with new()").push(f)?;
+        self.requests.push(f)?;
         self.notify.notify_one();
         Ok(())
+    }
+}
+
+impl Default for Mailbox {
+    fn default() -> Self {
+        Mailbox::new()
     }
 }
 
@@ -272,9 +281,7 @@ impl Shard {
         self.drain_internal();
         let mut budget = 1024;
         while budget > 0 {
-            let Some(f) = self.node.mailboxes[self.index].requests.as_ref().and_then(|q| q.pop()) else {
-                break;
-            };
+            let Some(f) = self.node.mailboxes[self.index].requests.pop() else { break };
             self.forwarded(f);
             budget -= 1;
             // Commits that arrive meanwhile go first: they finish work and free memory.
