@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam::queue::{ArrayQueue, SegQueue};
 use stockd_persistence::wal::{Committed, SubmitError, Wal};
@@ -29,9 +29,10 @@ use crate::state::{Command, IdHashBuilder, IdMap, Mutation, Refusal, Store};
 pub const MAX_TXNS: usize = 16_384;
 /// Client requests other shards may queue for this one.
 pub const FORWARD_CAPACITY: usize = 8_192;
-/// Times a mutation refused only by contention is prepared again before the
-/// refusal is returned as it stands (about one fsync apart).
-pub const MAX_CONTENDED_RETRIES: u32 = 200;
+/// How long a mutation refused only by contention keeps being prepared again
+/// (every ~0.5 ms) before the refusal is returned as it stands. Undecided
+/// mutations settle within an fsync or two; this only bounds pathological cases.
+pub const CONTENDED_RETRY_FOR: Duration = Duration::from_secs(2);
 
 /// What a connection receives from shards.
 pub enum Out {
@@ -213,7 +214,8 @@ struct Txn {
     refusal: Option<Refusal>,
     /// The first contended refusal of this attempt, if any.
     contended: Option<Refusal>,
-    attempts: u32,
+    /// When the mutation was first prepared.
+    started: Instant,
     expiry: bool,
 }
 
@@ -370,7 +372,7 @@ impl Shard {
             prepared: 0,
             refusal: None,
             contended: None,
-            attempts: 0,
+            started: Instant::now(),
             expiry,
         };
         self.txns.insert(txn, t);
@@ -454,8 +456,7 @@ impl Shard {
         // exist but undecided mutations reserved them) would be an answer no
         // serial order explains if those mutations abort; so release our own
         // reservations and try again once they had time to be decided.
-        if t.refusal.is_none() && t.contended.is_some() && t.attempts < MAX_CONTENDED_RETRIES {
-            t.attempts += 1;
+        if t.refusal.is_none() && t.contended.is_some() && t.started.elapsed() < CONTENDED_RETRY_FOR {
             self.abort_everywhere(txn);
             self.retries.push(txn);
             self.retry_wake.notify_one();
