@@ -87,6 +87,23 @@ fn main() {
     };
     let order1 = order(1);
     let order3 = order(3);
+    // Snapshot stall: the whole store at once, against the longest single
+    // step of the part-by-part snapshot the shards use.
+    let t = Instant::now();
+    let whole = s.encode();
+    let whole_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut job = s.begin_snapshot(lsn);
+    let mut longest = std::time::Duration::ZERO;
+    loop {
+        let t = Instant::now();
+        let done = s.snapshot_step(&mut job);
+        longest = longest.max(t.elapsed());
+        if done {
+            break;
+        }
+    }
+    let parts = job.into_bytes();
+    assert_eq!(parts.len(), whole.len());
     println!("state machine, one core, {} rows, median of 5 x {OPS} ops", ITEMS * CENTERS as u64);
     println!("{:<34} {:>14} {:>12}", "operation", "ops/s", "vs baseline");
     println!("{:<34} {:>14.0} {:>12}", "baseline: HashMap get", base_read, "1.00");
@@ -94,4 +111,12 @@ fn main() {
     println!("{:<34} {:>14.0} {:>12}", "baseline: HashMap get_mut+decr", base_write, "1.00");
     println!("{:<34} {:>14.0} {:>12.2}", "order, 1 line (plan+prepare+apply)", order1, order1 / base_write);
     println!("{:<34} {:>14.0} {:>12.2}", "order, 3 lines", order3, order3 / base_write);
+    println!(
+        "snapshot of {} rows + {} ids ({} MB): whole store {:.0} ms; longest of the part-by-part steps {:.1} ms",
+        s.row_count(),
+        s.id_count(),
+        whole.len() >> 20,
+        whole_ms,
+        longest.as_secs_f64() * 1e3
+    );
 }

@@ -23,7 +23,7 @@ use stockd_persistence::wal::{Committed, SubmitError, Wal};
 use stockd_protocol::{encode_error, opcode, shard_of, Key, Reply, Response, Status};
 use tokio::sync::{mpsc, Notify};
 
-use crate::state::{Command, IdHashBuilder, IdMap, Mutation, Refusal, Store};
+use crate::state::{Command, IdHashBuilder, IdMap, Mutation, Refusal, SnapshotJob, Store};
 
 /// Most mutations one shard coordinates at once; beyond it, OVERLOADED.
 pub const MAX_TXNS: usize = 16_384;
@@ -232,6 +232,8 @@ pub struct Shard {
     /// prepared again after a short pause (see [`Shard::retry_contended`]).
     pub retries: Vec<u64>,
     pub retry_wake: Rc<Notify>,
+    /// A snapshot being written part by part.
+    snapshot: Option<SnapshotJob>,
 }
 
 fn send(reply: &ReplyTo, out: Out) {
@@ -265,6 +267,7 @@ impl Shard {
             scratch: Vec::new(),
             retries: Vec::new(),
             retry_wake: Rc::new(Notify::new()),
+            snapshot: None,
         }
     }
 
@@ -289,9 +292,22 @@ impl Shard {
             // Commits that arrive meanwhile go first: they finish work and free memory.
             self.drain_internal();
         }
+        if let Some(job) = self.snapshot.as_mut() {
+            if self.store.snapshot_step(job) {
+                let job = self.snapshot.take().expect("present");
+                self.send_snapshot(job);
+            } else {
+                budget = 0; // come back for the next part after connections had a turn
+            }
+        }
         if budget == 0 {
             self.mailbox(self.index).notify.notify_one(); // more to do; yield to connections first
         }
+    }
+
+    fn send_snapshot(&self, job: SnapshotJob) {
+        let lsn = job.lsn;
+        let _ = self.node.snapshots.send((lsn, self.index, job.into_bytes()));
     }
 
     /// Applies queued commits and votes (not forwarded requests).
@@ -427,8 +443,15 @@ impl Shard {
                 s.ids.store(self.store.id_count() as u64, Relaxed);
             }
             Internal::Snapshot { lsn } => {
-                let bytes = self.store.encode();
-                let _ = self.node.snapshots.send((lsn, self.index, bytes));
+                // Rows now, exactly at the mark; the id tables a part per
+                // event-loop turn (see `snapshot_step`). A mark that arrives
+                // while one is still being written finishes that one first.
+                if let Some(mut job) = self.snapshot.take() {
+                    while !self.store.snapshot_step(&mut job) {}
+                    self.send_snapshot(job);
+                }
+                self.snapshot = Some(self.store.begin_snapshot(lsn));
+                self.mailbox(self.index).notify.notify_one();
             }
         }
     }

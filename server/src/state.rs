@@ -73,14 +73,17 @@ pub struct SplitMap<V> {
     len: usize,
 }
 
+/// Tables in a [`SplitMap`]; also the steps of a snapshot's id section.
+pub const SPLIT_PARTS: usize = 64;
+
 impl<V> Default for SplitMap<V> {
     fn default() -> Self {
-        SplitMap { parts: (0..64).map(|_| IdMap::default()).collect(), len: 0 }
+        SplitMap { parts: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(), len: 0 }
     }
 }
 
 impl<V> SplitMap<V> {
-    fn part(id: u64) -> usize {
+    fn part_of(id: u64) -> usize {
         // Top bits of an unkeyed mix; the tables hash with their own key.
         (fmix64(id ^ 0x0123_4567_89ab_cdef) >> 58) as usize
     }
@@ -91,20 +94,20 @@ impl<V> SplitMap<V> {
         self.len == 0
     }
     pub fn get(&self, id: &u64) -> Option<&V> {
-        self.parts[Self::part(*id)].get(id)
+        self.parts[Self::part_of(*id)].get(id)
     }
     pub fn get_mut(&mut self, id: &u64) -> Option<&mut V> {
-        self.parts[Self::part(*id)].get_mut(id)
+        self.parts[Self::part_of(*id)].get_mut(id)
     }
     pub fn insert(&mut self, id: u64, v: V) -> Option<V> {
-        let old = self.parts[Self::part(id)].insert(id, v);
+        let old = self.parts[Self::part_of(id)].insert(id, v);
         if old.is_none() {
             self.len += 1;
         }
         old
     }
     pub fn remove(&mut self, id: &u64) -> Option<V> {
-        let old = self.parts[Self::part(*id)].remove(id);
+        let old = self.parts[Self::part_of(*id)].remove(id);
         if old.is_some() {
             self.len -= 1;
         }
@@ -112,6 +115,31 @@ impl<V> SplitMap<V> {
     }
     pub fn iter(&self) -> impl Iterator<Item = (&u64, &V)> {
         self.parts.iter().flat_map(|p| p.iter())
+    }
+    pub fn part(&self, i: usize) -> &IdMap<V> {
+        &self.parts[i]
+    }
+}
+
+/// A snapshot being serialized: the rows exactly as of `lsn`, then the id
+/// tables one part per step, so that a shard with millions of ids never
+/// stops for the whole table at once.
+///
+/// Ids are read as they are at each step, not as of `lsn`: ids created
+/// after `lsn` are left out, but changes after `lsn` to older ids (cancel,
+/// confirm, release, eviction) may be in. That is safe because recovery
+/// replays every record after `lsn`, and re-applying such a change to an id
+/// that already shows it leaves the id as it was (see the property test).
+/// Rows are exact, so no unit is counted twice.
+pub struct SnapshotJob {
+    pub lsn: u64,
+    buf: Vec<u8>,
+    next_part: usize,
+}
+
+impl SnapshotJob {
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
     }
 }
 
@@ -726,31 +754,64 @@ impl Store {
         self.deadlines.iter().take_while(|(d, _)| *d <= now_ms).take(max).map(|(_, id)| *id).collect()
     }
 
-    /// Serializes the durable state (rows, ids, receipts; not pending).
+    /// Serializes the durable state (rows, ids, receipts; not pending) at once.
     pub fn encode(&self) -> Vec<u8> {
+        let mut job = self.begin_snapshot(self.applied_lsn);
+        while !self.snapshot_step(&mut job) {}
+        job.into_bytes()
+    }
+
+    /// Starts a snapshot as of `lsn` (every record up to it applied, none
+    /// after): writes the rows. Layout: u64 lsn, u64 row count, rows
+    /// (item, center, on_hand, held); then per id part: u64 count, receipts
+    /// (id, lsn, ts); u64 count, ids (id, lsn, ts, is_hold, state, a, b, lines).
+    pub fn begin_snapshot(&self, lsn: u64) -> SnapshotJob {
         let mut out = Vec::with_capacity(self.row_count() * 28 + self.id_count() * 70 + 64);
-        let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
-        put(&mut out, self.applied_lsn);
-        put(&mut out, self.row_count() as u64);
+        out.extend_from_slice(&lsn.to_le_bytes());
+        out.extend_from_slice(&(self.row_count() as u64).to_le_bytes());
         for (item, v) in &self.rows {
             for (fc, r) in v {
-                put(&mut out, *item);
+                out.extend_from_slice(&item.to_le_bytes());
                 out.extend_from_slice(&fc.to_le_bytes());
-                put(&mut out, r.on_hand);
-                put(&mut out, r.held);
+                out.extend_from_slice(&r.on_hand.to_le_bytes());
+                out.extend_from_slice(&r.held.to_le_bytes());
             }
         }
-        put(&mut out, self.receipts.len() as u64);
-        for (id, (lsn, ts)) in self.receipts.iter() {
-            put(&mut out, *id);
-            put(&mut out, *lsn);
-            put(&mut out, *ts);
+        SnapshotJob { lsn, buf: out, next_part: 0 }
+    }
+
+    /// Writes the next part of the id tables; true when the snapshot is complete.
+    pub fn snapshot_step(&self, job: &mut SnapshotJob) -> bool {
+        if job.next_part >= SPLIT_PARTS {
+            return true;
         }
-        put(&mut out, self.ids.len() as u64);
-        for (id, e) in self.ids.iter() {
-            put(&mut out, *id);
-            put(&mut out, e.lsn);
-            put(&mut out, e.ts_ms);
+        let i = job.next_part;
+        job.next_part += 1;
+        let out = &mut job.buf;
+        let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
+        let at = out.len();
+        put(out, 0);
+        let mut n = 0u64;
+        for (id, (lsn, ts)) in self.receipts.part(i) {
+            if *lsn <= job.lsn {
+                put(out, *id);
+                put(out, *lsn);
+                put(out, *ts);
+                n += 1;
+            }
+        }
+        out[at..at + 8].copy_from_slice(&n.to_le_bytes());
+        let at = out.len();
+        put(out, 0);
+        let mut n = 0u64;
+        for (id, e) in self.ids.part(i) {
+            if e.lsn > job.lsn {
+                continue;
+            }
+            n += 1;
+            put(out, *id);
+            put(out, e.lsn);
+            put(out, e.ts_ms);
             out.push(e.is_hold as u8);
             let (tag, a, b) = match e.state {
                 IdState::Held { deadline_ms } => (0u8, deadline_ms, 0),
@@ -759,14 +820,15 @@ impl Store {
                 IdState::Cancelled { lsn, confirm_lsn } => (3, lsn, confirm_lsn.map_or(0, |l| l + 1)),
             };
             out.push(tag);
-            put(&mut out, a);
-            put(&mut out, b);
+            put(out, a);
+            put(out, b);
             // Lines as a record body (tag, id, count, lines), read back by `absorb`.
             out.push(1);
-            put(&mut out, 0);
-            put_lines(&mut out, &e.lines);
+            put(out, 0);
+            put_lines(out, &e.lines);
         }
-        out
+        out[at..at + 8].copy_from_slice(&n.to_le_bytes());
+        job.next_part >= SPLIT_PARTS
     }
 
     /// Adds the state of an encoded snapshot (of any shard count) to this store,
@@ -787,42 +849,44 @@ impl Store {
                 *self.row_mut(key) = Row { on_hand, held, ..Row::default() };
             }
         }
-        for _ in 0..r.u64("receipts").map_err(e)? {
-            let id = r.u64("id").map_err(e)?;
-            let v = (r.u64("lsn").map_err(e)?, r.u64("ts").map_err(e)?);
-            if shard_of(id, self.shards) == self.shard {
-                self.receipts.insert(id, v);
-            }
-        }
-        for _ in 0..r.u64("ids").map_err(e)? {
-            let id = r.u64("id").map_err(e)?;
-            let lsn = r.u64("lsn").map_err(e)?;
-            let ts_ms = r.u64("ts").map_err(e)?;
-            let is_hold = r.u8("is_hold").map_err(e)? != 0;
-            let tag = r.u8("state").map_err(e)?;
-            let a = r.u64("a").map_err(e)?;
-            let b = r.u64("b").map_err(e)?;
-            let opt = |v: u64| v.checked_sub(1);
-            let state = match tag {
-                0 => IdState::Held { deadline_ms: a },
-                1 => IdState::Released { lsn: a, expired: b != 0 },
-                2 => IdState::Ordered { confirm_lsn: opt(a) },
-                3 => IdState::Cancelled { lsn: a, confirm_lsn: opt(b) },
-                t => return Err(format!("unknown id state {t}")),
-            };
-            // Lines are stored as a record body: tag, id, count, lines.
-            let start = buf.len() - r.remaining();
-            let n = {
-                let mut peek = Reader::new(&buf[start + 9..]);
-                peek.u16("lines").map_err(e)? as usize
-            };
-            let len = 9 + 2 + n * 16;
-            let m = Mutation::decode(r.bytes(len, "lines").map_err(e)?)?;
-            if shard_of(id, self.shards) == self.shard {
-                if let IdState::Held { deadline_ms } = state {
-                    self.deadlines.insert((deadline_ms, id));
+        for _ in 0..SPLIT_PARTS {
+            for _ in 0..r.u64("receipts").map_err(e)? {
+                let id = r.u64("id").map_err(e)?;
+                let v = (r.u64("lsn").map_err(e)?, r.u64("ts").map_err(e)?);
+                if shard_of(id, self.shards) == self.shard {
+                    self.receipts.insert(id, v);
                 }
-                self.ids.insert(id, IdEntry { lsn, ts_ms, is_hold, lines: m.lines, state });
+            }
+            for _ in 0..r.u64("ids").map_err(e)? {
+                let id = r.u64("id").map_err(e)?;
+                let lsn = r.u64("lsn").map_err(e)?;
+                let ts_ms = r.u64("ts").map_err(e)?;
+                let is_hold = r.u8("is_hold").map_err(e)? != 0;
+                let tag = r.u8("state").map_err(e)?;
+                let a = r.u64("a").map_err(e)?;
+                let b = r.u64("b").map_err(e)?;
+                let opt = |v: u64| v.checked_sub(1);
+                let state = match tag {
+                    0 => IdState::Held { deadline_ms: a },
+                    1 => IdState::Released { lsn: a, expired: b != 0 },
+                    2 => IdState::Ordered { confirm_lsn: opt(a) },
+                    3 => IdState::Cancelled { lsn: a, confirm_lsn: opt(b) },
+                    t => return Err(format!("unknown id state {t}")),
+                };
+                // Lines are stored as a record body: tag, id, count, lines.
+                let start = buf.len() - r.remaining();
+                let n = {
+                    let mut peek = Reader::new(&buf[start + 9..]);
+                    peek.u16("lines").map_err(e)? as usize
+                };
+                let len = 9 + 2 + n * 16;
+                let m = Mutation::decode(r.bytes(len, "lines").map_err(e)?)?;
+                if shard_of(id, self.shards) == self.shard {
+                    if let IdState::Held { deadline_ms } = state {
+                        self.deadlines.insert((deadline_ms, id));
+                    }
+                    self.ids.insert(id, IdEntry { lsn, ts_ms, is_hold, lines: m.lines, state });
+                }
             }
         }
         r.finish().map_err(e)?;

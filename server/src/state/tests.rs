@@ -241,12 +241,23 @@ proptest! {
     /// Sequential commands on 1 to 3 shards behave exactly like the model; the
     /// log replayed into a fresh store, and a snapshot re-split, agree too.
     #[test]
-    fn matches_reference_model(cmds in prop::collection::vec(command(), 1..60), shards in 1usize..4) {
+    fn matches_reference_model(
+        cmds in prop::collection::vec(command(), 1..60),
+        shards in 1usize..4,
+        snap_at in any::<prop::sample::Index>(),
+        parts_per_cmd in 1usize..12,
+    ) {
         let mut stores: Vec<Store> = (0..shards).map(|i| Store::new(i, shards, IdLimits::default())).collect();
         let mut model = Model::default();
         let mut log = Vec::new();
         let mut lsn = 0;
+        // A snapshot begun at one step and written part by part while commands keep coming.
+        let snap_step = snap_at.index(cmds.len());
+        let mut jobs: Vec<SnapshotJob> = Vec::new();
         for (step, cmd) in cmds.into_iter().enumerate() {
+            if step == snap_step {
+                jobs = stores.iter().map(|s| s.begin_snapshot(lsn)).collect();
+            }
             let now = 1_000 + step as u64 * 10;
             // Holds past their deadline are released first, as the expiry timer does.
             for s in 0..shards {
@@ -261,6 +272,14 @@ proptest! {
             prop_assert_eq!(outcome(&resp), want, "{:?}", cmd);
             log.extend(m.map(|m| (lsn, now, m)));
             check_rows(&stores, &model)?;
+            for (s, job) in stores.iter().zip(jobs.iter_mut()) {
+                for _ in 0..parts_per_cmd {
+                    s.snapshot_step(job);
+                }
+            }
+        }
+        for (s, job) in stores.iter().zip(jobs.iter_mut()) {
+            while !s.snapshot_step(job) {}
         }
         // Replay of the log (encoded and decoded, as on disk) into one store.
         let mut replayed = Store::new(0, 1, IdLimits::default());
@@ -270,6 +289,19 @@ proptest! {
             replayed.apply(None, *lsn, *ts, &Mutation::decode(&bytes).unwrap());
         }
         check_rows(std::slice::from_ref(&replayed), &model)?;
+        // The part-by-part snapshot plus the records after its LSN gives the same state.
+        let snap_lsn = jobs[0].lsn;
+        let mut restored = Store::new(0, 1, IdLimits::default());
+        for job in jobs {
+            restored.absorb(&job.into_bytes()).unwrap();
+        }
+        for (l, ts, m) in log.iter().filter(|(l, _, _)| *l > snap_lsn) {
+            restored.apply(None, *l, *ts, m);
+        }
+        check_rows(std::slice::from_ref(&restored), &model)?;
+        for id in 0..8u64 {
+            prop_assert_eq!(restored.id(id), replayed.id(id), "id {} after snapshot at {}", id, snap_lsn);
+        }
         // Snapshots of the shards merged and split into a different count.
         let mut merged = Store::new(0, 1, IdLimits::default());
         for s in &stores {
