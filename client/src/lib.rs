@@ -153,7 +153,8 @@ impl Conn {
         let p = pending.clone();
         tokio::spawn(async move {
             let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
-            let failure = loop {
+            // Ends with the framing error's text, or None when the connection closed.
+            let protocol_error: Option<String> = loop {
                 let mut used = 0;
                 let mut bad = None;
                 loop {
@@ -167,29 +168,25 @@ impl Conn {
                         }
                         Ok(None) => break,
                         Err(e) => {
-                            bad = Some(Error::Protocol(e.to_string()));
+                            bad = Some(e.to_string());
                             break;
                         }
                     }
                 }
                 buf.drain(..used);
-                if let Some(e) = bad {
-                    break e;
+                if bad.is_some() {
+                    break bad;
                 }
                 buf.reserve(64 << 10);
                 match rd.read_buf(&mut buf).await {
-                    Ok(0) => break Error::Disconnected,
+                    Ok(0) | Err(_) => break None,
                     Ok(_) => {}
-                    Err(e) => break Error::Io(e),
                 }
             };
+            // Every request still waiting fails; later calls see `None` and fail at once.
             let waiters = p.lock().unwrap().take().unwrap_or_default();
-            let kind = match failure {
-                Error::Protocol(m) => Some(m),
-                _ => None,
-            };
             for (_, w) in waiters {
-                let _ = w.send(Err(kind.clone().map_or(Error::Disconnected, Error::Protocol)));
+                let _ = w.send(Err(protocol_error.clone().map_or(Error::Disconnected, Error::Protocol)));
             }
         });
         Ok(Conn { next_id: AtomicU64::new(1), pending, tx })

@@ -227,7 +227,6 @@ pub struct Shard {
     /// Ids with a mutation in flight: (is_receipt, id).
     busy_ids: HashSet<(bool, u64), IdHashBuilder>,
     next_txn: u64,
-    scratch: Vec<u8>,
     /// Mutations refused only because undecided ones reserved the units:
     /// prepared again after a short pause (see [`Shard::retry_contended`]).
     pub retries: Vec<u64>,
@@ -264,7 +263,6 @@ impl Shard {
             txns: IdMap::default(),
             busy_ids: HashSet::default(),
             next_txn: 0,
-            scratch: Vec::new(),
             retries: Vec::new(),
             retry_wake: Rc::new(Notify::new()),
             snapshot: None,
@@ -490,10 +488,10 @@ impl Shard {
             self.abort_everywhere(txn);
             return self.finish(txn, &resp);
         }
-        self.scratch.clear();
-        t.m.encode(&mut self.scratch);
+        let mut payload = Vec::with_capacity(16 + 16 * t.m.lines.len());
+        t.m.encode(&mut payload);
         let token = WalToken { txn, coord: self.index, participants: t.participants, m: t.m.clone() };
-        if let Err((e, _)) = self.node.wal.try_submit(self.scratch.clone(), token) {
+        if let Err((e, _)) = self.node.wal.try_submit(payload, token) {
             self.abort_everywhere(txn);
             let resp = Response::Error {
                 status: if e == SubmitError::Full { Status::Overloaded } else { Status::Internal },

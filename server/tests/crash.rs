@@ -40,8 +40,7 @@ async fn connect(port: u16) -> Client {
     loop {
         match Client::connect(&format!("127.0.0.1:{port}")).await {
             Ok(c) => return c,
-            Err(e) if t.elapsed() < Duration::from_secs(20) => {
-                let _ = e;
+            Err(_) if t.elapsed() < Duration::from_secs(20) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(e) => panic!("stockd did not come up: {e}"),
