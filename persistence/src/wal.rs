@@ -191,6 +191,18 @@ pub fn delete_segments_through(dir: &Path, lsn: u64) -> Result<usize, Error> {
     Ok(deleted)
 }
 
+/// Writes one record at `lsn` in a segment of its own and makes it durable,
+/// for what a server logs before its writer starts (the shard layout).
+/// `lsn` must be the next LSN replay reported; returns the one after it.
+pub fn write_one(dir: &Path, lsn: u64, ts_ms: u64, payload: &[u8]) -> Result<u64, Error> {
+    let mut buf = Vec::with_capacity(RECORD_HEADER + payload.len());
+    encode_record(lsn, ts_ms, payload, &mut buf);
+    let mut file = create_segment(dir, lsn)?;
+    let path = dir.join(segment_name(lsn));
+    file.write_all(&buf).and_then(|_| file.sync_data()).map_err(|e| Error::io(&path, e))?;
+    Ok(lsn + 1)
+}
+
 #[derive(Clone, Debug)]
 pub struct WalConfig {
     pub dir: PathBuf,

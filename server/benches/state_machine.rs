@@ -92,17 +92,16 @@ fn main() {
     let t = Instant::now();
     let whole = s.encode();
     let whole_ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut job = s.begin_snapshot(lsn);
+    s.begin_snapshot(lsn);
     let mut longest = std::time::Duration::ZERO;
-    loop {
+    let parts = loop {
         let t = Instant::now();
-        let done = s.snapshot_step(&mut job);
+        let done = s.snapshot_step();
         longest = longest.max(t.elapsed());
-        if done {
-            break;
+        if let Some((_, bytes)) = done {
+            break bytes;
         }
-    }
-    let parts = job.into_bytes();
+    };
     assert_eq!(parts.len(), whole.len());
     println!("state machine, one core, {} rows, median of 5 x {OPS} ops", ITEMS * CENTERS as u64);
     println!("{:<34} {:>14} {:>12}", "operation", "ops/s", "vs baseline");

@@ -78,6 +78,9 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
             }
         }
         rbuf.drain(..consumed);
+        // Parsing stopped at the in-flight bound: frames may still wait in
+        // the buffer, and no new bytes need arrive to make them readable.
+        let paused = conn.inflight >= MAX_INFLIGHT;
         while let Ok(out) = rx.try_recv() {
             conn.deliver(out);
         }
@@ -89,6 +92,9 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
         }
         if close {
             break;
+        }
+        if paused && conn.inflight < MAX_INFLIGHT {
+            continue; // answers drained below the bound: serve the buffered frames first
         }
         if rbuf.capacity() - rbuf.len() < 16 << 10 {
             rbuf.reserve(64 << 10);

@@ -3,9 +3,11 @@
 //! - [`state`]: the stock state machine (no I/O).
 //! - [`shard`]: one shard's thread state, its mailbox, mutation coordination.
 //! - [`conn`]: one client connection.
-//! - [`server`]: startup, recovery, snapshots, shutdown.
+//! - [`recovery`]: the stores rebuilt from snapshots and the log.
+//! - [`server`]: startup, snapshots, shutdown.
 
 pub mod conn;
+pub mod recovery;
 pub mod server;
 pub mod shard;
 pub mod state;

@@ -16,11 +16,9 @@ use stockd_persistence::wal::{self, Wal, WalConfig};
 use stockd_protocol::{HelloInfo, HASH_FMIX64_MOD, MAX_BATCH_KEYS, MAX_BODY, MAX_LINES};
 
 use crate::conn::{serve, ConnCtx};
-use crate::shard::{route_commits, Mailbox, Node, Shard, ShardStats};
-use crate::state::{IdLimits, Mutation, Store};
-
-/// Most shards: a mutation's participants are a 64-bit mask.
-pub const MAX_SHARDS: usize = 64;
+use crate::recovery::recover;
+use crate::shard::{now_ms, route_commits, Mailbox, Node, Shard, ShardStats, MAX_SHARDS};
+use crate::state::{IdLimits, LogRecord, Store};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -66,49 +64,6 @@ pub struct Running {
     _lock: File,
 }
 
-/// What recovery found, for the startup log line and for tests.
-#[derive(Debug, Default)]
-pub struct Recovered {
-    pub snapshot_lsn: u64,
-    pub replayed: u64,
-    pub next_lsn: u64,
-    pub last_ts_ms: u64,
-    pub torn_bytes: u64,
-}
-
-/// Rebuilds the stores of `shards` shards from the snapshot set and the log tail.
-pub fn recover(dir: &Path, shards: usize, limits: IdLimits) -> Result<(Vec<Store>, Recovered), String> {
-    let mut whole = Store::new(0, 1, limits);
-    let manifest = snapshot::read_manifest(dir).map_err(|e| e.to_string())?;
-    let mut rec = Recovered::default();
-    if let Some(Manifest { lsn, shard_count }) = manifest {
-        for i in 0..shard_count {
-            let payload = snapshot::read_snapshot(dir, lsn, i, shard_count).map_err(|e| e.to_string())?;
-            whole.absorb(&payload).map_err(|e| format!("snapshot {lsn}/{i}: {e}"))?;
-        }
-        rec.snapshot_lsn = lsn;
-    }
-    let mut bad: Option<String> = None;
-    let end = wal::replay(dir, rec.snapshot_lsn, |r| {
-        if bad.is_some() {
-            return;
-        }
-        match Mutation::decode(&r.payload) {
-            Ok(m) => whole.apply(None, r.lsn, r.ts_ms, &m),
-            Err(e) => bad = Some(format!("log record {}: {e}", r.lsn)),
-        }
-    })
-    .map_err(|e| e.to_string())?;
-    if let Some(e) = bad {
-        return Err(e);
-    }
-    rec.replayed = end.replayed;
-    rec.next_lsn = end.next_lsn;
-    rec.last_ts_ms = end.last_ts_ms;
-    rec.torn_bytes = end.torn_bytes;
-    Ok((whole.split(shards), rec))
-}
-
 fn listener(addr: SocketAddr, reuse_port: bool) -> Result<StdListener, String> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| format!("socket: {e}"))?;
@@ -147,7 +102,16 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     let id = server_id(dir)?;
 
     let t = Instant::now();
-    let (stores, rec) = recover(dir, n, cfg.ids)?;
+    let (stores, mut rec) = recover(dir, n, cfg.ids)?;
+    if rec.needs_layout_record {
+        // Before any record of this process: replay must know which shard
+        // owned each id when it decided what to forget.
+        let ts_ms = now_ms().max(rec.last_ts_ms);
+        rec.next_lsn =
+            wal::write_one(dir, rec.next_lsn, ts_ms, &LogRecord::layout(n)).map_err(|e| e.to_string())?;
+        rec.last_ts_ms = ts_ms;
+        tracing::info!(shards = n, lsn = rec.next_lsn - 1, "logged the shard layout");
+    }
     let rows: usize = stores.iter().map(Store::row_count).sum();
     let ids: usize = stores.iter().map(Store::id_count).sum();
     tracing::info!(

@@ -23,8 +23,10 @@ use stockd_persistence::wal::{Committed, SubmitError, Wal};
 use stockd_protocol::{encode_error, opcode, shard_of, Key, Reply, Response, Status};
 use tokio::sync::{mpsc, Notify};
 
-use crate::state::{Command, IdHashBuilder, IdMap, Mutation, Refusal, SnapshotJob, Store};
+use crate::state::{Command, IdHashBuilder, IdMap, Mutation, Refusal, Store};
 
+/// Most shards: a mutation's participants are a 64-bit mask.
+pub const MAX_SHARDS: usize = 64;
 /// Most mutations one shard coordinates at once; beyond it, OVERLOADED.
 pub const MAX_TXNS: usize = 16_384;
 /// Client requests other shards may queue for this one.
@@ -231,8 +233,6 @@ pub struct Shard {
     /// prepared again after a short pause (see [`Shard::retry_contended`]).
     pub retries: Vec<u64>,
     pub retry_wake: Rc<Notify>,
-    /// A snapshot being written part by part.
-    snapshot: Option<SnapshotJob>,
 }
 
 fn send(reply: &ReplyTo, out: Out) {
@@ -265,7 +265,6 @@ impl Shard {
             next_txn: 0,
             retries: Vec::new(),
             retry_wake: Rc::new(Notify::new()),
-            snapshot: None,
         }
     }
 
@@ -290,12 +289,10 @@ impl Shard {
             // Commits that arrive meanwhile go first: they finish work and free memory.
             self.drain_internal();
         }
-        if let Some(job) = self.snapshot.as_mut() {
-            if self.store.snapshot_step(job) {
-                let job = self.snapshot.take().expect("present");
-                self.send_snapshot(job);
-            } else {
-                budget = 0; // come back for the next part after connections had a turn
+        if self.store.snapshot_in_progress() {
+            match self.store.snapshot_step() {
+                Some(done) => self.send_snapshot(done),
+                None => budget = 0, // come back for the next part after connections had a turn
             }
         }
         if budget == 0 {
@@ -303,9 +300,8 @@ impl Shard {
         }
     }
 
-    fn send_snapshot(&self, job: SnapshotJob) {
-        let lsn = job.lsn;
-        let _ = self.node.snapshots.send((lsn, self.index, job.into_bytes()));
+    fn send_snapshot(&self, (lsn, payload): (u64, Vec<u8>)) {
+        let _ = self.node.snapshots.send((lsn, self.index, payload));
     }
 
     /// Applies queued commits and votes (not forwarded requests).
@@ -444,11 +440,10 @@ impl Shard {
                 // Rows now, exactly at the mark; the id tables a part per
                 // event-loop turn (see `snapshot_step`). A mark that arrives
                 // while one is still being written finishes that one first.
-                if let Some(mut job) = self.snapshot.take() {
-                    while !self.store.snapshot_step(&mut job) {}
-                    self.send_snapshot(job);
+                if let Some(done) = self.store.finish_snapshot() {
+                    self.send_snapshot(done);
                 }
-                self.snapshot = Some(self.store.begin_snapshot(lsn));
+                self.store.begin_snapshot(lsn);
                 self.mailbox(self.index).notify.notify_one();
             }
         }

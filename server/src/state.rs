@@ -119,27 +119,14 @@ impl<V> SplitMap<V> {
     pub fn part(&self, i: usize) -> &IdMap<V> {
         &self.parts[i]
     }
-}
-
-/// A snapshot being serialized: the rows exactly as of `lsn`, then the id
-/// tables one part per step, so that a shard with millions of ids never
-/// stops for the whole table at once.
-///
-/// Ids are read as they are at each step, not as of `lsn`: ids created
-/// after `lsn` are left out, but changes after `lsn` to older ids (cancel,
-/// confirm, release, eviction) may be in. That is safe because recovery
-/// replays every record after `lsn`, and re-applying such a change to an id
-/// that already shows it leaves the id as it was (see the property test).
-/// Rows are exact, so no unit is counted twice.
-pub struct SnapshotJob {
-    pub lsn: u64,
-    buf: Vec<u8>,
-    next_part: usize,
-}
-
-impl SnapshotJob {
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.buf
+    /// The part an id lives in (also the snapshot step that writes it).
+    pub fn part_index(id: u64) -> usize {
+        Self::part_of(id)
+    }
+    /// Empties the map, yielding every entry.
+    pub fn drain(&mut self) -> impl Iterator<Item = (u64, V)> + '_ {
+        self.len = 0;
+        self.parts.iter_mut().flat_map(|p| p.drain())
     }
 }
 
@@ -173,6 +160,44 @@ pub enum Op {
     Confirm { id: u64 },
     Release { id: u64, expired: bool },
     Adjust { before: u64, after: u64, reason: u16 },
+}
+
+/// A log record's payload: a mutation, or the shard layout that the records
+/// after it were applied under.
+///
+/// Which ids a shard forgets depends on which ids it owns, so replay must
+/// use the layout the live server used. A server that starts with another
+/// shard count than the log's last layout logs a `Layout` record before it
+/// serves; replay regroups its stores at that record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogRecord {
+    Mutation(Mutation),
+    Layout { shards: u16 },
+}
+
+/// Record type of a [`LogRecord::Layout`]; mutations use 1 to 7.
+const LAYOUT_TAG: u8 = 8;
+
+impl LogRecord {
+    pub fn layout(shards: usize) -> Vec<u8> {
+        let shards = u16::try_from(shards).expect("shard counts fit in a u16");
+        let mut out = vec![LAYOUT_TAG];
+        out.extend_from_slice(&shards.to_le_bytes());
+        out
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<LogRecord, String> {
+        if buf.first() != Some(&LAYOUT_TAG) {
+            return Mutation::decode(buf).map(LogRecord::Mutation);
+        }
+        let mut r = Reader::new(&buf[1..]);
+        let shards = r.u16("shards").map_err(|e| e.0)?;
+        r.finish().map_err(|e| e.0)?;
+        if shards == 0 {
+            return Err("layout record with 0 shards".into());
+        }
+        Ok(LogRecord::Layout { shards })
+    }
 }
 
 /// One log record: what happened and the lines it touched. For cancel,
@@ -334,6 +359,13 @@ pub enum IdState {
     },
 }
 
+/// A place in the log: a record's LSN and its timestamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogStamp {
+    pub lsn: u64,
+    pub ts_ms: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdEntry {
     /// LSN of the ORDER or RESERVE that created the id.
@@ -342,6 +374,10 @@ pub struct IdEntry {
     pub is_hold: bool,
     pub lines: Vec<Line>,
     pub state: IdState,
+    /// The record from which the id ages towards being forgotten: its
+    /// creation for an order, its confirmation or release for a hold. None
+    /// while a hold is live: a live hold is never forgotten.
+    pub aging_from: Option<LogStamp>,
 }
 
 /// Why a prepare refused.
@@ -427,9 +463,11 @@ pub struct Store {
     /// Rows in `rows` (kept, not counted: STATS reads it after every commit).
     row_count: usize,
     ids: SplitMap<IdEntry>,
-    /// Receipt id -> (lsn, ts_ms).
-    receipts: SplitMap<(u64, u64)>,
-    /// Ids in the order they were created: (ts_ms, is_receipt, id).
+    /// Receipt id -> the record that created it.
+    receipts: SplitMap<LogStamp>,
+    /// Ids that may be forgotten, in the order they began to age, which is
+    /// LSN order: (ts_ms aging began, is_receipt, id). Every receipt and
+    /// every id entry with `aging_from` is here exactly once.
     fifo: VecDeque<(u64, bool, u64)>,
     /// Holds not yet confirmed or released: (deadline_ms, id).
     deadlines: BTreeSet<(u64, u64)>,
@@ -437,6 +475,25 @@ pub struct Store {
     pending: IdMap<Vec<(Key, i64, i64)>>,
     /// LSN of the last record applied.
     pub applied_lsn: u64,
+    /// A snapshot being written part by part.
+    capture: Option<Capture>,
+}
+
+/// A snapshot being serialized: the rows exactly as of `lsn` at once, then
+/// the id tables one part per step, so that a shard with millions of ids
+/// never stops for the whole table at once.
+///
+/// The id tables are exact as of `lsn` too: before a change after `lsn`
+/// touches an id in a part not yet written, its entry as of `lsn` is kept
+/// aside (a before-image) and written instead. Replay after `lsn` then sees
+/// exactly the state the live shard had, and forgets the same ids.
+struct Capture {
+    lsn: u64,
+    next_part: usize,
+    buf: Vec<u8>,
+    /// Per part: entries as of `lsn` of ids changed since (None: not in the snapshot).
+    ids_before: Vec<IdMap<Option<IdEntry>>>,
+    receipts_before: Vec<IdMap<Option<LogStamp>>>,
 }
 
 impl Store {
@@ -453,6 +510,7 @@ impl Store {
             deadlines: BTreeSet::new(),
             pending: IdMap::default(),
             applied_lsn: 0,
+            capture: None,
         }
     }
 
@@ -528,7 +586,7 @@ impl Store {
                 None => Ok(Mutation { op: Op::Reserve { id, ttl_ms }, lines }),
             },
             Command::Inbound { id, lines } => match self.receipts.get(&id) {
-                Some(&(lsn, _)) => Err(Response::Duplicate { lsn }),
+                Some(r) => Err(Response::Duplicate { lsn: r.lsn }),
                 None if self.table_full(now_ms) => full(),
                 None => Ok(Mutation { op: Op::Inbound { id }, lines }),
             },
@@ -678,29 +736,40 @@ impl Store {
         if shard_of(id, self.shards) != self.shard {
             return;
         }
+        let stamp = LogStamp { lsn, ts_ms };
         match m.op {
             Op::Order { .. } | Op::Reserve { .. } => {
-                let is_hold = matches!(m.op, Op::Reserve { .. });
-                let state = match m.op {
+                self.capture_id(id);
+                let (state, aging_from) = match m.op {
                     Op::Reserve { ttl_ms, .. } => {
                         let deadline_ms = ts_ms + ttl_ms as u64;
                         self.deadlines.insert((deadline_ms, id));
-                        IdState::Held { deadline_ms }
+                        (IdState::Held { deadline_ms }, None)
                     }
-                    _ => IdState::Ordered { confirm_lsn: None },
+                    _ => (IdState::Ordered { confirm_lsn: None }, Some(stamp)),
                 };
-                self.ids.insert(id, IdEntry { lsn, ts_ms, is_hold, lines: m.lines.clone(), state });
-                self.fifo.push_back((ts_ms, false, id));
+                let is_hold = aging_from.is_none();
+                self.ids
+                    .insert(id, IdEntry { lsn, ts_ms, is_hold, lines: m.lines.clone(), state, aging_from });
+                if aging_from.is_some() {
+                    self.fifo.push_back((ts_ms, false, id));
+                }
             }
             Op::Inbound { .. } => {
-                self.receipts.insert(id, (lsn, ts_ms));
+                self.capture_receipt(id);
+                self.receipts.insert(id, stamp);
                 self.fifo.push_back((ts_ms, true, id));
             }
             Op::Cancel { .. } | Op::Confirm { .. } | Op::Release { .. } => {
+                self.capture_id(id);
                 let Some(e) = self.ids.get_mut(&id) else { return };
-                if let IdState::Held { deadline_ms } = e.state {
-                    self.deadlines.remove(&(deadline_ms, id));
-                }
+                let was_held = match e.state {
+                    IdState::Held { deadline_ms } => {
+                        self.deadlines.remove(&(deadline_ms, id));
+                        true
+                    }
+                    _ => false,
+                };
                 e.state = match (&m.op, &e.state) {
                     (Op::Cancel { .. }, IdState::Ordered { confirm_lsn }) => {
                         IdState::Cancelled { lsn, confirm_lsn: *confirm_lsn }
@@ -709,6 +778,11 @@ impl Store {
                     (Op::Release { expired, .. }, _) => IdState::Released { lsn, expired: *expired },
                     (_, s) => s.clone(),
                 };
+                // A hold that is settled starts to age now, at the back of the line.
+                if was_held && !matches!(e.state, IdState::Held { .. }) {
+                    e.aging_from = Some(stamp);
+                    self.fifo.push_back((ts_ms, false, id));
+                }
             }
             Op::Adjust { .. } => {}
         }
@@ -722,13 +796,13 @@ impl Store {
             && self.fifo.front().is_none_or(|(ts, _, _)| ts + self.limits.min_window_ms > now_ms)
     }
 
-    /// Forgets ids older than the window, and the oldest ones beyond the cap
-    /// (never younger than the minimum window). Runs at apply time from log
-    /// timestamps, so live service and replay forget the same ids. A live
-    /// hold is never forgotten: it goes to the back of the line.
+    /// Forgets ids that aged past the window, and the oldest ones beyond the
+    /// cap (never younger than the minimum window). Runs at apply time from
+    /// log timestamps on the shard that owns the id, so live service and a
+    /// replay under the same layout forget the same ids. Live holds are not
+    /// in the line at all.
     fn evict(&mut self, now_ms: u64) {
         let cutoff = now_ms.saturating_sub(self.limits.window_ms);
-        let mut rotated = 0;
         while let Some(&(ts, is_receipt, id)) = self.fifo.front() {
             let over = self.id_count() > self.limits.max_ids && ts + self.limits.min_window_ms <= now_ms;
             if ts >= cutoff && !over {
@@ -736,15 +810,16 @@ impl Store {
             }
             self.fifo.pop_front();
             if is_receipt {
-                self.receipts.remove(&id);
-            } else if matches!(self.ids.get(&id).map(|e| &e.state), Some(IdState::Held { .. })) {
-                self.fifo.push_back((now_ms, false, id));
-                rotated += 1;
-                if rotated > self.fifo.len() {
-                    break;
-                }
+                self.capture_receipt(id);
+                let gone = self.receipts.remove(&id);
+                assert!(gone.is_some(), "invariant: every receipt in the eviction line is remembered ({id})");
             } else {
-                self.ids.remove(&id);
+                self.capture_id(id);
+                let gone = self.ids.remove(&id);
+                assert!(
+                    gone.is_some_and(|e| e.aging_from.is_some()),
+                    "invariant: every id in the eviction line is remembered and not a live hold ({id})"
+                );
             }
         }
     }
@@ -754,19 +829,85 @@ impl Store {
         self.deadlines.iter().take_while(|(d, _)| *d <= now_ms).take(max).map(|(_, id)| *id).collect()
     }
 
+    /// Keeps an order or hold id's entry as of the snapshot's LSN before it changes.
+    fn capture_id(&mut self, id: u64) {
+        let Some(c) = self.capture.as_mut() else { return };
+        let part = SplitMap::<IdEntry>::part_index(id);
+        if part < c.next_part || c.ids_before[part].contains_key(&id) {
+            return;
+        }
+        let before = self.ids.get(&id).filter(|e| e.lsn <= c.lsn).cloned();
+        c.ids_before[part].insert(id, before);
+    }
+
+    /// Keeps a receipt as of the snapshot's LSN before it changes.
+    fn capture_receipt(&mut self, id: u64) {
+        let Some(c) = self.capture.as_mut() else { return };
+        let part = SplitMap::<LogStamp>::part_index(id);
+        if part < c.next_part || c.receipts_before[part].contains_key(&id) {
+            return;
+        }
+        let before = self.receipts.get(&id).filter(|r| r.lsn <= c.lsn).copied();
+        c.receipts_before[part].insert(id, before);
+    }
+
     /// Serializes the durable state (rows, ids, receipts; not pending) at once.
     pub fn encode(&self) -> Vec<u8> {
-        let mut job = self.begin_snapshot(self.applied_lsn);
-        while !self.snapshot_step(&mut job) {}
-        job.into_bytes()
+        let mut out = Vec::new();
+        self.write_rows(self.applied_lsn, &mut out);
+        for part in 0..SPLIT_PARTS {
+            self.write_id_part(part, self.applied_lsn, None, &mut out);
+        }
+        out
     }
 
     /// Starts a snapshot as of `lsn` (every record up to it applied, none
-    /// after): writes the rows. Layout: u64 lsn, u64 row count, rows
-    /// (item, center, on_hand, held); then per id part: u64 count, receipts
-    /// (id, lsn, ts); u64 count, ids (id, lsn, ts, is_hold, state, a, b, lines).
-    pub fn begin_snapshot(&self, lsn: u64) -> SnapshotJob {
-        let mut out = Vec::with_capacity(self.row_count() * 28 + self.id_count() * 70 + 64);
+    /// after): writes the rows now; [`Store::snapshot_step`] writes the ids.
+    pub fn begin_snapshot(&mut self, lsn: u64) {
+        assert!(self.capture.is_none(), "invariant: one snapshot at a time per shard");
+        let mut buf = Vec::with_capacity(self.row_count() * 32 + self.id_count() * 80 + 64);
+        self.write_rows(lsn, &mut buf);
+        self.capture = Some(Capture {
+            lsn,
+            next_part: 0,
+            buf,
+            ids_before: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(),
+            receipts_before: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(),
+        });
+    }
+
+    pub fn snapshot_in_progress(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    /// Writes the next part of the id tables; returns (lsn, payload) when the
+    /// snapshot is complete.
+    pub fn snapshot_step(&mut self) -> Option<(u64, Vec<u8>)> {
+        let mut c = self.capture.take()?;
+        let part = c.next_part;
+        let before = (std::mem::take(&mut c.ids_before[part]), std::mem::take(&mut c.receipts_before[part]));
+        self.write_id_part(part, c.lsn, Some(&before), &mut c.buf);
+        c.next_part += 1;
+        if c.next_part < SPLIT_PARTS {
+            self.capture = Some(c);
+            return None;
+        }
+        Some((c.lsn, c.buf))
+    }
+
+    /// Finishes a snapshot in progress at once.
+    pub fn finish_snapshot(&mut self) -> Option<(u64, Vec<u8>)> {
+        loop {
+            self.capture.as_ref()?;
+            if let Some(done) = self.snapshot_step() {
+                return Some(done);
+            }
+        }
+    }
+
+    /// Layout: magic, u64 lsn, u64 row count, rows (item, center, on_hand, held).
+    fn write_rows(&self, lsn: u64, out: &mut Vec<u8>) {
+        out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&lsn.to_le_bytes());
         out.extend_from_slice(&(self.row_count() as u64).to_le_bytes());
         for (item, v) in &self.rows {
@@ -777,58 +918,59 @@ impl Store {
                 out.extend_from_slice(&r.held.to_le_bytes());
             }
         }
-        SnapshotJob { lsn, buf: out, next_part: 0 }
     }
 
-    /// Writes the next part of the id tables; true when the snapshot is complete.
-    pub fn snapshot_step(&self, job: &mut SnapshotJob) -> bool {
-        if job.next_part >= SPLIT_PARTS {
-            return true;
-        }
-        let i = job.next_part;
-        job.next_part += 1;
-        let out = &mut job.buf;
+    /// One part of the id tables as of `lsn`: u64 count, receipts (id, lsn,
+    /// ts); u64 count, ids (id, lsn, ts, is_hold, state tag, state_lsn,
+    /// state_extra, aging_lsn, aging_ts, u16 line count, lines). Entries in
+    /// `before` replace the live ones (see [`Capture`]).
+    fn write_id_part(&self, part: usize, lsn: u64, before: Option<&BeforeImages>, out: &mut Vec<u8>) {
         let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
-        let at = out.len();
-        put(out, 0);
-        let mut n = 0u64;
-        for (id, (lsn, ts)) in self.receipts.part(i) {
-            if *lsn <= job.lsn {
-                put(out, *id);
-                put(out, *lsn);
-                put(out, *ts);
-                n += 1;
-            }
+        let (ids_before, receipts_before) = match before {
+            Some((i, r)) => (Some(i), Some(r)),
+            None => (None, None),
+        };
+        let live_receipts = self
+            .receipts
+            .part(part)
+            .iter()
+            .filter(|(id, r)| r.lsn <= lsn && !receipts_before.is_some_and(|b| b.contains_key(id)))
+            .map(|(id, r)| (*id, *r));
+        let kept_receipts = receipts_before.into_iter().flatten().filter_map(|(id, r)| r.map(|r| (*id, r)));
+        let receipts: Vec<(u64, LogStamp)> = live_receipts.chain(kept_receipts).collect();
+        put(out, receipts.len() as u64);
+        for (id, r) in receipts {
+            put(out, id);
+            put(out, r.lsn);
+            put(out, r.ts_ms);
         }
-        out[at..at + 8].copy_from_slice(&n.to_le_bytes());
-        let at = out.len();
-        put(out, 0);
-        let mut n = 0u64;
-        for (id, e) in self.ids.part(i) {
-            if e.lsn > job.lsn {
-                continue;
-            }
-            n += 1;
+        let live_ids = self
+            .ids
+            .part(part)
+            .iter()
+            .filter(|(id, e)| e.lsn <= lsn && !ids_before.is_some_and(|b| b.contains_key(id)));
+        let kept_ids = ids_before.into_iter().flatten().filter_map(|(id, e)| e.as_ref().map(|e| (id, e)));
+        let ids: Vec<(&u64, &IdEntry)> = live_ids.chain(kept_ids).collect();
+        put(out, ids.len() as u64);
+        for (id, e) in ids {
             put(out, *id);
             put(out, e.lsn);
             put(out, e.ts_ms);
             out.push(e.is_hold as u8);
-            let (tag, a, b) = match e.state {
+            let (tag, state_lsn, state_extra) = match e.state {
                 IdState::Held { deadline_ms } => (0u8, deadline_ms, 0),
                 IdState::Released { lsn, expired } => (1, lsn, expired as u64),
                 IdState::Ordered { confirm_lsn } => (2, confirm_lsn.map_or(0, |l| l + 1), 0),
                 IdState::Cancelled { lsn, confirm_lsn } => (3, lsn, confirm_lsn.map_or(0, |l| l + 1)),
             };
             out.push(tag);
-            put(out, a);
-            put(out, b);
-            // Lines as a record body (tag, id, count, lines), read back by `absorb`.
-            out.push(1);
-            put(out, 0);
+            put(out, state_lsn);
+            put(out, state_extra);
+            let aging = e.aging_from.unwrap_or(LogStamp { lsn: 0, ts_ms: 0 });
+            put(out, aging.lsn);
+            put(out, aging.ts_ms);
             put_lines(out, &e.lines);
         }
-        out[at..at + 8].copy_from_slice(&n.to_le_bytes());
-        job.next_part >= SPLIT_PARTS
     }
 
     /// Adds the state of an encoded snapshot (of any shard count) to this store,
@@ -836,6 +978,9 @@ impl Store {
     pub fn absorb(&mut self, buf: &[u8]) -> Result<(), String> {
         let mut r = Reader::new(buf);
         let e = |e: stockd_protocol::DecodeError| e.0;
+        if r.bytes(SNAPSHOT_MAGIC.len(), "magic").map_err(e)? != SNAPSHOT_MAGIC {
+            return Err("not a stockd state snapshot of this format (written by another version?)".into());
+        }
         let lsn = r.u64("lsn").map_err(e)?;
         self.applied_lsn = self.applied_lsn.max(lsn);
         for _ in 0..r.u64("rows").map_err(e)? {
@@ -852,40 +997,15 @@ impl Store {
         for _ in 0..SPLIT_PARTS {
             for _ in 0..r.u64("receipts").map_err(e)? {
                 let id = r.u64("id").map_err(e)?;
-                let v = (r.u64("lsn").map_err(e)?, r.u64("ts").map_err(e)?);
+                let stamp = LogStamp { lsn: r.u64("lsn").map_err(e)?, ts_ms: r.u64("ts").map_err(e)? };
                 if shard_of(id, self.shards) == self.shard {
-                    self.receipts.insert(id, v);
+                    self.receipts.insert(id, stamp);
                 }
             }
             for _ in 0..r.u64("ids").map_err(e)? {
-                let id = r.u64("id").map_err(e)?;
-                let lsn = r.u64("lsn").map_err(e)?;
-                let ts_ms = r.u64("ts").map_err(e)?;
-                let is_hold = r.u8("is_hold").map_err(e)? != 0;
-                let tag = r.u8("state").map_err(e)?;
-                let a = r.u64("a").map_err(e)?;
-                let b = r.u64("b").map_err(e)?;
-                let opt = |v: u64| v.checked_sub(1);
-                let state = match tag {
-                    0 => IdState::Held { deadline_ms: a },
-                    1 => IdState::Released { lsn: a, expired: b != 0 },
-                    2 => IdState::Ordered { confirm_lsn: opt(a) },
-                    3 => IdState::Cancelled { lsn: a, confirm_lsn: opt(b) },
-                    t => return Err(format!("unknown id state {t}")),
-                };
-                // Lines are stored as a record body: tag, id, count, lines.
-                let start = buf.len() - r.remaining();
-                let n = {
-                    let mut peek = Reader::new(&buf[start + 9..]);
-                    peek.u16("lines").map_err(e)? as usize
-                };
-                let len = 9 + 2 + n * 16;
-                let m = Mutation::decode(r.bytes(len, "lines").map_err(e)?)?;
+                let (id, entry) = read_id_entry(&mut r).map_err(e)?;
                 if shard_of(id, self.shards) == self.shard {
-                    if let IdState::Held { deadline_ms } = state {
-                        self.deadlines.insert((deadline_ms, id));
-                    }
-                    self.ids.insert(id, IdEntry { lsn, ts_ms, is_hold, lines: m.lines, state });
+                    self.insert_entry(id, entry);
                 }
             }
         }
@@ -894,28 +1014,91 @@ impl Store {
         Ok(())
     }
 
+    fn insert_entry(&mut self, id: u64, entry: IdEntry) {
+        if let IdState::Held { deadline_ms } = entry.state {
+            self.deadlines.insert((deadline_ms, id));
+        }
+        self.ids.insert(id, entry);
+    }
+
+    /// The eviction line from the tables: everything that ages, in LSN order.
     fn rebuild_fifo(&mut self) {
         let mut all: Vec<(u64, u64, bool, u64)> = self
             .receipts
             .iter()
-            .map(|(id, (lsn, ts))| (*lsn, *ts, true, *id))
-            .chain(self.ids.iter().map(|(id, e)| (e.lsn, e.ts_ms, false, *id)))
+            .map(|(id, r)| (r.lsn, r.ts_ms, true, *id))
+            .chain(self.ids.iter().filter_map(|(id, e)| e.aging_from.map(|a| (a.lsn, a.ts_ms, false, *id))))
             .collect();
         all.sort_unstable();
         self.fifo = all.into_iter().map(|(_, ts, r, id)| (ts, r, id)).collect();
     }
 
-    /// Splits a whole-state store into the stores of `shards` shards.
-    pub fn split(self, shards: usize) -> Vec<Store> {
-        let bytes = self.encode();
-        (0..shards)
-            .map(|i| {
-                let mut s = Store::new(i, shards, self.limits);
-                s.absorb(&bytes).expect("a store re-reads its own encoding");
-                s
-            })
-            .collect()
+    /// Moves the durable state of `stores` (any layout) into the stores of
+    /// `shards` shards. Nothing is forgotten on the way: the new stores hold
+    /// exactly the ids the old ones did, and their eviction lines keep LSN order.
+    pub fn regroup(stores: Vec<Store>, shards: usize, limits: IdLimits) -> Vec<Store> {
+        let mut out: Vec<Store> = (0..shards).map(|i| Store::new(i, shards, limits)).collect();
+        for mut s in stores {
+            assert!(
+                s.pending.is_empty() && s.capture.is_none(),
+                "invariant: only a quiet store (no mutation or snapshot in flight) is regrouped"
+            );
+            for (item, rows) in s.rows.drain() {
+                let to = &mut out[shard_of(item, shards)];
+                to.row_count += rows.len();
+                to.rows.insert(item, rows);
+            }
+            for (id, entry) in s.ids.drain() {
+                out[shard_of(id, shards)].insert_entry(id, entry);
+            }
+            for (id, stamp) in s.receipts.drain() {
+                out[shard_of(id, shards)].receipts.insert(id, stamp);
+            }
+            for o in out.iter_mut() {
+                o.applied_lsn = o.applied_lsn.max(s.applied_lsn);
+            }
+        }
+        for o in out.iter_mut() {
+            o.rebuild_fifo();
+        }
+        out
     }
+}
+
+/// The before-images of one part: ids, receipts.
+type BeforeImages = (IdMap<Option<IdEntry>>, IdMap<Option<LogStamp>>);
+
+/// Marks a state snapshot payload of this layout (the 2nd: ids carry their aging stamp).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"STKSTAT2";
+
+fn read_id_entry(r: &mut Reader<'_>) -> Result<(u64, IdEntry), stockd_protocol::DecodeError> {
+    let id = r.u64("id")?;
+    let lsn = r.u64("lsn")?;
+    let ts_ms = r.u64("ts")?;
+    let is_hold = r.u8("is_hold")? != 0;
+    let tag = r.u8("state")?;
+    let state_lsn = r.u64("state_lsn")?;
+    let state_extra = r.u64("state_extra")?;
+    let opt = |v: u64| v.checked_sub(1);
+    let state = match tag {
+        0 => IdState::Held { deadline_ms: state_lsn },
+        1 => IdState::Released { lsn: state_lsn, expired: state_extra != 0 },
+        2 => IdState::Ordered { confirm_lsn: opt(state_lsn) },
+        3 => IdState::Cancelled { lsn: state_lsn, confirm_lsn: opt(state_extra) },
+        t => return Err(stockd_protocol::DecodeError(format!("unknown id state {t}"))),
+    };
+    let aging = LogStamp { lsn: r.u64("aging_lsn")?, ts_ms: r.u64("aging_ts")? };
+    let aging_from = (aging.lsn != 0).then_some(aging);
+    if aging_from.is_none() != matches!(state, IdState::Held { .. }) {
+        return Err(stockd_protocol::DecodeError(format!("id {id}: aging stamp does not fit its state")));
+    }
+    let n = r.u16("lines")? as usize;
+    let mut lines = Vec::with_capacity(n);
+    for _ in 0..n {
+        let key = r.key()?;
+        lines.push(Line { key, qty: r.u32("qty")? });
+    }
+    Ok((id, IdEntry { lsn, ts_ms, is_hold, lines, state, aging_from }))
 }
 
 #[cfg(test)]

@@ -8,45 +8,18 @@
 //!   either applied (DUPLICATE) or not at all (applied now, or refused);
 //! - every row equals initial + applied inbounds - applied orders, exactly.
 
+mod common;
+
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::{free_port, Daemon};
 
 use stockd_client::{Applied, Client, Error, Key, Line};
 
 const ITEMS: u64 = 24;
 const INITIAL: u64 = 400;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn spawn(dir: &std::path::Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_stockd"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--shard-port-base", "0", "--shards", "2"])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start stockd")
-}
-
-async fn connect(port: u16) -> Client {
-    let t = Instant::now();
-    loop {
-        match Client::connect(&format!("127.0.0.1:{port}")).await {
-            Ok(c) => return c,
-            Err(_) if t.elapsed() < Duration::from_secs(20) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("stockd did not come up: {e}"),
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Sent {
@@ -74,8 +47,8 @@ async fn send(c: &Client, s: &Sent) -> Result<Applied, Error> {
 async fn kill_9_loses_nothing_acknowledged_and_half_applies_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = spawn(dir.path(), port);
-    let c = connect(port).await;
+    let d = Daemon::spawn(dir.path(), port, &["--shards", "2"]);
+    let c = d.client().await;
     let initial: Vec<Line> = (0..ITEMS).map(|i| Line::new(i, 1, INITIAL as u32)).collect();
     c.inbound(u64::MAX, &initial).await.unwrap();
 
@@ -114,15 +87,14 @@ async fn kill_9_loses_nothing_acknowledged_and_half_applies_nothing() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+    d.kill_9();
     for t in tasks {
         t.await.unwrap();
     }
     drop(c);
 
-    let mut child = spawn(dir.path(), port);
-    let c = connect(port).await;
+    let d = Daemon::spawn(dir.path(), port, &["--shards", "2"]);
+    let c = d.client().await;
     let journal = std::mem::take(&mut *journal.lock().unwrap());
     let acked = journal.iter().filter(|(_, f)| *f == Fate::Acked).count();
     assert!(acked > 50, "the load ran before the kill ({acked} acknowledged)");
@@ -167,6 +139,5 @@ async fn kill_9_loses_nothing_acknowledged_and_half_applies_nothing() {
          ({retried_applied} of them had been applied)",
         journal.len()
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    d.kill_9();
 }

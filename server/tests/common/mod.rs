@@ -51,3 +51,82 @@ where
     }
     false
 }
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the server).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The real `stockd` binary on 127.0.0.1:`port`, shard ports ephemeral
+/// unless `args` names `--shard-port-base`, with `args` added. Killed when dropped.
+pub struct Daemon {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Daemon {
+    pub fn spawn(dir: &Path, port: u16, args: &[&str]) -> Daemon {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+        if !args.contains(&"--shard-port-base") {
+            cmd.args(["--shard-port-base", "0"]);
+        }
+        let child = cmd
+            .arg("--data-dir")
+            .arg(dir)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start stockd");
+        Daemon { child, port }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A client, once the server accepts connections (at most 20 s).
+    pub async fn client(&self) -> Client {
+        let t = std::time::Instant::now();
+        loop {
+            match Client::connect(&self.addr()).await {
+                Ok(c) => return c,
+                Err(_) if t.elapsed() < Duration::from_secs(20) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("stockd did not come up: {e}"),
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to flush or snapshot anything.
+    pub fn kill_9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for a clean exit (at most 20 s).
+    pub fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success();
+        assert!(ok, "kill -TERM {pid}");
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "stockd exited with {status} after SIGTERM");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("stockd did not stop within 20 s of SIGTERM");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,159 @@
+//! Recovery: the shard stores rebuilt from the snapshot set and the log tail.
+//!
+//! Replay applies every record to the stores of the layout it was written
+//! under, the way the live shards did: rows on the shards that own them, an
+//! id (and the forgetting of old ids that its arrival may cause) on the shard
+//! that owns the id. The snapshot set's shard count is the layout at its
+//! LSN; a `Layout` record in the log marks a restart with another count, and
+//! replay regroups the stores there. So after any restart, with any shard
+//! count before and after, the shards remember exactly the ids they did
+//! before it, and they forget the same ones afterwards.
+//!
+//! [`Rebuild`] is the pure part (bytes in, stores out), shared with the
+//! property tests; [`recover`] feeds it from the data directory.
+
+use std::path::Path;
+
+use stockd_persistence::snapshot::{self, Manifest};
+use stockd_persistence::wal;
+use stockd_protocol::shard_of;
+
+use crate::shard::MAX_SHARDS;
+use crate::state::{IdLimits, LogRecord, Mutation, Op, Store};
+
+/// Stores being rebuilt, in the layout of the records being replayed.
+pub struct Rebuild {
+    limits: IdLimits,
+    stores: Vec<Store>,
+    /// The layout the log says the stores are in; None before the first
+    /// snapshot or `Layout` record (an empty data directory).
+    layout: Option<usize>,
+}
+
+impl Rebuild {
+    pub fn new(limits: IdLimits) -> Rebuild {
+        Rebuild { limits, stores: Vec::new(), layout: None }
+    }
+
+    /// Starts from a snapshot set: one payload per shard of `shard_count`.
+    pub fn from_snapshot(
+        limits: IdLimits,
+        shard_count: usize,
+        payloads: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<Rebuild, String> {
+        check_layout(shard_count)?;
+        let mut stores: Vec<Store> = (0..shard_count).map(|i| Store::new(i, shard_count, limits)).collect();
+        let mut read = 0;
+        for (store, payload) in stores.iter_mut().zip(payloads) {
+            store.absorb(&payload).map_err(|e| format!("snapshot part {}: {e}", store.shard))?;
+            read += 1;
+        }
+        if read != shard_count {
+            return Err(format!("snapshot set has {read} parts, its manifest says {shard_count}"));
+        }
+        Ok(Rebuild { limits, stores, layout: Some(shard_count) })
+    }
+
+    /// Replays one log record.
+    pub fn record(&mut self, lsn: u64, ts_ms: u64, payload: &[u8]) -> Result<(), String> {
+        match LogRecord::decode(payload).map_err(|e| format!("log record {lsn}: {e}"))? {
+            LogRecord::Layout { shards } => {
+                let shards = shards as usize;
+                check_layout(shards).map_err(|e| format!("log record {lsn}: {e}"))?;
+                let stores = std::mem::take(&mut self.stores);
+                self.stores = Store::regroup(stores, shards, self.limits);
+                self.layout = Some(shards);
+            }
+            LogRecord::Mutation(m) => {
+                if self.stores.is_empty() {
+                    // Records before any layout: a log from before layouts were
+                    // logged. One store replays them; the server's count is used after.
+                    self.stores = vec![Store::new(0, 1, self.limits)];
+                }
+                self.apply(lsn, ts_ms, &m);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, lsn: u64, ts_ms: u64, m: &Mutation) {
+        let n = self.stores.len();
+        let mut participants = m.lines.iter().fold(0u64, |acc, l| acc | 1 << shard_of(l.key.item, n));
+        if !matches!(m.op, Op::Adjust { .. }) {
+            participants |= 1 << shard_of(m.owner_id(), n);
+        }
+        for (i, store) in self.stores.iter_mut().enumerate() {
+            if participants & (1 << i) != 0 {
+                store.apply(None, lsn, ts_ms, m);
+            }
+        }
+    }
+
+    /// The stores of `shards` shards, and whether the server must log a
+    /// `Layout` record before it serves (the log's layout is another, or unknown).
+    pub fn finish(self, shards: usize, last_lsn: u64) -> (Vec<Store>, bool) {
+        let needs_layout_record = self.layout != Some(shards);
+        let mut stores =
+            if needs_layout_record { Store::regroup(self.stores, shards, self.limits) } else { self.stores };
+        for s in stores.iter_mut() {
+            s.applied_lsn = s.applied_lsn.max(last_lsn);
+        }
+        (stores, needs_layout_record)
+    }
+}
+
+fn check_layout(shards: usize) -> Result<(), String> {
+    if shards == 0 || shards > MAX_SHARDS {
+        return Err(format!("a layout of {shards} shards (1 to {MAX_SHARDS} are possible)"));
+    }
+    Ok(())
+}
+
+/// What recovery found, for the startup log line and for tests.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub snapshot_lsn: u64,
+    pub replayed: u64,
+    pub next_lsn: u64,
+    pub last_ts_ms: u64,
+    pub torn_bytes: u64,
+    /// The server must log a `Layout` record before serving.
+    pub needs_layout_record: bool,
+}
+
+/// Rebuilds the stores of `shards` shards from the snapshot set and the log tail.
+pub fn recover(dir: &Path, shards: usize, limits: IdLimits) -> Result<(Vec<Store>, Recovered), String> {
+    let manifest = snapshot::read_manifest(dir).map_err(|e| e.to_string())?;
+    let mut rec = Recovered::default();
+    let mut rebuild = match manifest {
+        Some(Manifest { lsn, shard_count }) => {
+            let payloads = (0..shard_count)
+                .map(|i| snapshot::read_snapshot(dir, lsn, i, shard_count).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            rec.snapshot_lsn = lsn;
+            Rebuild::from_snapshot(limits, shard_count as usize, payloads)
+                .map_err(|e| format!("snapshot {lsn}: {e}"))?
+        }
+        None => Rebuild::new(limits),
+    };
+    let mut bad: Option<String> = None;
+    let end = wal::replay(dir, rec.snapshot_lsn, |r| {
+        if bad.is_none() {
+            bad = rebuild.record(r.lsn, r.ts_ms, &r.payload).err();
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(e) = bad {
+        return Err(e);
+    }
+    rec.replayed = end.replayed;
+    rec.next_lsn = end.next_lsn;
+    rec.last_ts_ms = end.last_ts_ms;
+    rec.torn_bytes = end.torn_bytes;
+    let (stores, needs_layout_record) = rebuild.finish(shards, end.next_lsn - 1);
+    rec.needs_layout_record = needs_layout_record;
+    Ok((stores, rec))
+}
+
+#[cfg(test)]
+mod tests;
