@@ -140,7 +140,7 @@ impl Conn {
     }
 
     fn frame_error(&mut self, sh: &mut Shard, e: &FrameError) {
-        sh.node.stats[sh.index].errors.fetch_add(1, Relaxed);
+        sh.stats().errors.fetch_add(1, Relaxed);
         tracing::debug!(error = %e, "closing a connection that broke the framing");
         match *e {
             FrameError::TooLarge { request_id, .. } => {
@@ -173,12 +173,12 @@ impl Conn {
         let req = match Request::decode(op, body) {
             Ok(r) => r,
             Err(e) => {
-                sh.node.stats[sh.index].errors.fetch_add(1, Relaxed);
+                sh.stats().errors.fetch_add(1, Relaxed);
                 return self.error(op, rid, Status::BadRequest, &e.0);
             }
         };
-        let n = sh.node.shards();
-        let me = sh.index;
+        let n = sh.shards();
+        let me = sh.index();
         match req {
             Request::Hello { token } => {
                 if let Some(want) = &ctx.auth_token {
@@ -190,19 +190,16 @@ impl Conn {
                 Response::Ok(Reply::Hello(ctx.hello.clone())).encode(op, rid, &mut self.wbuf);
             }
             Request::Ping => Response::Ok(Reply::Pong).encode(op, rid, &mut self.wbuf),
-            Request::Stats => Response::Ok(Reply::Stats(crate::server::collect_stats(&sh.node))).encode(
-                op,
-                rid,
-                &mut self.wbuf,
-            ),
+            Request::Stats => {
+                Response::Ok(Reply::Stats(sh.shared().collect_stats())).encode(op, rid, &mut self.wbuf)
+            }
             Request::Query { key } => {
                 let owner = shard_of(key.item, n);
                 if owner == me {
-                    sh.drain_internal();
-                    sh.count_read(1);
+                    let available = sh.read([key].into_iter())[0];
                     let start = begin_frame(&mut self.wbuf, op | RESPONSE_BIT, rid);
                     self.wbuf.push(Status::Ok as u8);
-                    self.wbuf.extend_from_slice(&sh.store.available(key).to_le_bytes());
+                    self.wbuf.extend_from_slice(&available.to_le_bytes());
                     end_frame(&mut self.wbuf, start);
                 } else {
                     self.forward(sh, owner, op, rid, Forwarded::Query { request_id: rid, key, reply: None });
@@ -211,17 +208,10 @@ impl Conn {
             Request::QueryItem { item } => {
                 let owner = shard_of(item, n);
                 if owner == me {
-                    sh.drain_internal();
-                    sh.count_read(1);
-                    Response::Ok(Reply::Item(sh.store.item(item))).encode(op, rid, &mut self.wbuf);
+                    Response::Ok(Reply::Item(sh.read_item(item))).encode(op, rid, &mut self.wbuf);
                 } else {
-                    self.forward(
-                        sh,
-                        owner,
-                        op,
-                        rid,
-                        Forwarded::QueryItem { request_id: rid, item, reply: None },
-                    );
+                    let f = Forwarded::QueryItem { request_id: rid, item, reply: None };
+                    self.forward(sh, owner, op, rid, f);
                 }
             }
             Request::QueryBatch { keys } => self.query_batch(sh, op, rid, keys),
@@ -240,12 +230,10 @@ impl Conn {
     }
 
     fn query_batch(&mut self, sh: &mut Shard, op: u8, rid: u64, keys: Vec<Key>) {
-        let n = sh.node.shards();
-        let me = sh.index;
-        sh.drain_internal();
+        let n = sh.shards();
+        let me = sh.index();
         if keys.iter().all(|k| shard_of(k.item, n) == me) {
-            sh.count_read(keys.len());
-            let values: Vec<u64> = keys.iter().map(|k| sh.store.available(*k)).collect();
+            let values = sh.read(keys.into_iter());
             return put_batch(&mut self.wbuf, rid, &values);
         }
         if self.batches.contains_key(&rid) {
@@ -264,33 +252,36 @@ impl Conn {
         }
         let mut values = vec![0u64; keys.len()];
         let (positions, local) = std::mem::take(&mut parts[me]);
-        sh.count_read(local.len());
-        for (p, k) in positions.iter().zip(&local) {
-            values[*p as usize] = sh.store.available(*k);
+        for (p, v) in positions.iter().zip(sh.read(local.into_iter())) {
+            values[*p as usize] = v;
         }
-        let mut parts_left = 0;
+        // Parts already handed over answer later; if a later part cannot be
+        // handed over, the whole batch answers OVERLOADED now and the parts
+        // still out are absorbed silently when they come back.
+        let mut batch = PendingBatch { values, parts_left: 0, failed: false };
         for (owner, (positions, keys)) in parts.into_iter().enumerate() {
             if keys.is_empty() {
                 continue;
             }
             let f = Forwarded::QueryBatch { request_id: rid, positions, keys, reply: Some(self.tx.clone()) };
-            if sh.node.mailboxes[owner].push_request(f).is_err() {
-                sh.node.stats[me].overloaded.fetch_add(1, Relaxed);
-                if parts_left > 0 {
-                    self.batches.insert(rid, PendingBatch { values: Vec::new(), parts_left, failed: true });
-                }
-                return self.error(op, rid, Status::Overloaded, "shard queue full; retry");
+            if sh.forward(owner, f).is_err() {
+                batch.failed = true;
+                break;
             }
-            sh.node.stats[me].forwarded.fetch_add(1, Relaxed);
             self.inflight += 1;
-            parts_left += 1;
+            batch.parts_left += 1;
         }
-        self.batches.insert(rid, PendingBatch { values, parts_left, failed: false });
+        if batch.failed {
+            self.error(op, rid, Status::Overloaded, "shard queue full; retry");
+        }
+        if batch.parts_left > 0 {
+            self.batches.insert(rid, batch);
+        }
     }
 
     fn command(&mut self, sh: &mut Shard, op: u8, rid: u64, cmd: Command) {
-        let coord = shard_of(cmd.owner_id(), sh.node.shards());
-        if coord == sh.index {
+        let coord = shard_of(cmd.owner_id(), sh.shards());
+        if coord == sh.index() {
             self.inflight += 1;
             sh.start(op, rid, cmd, Some(self.tx.clone()));
         } else {
@@ -299,19 +290,10 @@ impl Conn {
     }
 
     /// Hands a request to its owner shard, with this connection as the reply address.
-    fn forward(&mut self, sh: &mut Shard, owner: usize, op: u8, rid: u64, mut f: Forwarded) {
-        match &mut f {
-            Forwarded::Query { reply, .. }
-            | Forwarded::QueryItem { reply, .. }
-            | Forwarded::QueryBatch { reply, .. }
-            | Forwarded::Command { reply, .. } => *reply = Some(self.tx.clone()),
-        }
-        let stats = &sh.node.stats[sh.index];
-        if sh.node.mailboxes[owner].push_request(f).is_err() {
-            stats.overloaded.fetch_add(1, Relaxed);
+    fn forward(&mut self, sh: &mut Shard, owner: usize, op: u8, rid: u64, f: Forwarded) {
+        if sh.forward(owner, f.reply_to(self.tx.clone())).is_err() {
             return self.error(op, rid, Status::Overloaded, "shard queue full; retry");
         }
-        stats.forwarded.fetch_add(1, Relaxed);
         self.inflight += 1;
     }
 }

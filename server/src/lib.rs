@@ -3,10 +3,12 @@
 //! - [`state`]: the stock state machine (no I/O).
 //! - [`shard`]: one shard's thread state, its mailbox, mutation coordination.
 //! - [`conn`]: one client connection.
+//! - [`event_loop`]: a shard thread's runtime: listeners, connections, mailbox, timers.
 //! - [`recovery`]: the stores rebuilt from snapshots and the log.
 //! - [`server`]: startup, snapshots, shutdown.
 
 pub mod conn;
+pub mod event_loop;
 pub mod recovery;
 pub mod server;
 pub mod shard;

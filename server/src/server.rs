@@ -1,10 +1,8 @@
 //! Startup (recovery, threads, listeners), snapshots, and shutdown.
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,9 +13,12 @@ use stockd_persistence::snapshot::{self, Manifest};
 use stockd_persistence::wal::{self, Wal, WalConfig};
 use stockd_protocol::{HelloInfo, HASH_FMIX64_MOD, MAX_BATCH_KEYS, MAX_BODY, MAX_LINES};
 
-use crate::conn::{serve, ConnCtx};
-use crate::recovery::recover;
-use crate::shard::{now_ms, route_commits, Mailbox, Node, Shard, ShardStats, MAX_SHARDS};
+use crate::conn::ConnCtx;
+use crate::event_loop::shard_main;
+use crate::recovery::{recover, Recovered};
+use crate::shard::commits::{route_commits, SnapshotPolicy};
+use crate::shard::shared::SnapshotPart;
+use crate::shard::{now_ms, Mailbox, ShardStats, Shared, MAX_SHARDS};
 use crate::state::{IdLimits, LogRecord, Store};
 
 #[derive(Clone, Debug)]
@@ -57,7 +58,7 @@ impl Config {
 pub struct Running {
     pub addr: SocketAddr,
     pub shard_ports: Vec<u16>,
-    node: Arc<Node>,
+    shared: Arc<Shared>,
     shard_threads: Vec<JoinHandle<()>>,
     wal_thread: JoinHandle<()>,
     snapshot_thread: JoinHandle<()>,
@@ -100,15 +101,52 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     let lock = File::create(dir.join("LOCK")).map_err(|e| format!("{}: {e}", dir.display()))?;
     lock.try_lock().map_err(|_| format!("{} is in use by another stockd", dir.display()))?;
     let id = server_id(dir)?;
+    let (stores, rec) = recover_and_log_layout(dir, n, cfg.ids)?;
+    // Listeners before the threads, so that the ports are known for HELLO.
+    let listeners = Listeners::bind(&cfg)?;
+    let (addr, shard_ports) = (listeners.addr, listeners.shard_ports.clone());
 
+    let mailboxes: Arc<Vec<Mailbox>> = Arc::new((0..n).map(|_| Mailbox::new()).collect());
+    let (snap_tx, snap_rx) = crossbeam::channel::unbounded();
+    let snapshot_thread = {
+        let dir = dir.clone();
+        std::thread::Builder::new()
+            .name("stockd-snapshot".into())
+            .spawn(move || snapshot_loop(&dir, n, snap_rx))
+            .map_err(|e| e.to_string())?
+    };
+    let stats: Arc<Vec<ShardStats>> = Arc::new((0..n).map(|_| ShardStats::default()).collect());
+    let (interval, min_records) = (cfg.snapshot_interval, cfg.snapshot_records);
+    let mut policy = SnapshotPolicy::new(interval, min_records, rec.next_lsn - 1, stats.clone());
+    let mb = mailboxes.clone();
+    let (wal, wal_thread) = Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch| {
+        route_commits(&mb, batch, |lsn| policy.due(lsn))
+    })
+    .map_err(|e| e.to_string())?;
+    let shared = Arc::new(Shared { mailboxes, stats, wal, stop: AtomicBool::new(false), snapshots: snap_tx });
+    let hello = HelloInfo {
+        server_id: id,
+        hash_id: HASH_FMIX64_MOD,
+        shard_ports: shard_ports.clone(),
+        max_body: MAX_BODY as u32,
+        max_batch_keys: MAX_BATCH_KEYS as u16,
+        max_lines: MAX_LINES as u16,
+    };
+    let shard_threads = spawn_shards(&cfg, &shared, stores, listeners, hello)?;
+    tracing::info!(%addr, ?shard_ports, shards = n, "stockd serving");
+    Ok(Running { addr, shard_ports, shared, shard_threads, wal_thread, snapshot_thread, _lock: lock })
+}
+
+/// Recovers the stores; logs the layout first if this start changes it.
+fn recover_and_log_layout(dir: &Path, n: usize, ids: IdLimits) -> Result<(Vec<Store>, Recovered), String> {
     let t = Instant::now();
-    let (stores, mut rec) = recover(dir, n, cfg.ids)?;
+    let (stores, mut rec) = recover(dir, n, ids)?;
     if rec.needs_layout_record {
         // Before any record of this process: replay must know which shard
         // owned each id when it decided what to forget.
         let ts_ms = now_ms().max(rec.last_ts_ms);
-        rec.next_lsn =
-            wal::write_one(dir, rec.next_lsn, ts_ms, &LogRecord::layout(n)).map_err(|e| e.to_string())?;
+        let layout = LogRecord::layout(n as u16);
+        rec.next_lsn = wal::write_one(dir, rec.next_lsn, ts_ms, &layout).map_err(|e| e.to_string())?;
         rec.last_ts_ms = ts_ms;
         tracing::info!(shards = n, lsn = rec.next_lsn - 1, "logged the shard layout");
     }
@@ -125,67 +163,51 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         "recovered {}",
         dir.display()
     );
+    Ok((stores, rec))
+}
 
-    // Listeners first, so that the ports are known for HELLO.
-    let shared0 = listener(cfg.listen, true)?;
-    let addr = shared0.local_addr().map_err(|e| e.to_string())?;
-    let mut shared = vec![shared0];
-    for _ in 1..n {
-        shared.push(listener(addr, true)?);
-    }
-    let base = cfg.shard_port_base.unwrap_or(if cfg.listen.port() == 0 { 0 } else { cfg.listen.port() + 1 });
-    let mut own = Vec::new();
-    for i in 0..n {
-        let port = if base == 0 { 0 } else { base.checked_add(i as u16).ok_or("shard port out of range")? };
-        own.push(listener(SocketAddr::new(addr.ip(), port), false)?);
-    }
-    let shard_ports: Vec<u16> = own.iter().map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).collect();
+/// Every shard's two listeners: one on the shared port (SO_REUSEPORT), one on its own.
+struct Listeners {
+    addr: SocketAddr,
+    shared_port: Vec<StdListener>,
+    own_port: Vec<StdListener>,
+    shard_ports: Vec<u16>,
+}
 
-    let mailboxes: Arc<Vec<Mailbox>> = Arc::new((0..n).map(|_| Mailbox::new()).collect());
-    let (snap_tx, snap_rx) = crossbeam::channel::unbounded();
-    let snapshot_thread = {
-        let dir = dir.clone();
-        std::thread::Builder::new()
-            .name("stockd-snapshot".into())
-            .spawn(move || snapshot_loop(&dir, n, snap_rx))
-            .map_err(|e| e.to_string())?
-    };
-    let mb = mailboxes.clone();
-    let stats: Arc<Vec<ShardStats>> = Arc::new((0..n).map(|_| ShardStats::default()).collect());
-    let st = stats.clone();
-    let (interval, every) = (cfg.snapshot_interval, cfg.snapshot_records);
-    let (mut last_at, mut last_lsn) = (Instant::now(), rec.next_lsn - 1);
-    let (wal, wal_thread) = Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch| {
-        route_commits(&mb, batch, |lsn| {
-            // A snapshot costs about the size of the state, so take one only
-            // once the log has grown by half of that (and by at least `every`
-            // records; or after `interval`, by an eighth): snapshot work stays
-            // proportional to the records written, and replay after a crash
-            // stays shorter than about one snapshot's worth.
-            let state: u64 = st.iter().map(|s| s.rows.load(Relaxed) + s.ids.load(Relaxed)).sum();
-            let grown = lsn.saturating_sub(last_lsn);
-            let due = grown >= every.max(state / 2)
-                || (grown > 0 && last_at.elapsed() >= interval && grown >= state / 8);
-            if due {
-                (last_at, last_lsn) = (Instant::now(), lsn);
-            }
-            due
-        })
-    })
-    .map_err(|e| e.to_string())?;
-    let node = Arc::new(Node { mailboxes, stats, wal, stop: AtomicBool::new(false), snapshots: snap_tx });
-    let hello = HelloInfo {
-        server_id: id,
-        hash_id: HASH_FMIX64_MOD,
-        shard_ports: shard_ports.clone(),
-        max_body: MAX_BODY as u32,
-        max_batch_keys: MAX_BATCH_KEYS as u16,
-        max_lines: MAX_LINES as u16,
-    };
+impl Listeners {
+    fn bind(cfg: &Config) -> Result<Listeners, String> {
+        let first = listener(cfg.listen, true)?;
+        let addr = first.local_addr().map_err(|e| e.to_string())?;
+        let mut shared_port = vec![first];
+        for _ in 1..cfg.shards {
+            shared_port.push(listener(addr, true)?);
+        }
+        let base =
+            cfg.shard_port_base.unwrap_or(if cfg.listen.port() == 0 { 0 } else { cfg.listen.port() + 1 });
+        let mut own_port = Vec::new();
+        for i in 0..cfg.shards {
+            let port =
+                if base == 0 { 0 } else { base.checked_add(i as u16).ok_or("shard port out of range")? };
+            own_port.push(listener(SocketAddr::new(addr.ip(), port), false)?);
+        }
+        let shard_ports = own_port.iter().map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).collect();
+        Ok(Listeners { addr, shared_port, own_port, shard_ports })
+    }
+}
+
+/// One thread per shard, pinned to a core unless `cfg.pin` is off.
+fn spawn_shards(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    stores: Vec<Store>,
+    listeners: Listeners,
+    hello: HelloInfo,
+) -> Result<Vec<JoinHandle<()>>, String> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut shard_threads = Vec::new();
-    for (i, (store, (sl, ol))) in stores.into_iter().zip(shared.into_iter().zip(own)).enumerate() {
-        let node = node.clone();
+    let mut threads = Vec::new();
+    let sockets = listeners.shared_port.into_iter().zip(listeners.own_port);
+    for (i, (store, (on_shared, on_own))) in stores.into_iter().zip(sockets).enumerate() {
+        let shared = shared.clone();
         let ctx =
             ConnCtx { hello: hello.clone(), auth_token: cfg.auth_token.clone().map(String::into_bytes) };
         let core = if cfg.pin && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
@@ -195,87 +217,17 @@ pub fn start(cfg: Config) -> Result<Running, String> {
                 if let Some(c) = core {
                     core_affinity::set_for_current(c);
                 }
-                shard_main(i, node, store, vec![sl, ol], ctx)
+                shard_main(i, shared, store, vec![on_shared, on_own], ctx)
             })
             .map_err(|e| e.to_string())?;
-        shard_threads.push(h);
+        threads.push(h);
     }
-    tracing::info!(%addr, ?shard_ports, shards = n, "stockd serving");
-    Ok(Running { addr, shard_ports, node, shard_threads, wal_thread, snapshot_thread, _lock: lock })
-}
-
-fn shard_main(index: usize, node: Arc<Node>, store: Store, listeners: Vec<StdListener>, ctx: ConnCtx) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, shard = index, "cannot build the shard runtime");
-            return;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let shard = Rc::new(RefCell::new(Shard::new(index, node.clone(), store)));
-        let ctx = Rc::new(ctx);
-        for l in listeners {
-            let l = match tokio::net::TcpListener::from_std(l) {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "listener");
-                    continue;
-                }
-            };
-            let (shard, ctx, node) = (shard.clone(), ctx.clone(), node.clone());
-            tokio::task::spawn_local(async move {
-                loop {
-                    match l.accept().await {
-                        Ok((stream, _)) => {
-                            let _ = stream.set_nodelay(true);
-                            let (shard, ctx, node) = (shard.clone(), ctx.clone(), node.clone());
-                            tokio::task::spawn_local(async move {
-                                node.stats[index].connections.fetch_add(1, Relaxed);
-                                serve(stream, shard, ctx).await;
-                                node.stats[index].connections.fetch_sub(1, Relaxed);
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            });
-        }
-        let retry_shard = shard.clone();
-        let wake = shard.borrow().retry_wake.clone();
-        tokio::task::spawn_local(async move {
-            loop {
-                wake.notified().await;
-                tokio::time::sleep(Duration::from_micros(500)).await;
-                retry_shard.borrow_mut().retry_contended();
-            }
-        });
-        let timer_shard = shard.clone();
-        tokio::task::spawn_local(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tick.tick().await;
-                timer_shard.borrow_mut().expire_holds();
-            }
-        });
-        let mailbox = &node.mailboxes[index];
-        loop {
-            mailbox.notify.notified().await;
-            if node.stop.load(Relaxed) {
-                break;
-            }
-            shard.borrow_mut().drain();
-        }
-    });
+    Ok(threads)
 }
 
 /// Writes each shard's part of a snapshot set; when all parts of one LSN are
 /// in, makes the set current and deletes the log segments it covers.
-fn snapshot_loop(dir: &Path, shards: usize, rx: crossbeam::channel::Receiver<(u64, usize, Vec<u8>)>) {
+fn snapshot_loop(dir: &Path, shards: usize, rx: crossbeam::channel::Receiver<SnapshotPart>) {
     let mut done: std::collections::BTreeMap<u64, usize> = Default::default();
     for (lsn, shard, payload) in rx {
         let bytes = snapshot::encode_snapshot(lsn, shard as u32, shards as u32, &payload);
@@ -304,49 +256,21 @@ fn snapshot_loop(dir: &Path, shards: usize, rx: crossbeam::channel::Receiver<(u6
     }
 }
 
-/// Counters summed over shards, plus the log writer's.
-pub fn collect_stats(node: &Node) -> Vec<(String, u64)> {
-    let mut out: Vec<(String, u64)> = Vec::new();
-    let sum = |f: fn(&ShardStats) -> &std::sync::atomic::AtomicU64| {
-        node.stats.iter().map(|s| f(s).load(Relaxed)).sum::<u64>()
-    };
-    out.push(("shards".into(), node.shards() as u64));
-    out.push(("connections".into(), sum(|s| &s.connections)));
-    out.push(("queries".into(), sum(|s| &s.queries)));
-    out.push(("keys_read".into(), sum(|s| &s.keys_read)));
-    out.push(("forwarded".into(), sum(|s| &s.forwarded)));
-    out.push(("mutations_ok".into(), sum(|s| &s.mutations_ok)));
-    out.push(("refused_insufficient".into(), sum(|s| &s.refused_insufficient)));
-    out.push(("duplicates".into(), sum(|s| &s.duplicates)));
-    out.push(("errors".into(), sum(|s| &s.errors)));
-    out.push(("overloaded".into(), sum(|s| &s.overloaded)));
-    out.push(("holds_expired".into(), sum(|s| &s.holds_expired)));
-    out.push(("rows".into(), sum(|s| &s.rows)));
-    out.push(("ids".into(), sum(|s| &s.ids)));
-    out.push(("mutations_in_flight".into(), sum(|s| &s.txns_open)));
-    let w = &node.wal.stats;
-    out.push(("wal_records".into(), w.records.load(Relaxed)));
-    out.push(("wal_fsyncs".into(), w.fsyncs.load(Relaxed)));
-    out.push(("wal_bytes".into(), w.bytes.load(Relaxed)));
-    out.push(("wal_sync_micros".into(), w.sync_micros.load(Relaxed)));
-    out
-}
-
 impl Running {
     /// Stops accepting, drops connections, lets the log writer finish what
     /// it was given, and waits for every thread.
     pub fn shutdown(self) {
-        let Running { node, shard_threads, wal_thread, snapshot_thread, _lock, .. } = self;
-        node.stop.store(true, Relaxed);
-        for mb in node.mailboxes.iter() {
+        let Running { shared, shard_threads, wal_thread, snapshot_thread, _lock, .. } = self;
+        shared.stop.store(true, Relaxed);
+        for mb in shared.mailboxes.iter() {
             mb.notify.notify_one();
         }
         for h in shard_threads {
             let _ = h.join();
         }
-        // The shard threads are gone; with the last Node goes the last Wal
+        // The shard threads are gone; with the last Shared goes the last Wal
         // handle, so the writer drains its queue and exits.
-        drop(node);
+        drop(shared);
         for h in [wal_thread, snapshot_thread] {
             let _ = h.join();
         }

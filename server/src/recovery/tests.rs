@@ -8,7 +8,8 @@ use proptest::prelude::*;
 use stockd_protocol::{shard_of, Key, Line, Reply, Response};
 
 use super::Rebuild;
-use crate::state::{Command, IdEntry, IdLimits, LogRecord, LogStamp, Refusal, Store};
+use crate::shard::answers::{answer_response, refusal_response};
+use crate::state::{Answer, Command, IdEntry, IdLimits, LogRecord, LogStamp, Mutation, Refusal, Store};
 
 /// Ids come from a small range so that retries, reuse after forgetting and
 /// the caps all meet often.
@@ -69,7 +70,7 @@ impl Cluster {
 
     fn log_layout(&mut self, shards: usize, ts_ms: u64) {
         self.lsn += 1;
-        self.log.push((self.lsn, ts_ms, LogRecord::layout(shards)));
+        self.log.push((self.lsn, ts_ms, LogRecord::layout(shards as u16)));
     }
 
     /// plan on the id's owner, prepare everywhere, log, apply: one mutation.
@@ -77,7 +78,7 @@ impl Cluster {
         let n = self.stores.len();
         let m = match self.stores[shard_of(cmd.owner_id(), n)].plan(cmd, now) {
             Ok(m) => m,
-            Err(resp) => return resp,
+            Err(answer) => return answer_response(&answer),
         };
         self.txn += 1;
         let txn = self.txn;
@@ -89,7 +90,7 @@ impl Cluster {
         }
         if let Some(r) = refusal {
             self.stores.iter_mut().for_each(|s| s.abort(txn));
-            return r.response();
+            return refusal_response(&r);
         }
         self.lsn += 1;
         let mut payload = Vec::new();
@@ -188,7 +189,7 @@ impl Cluster {
     }
 
     /// What every possible retry would be answered now.
-    fn retry_answers(&self, now: u64) -> Vec<Result<crate::state::Mutation, Response>> {
+    fn retry_answers(&self, now: u64) -> Vec<Result<Mutation, Answer>> {
         let line = vec![Line { key: KEYS[0], qty: 1 }];
         let mut out = Vec::new();
         for id in 0..IDS {

@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
+use stockd_protocol::{Key, Line, STOCK_MAX};
 
 use super::*;
 
@@ -149,15 +150,24 @@ impl Model {
     }
 }
 
-fn outcome(r: &Response) -> Outcome {
+/// What one command got: a record, an answer from `plan`, or a refusal.
+#[derive(Debug)]
+pub(crate) enum Got {
+    Committed,
+    Answered(Answer),
+    Refused(Refusal),
+}
+
+fn outcome(r: &Got) -> Outcome {
     match r {
-        Response::Ok(_) => Outcome::Ok,
-        Response::Insufficient { line, available } => {
+        Got::Committed => Outcome::Ok,
+        Got::Refused(Refusal::Insufficient { line, available, .. }) => {
             Outcome::Insufficient { line: *line, available: *available }
         }
-        Response::Duplicate { .. } => Outcome::Duplicate,
-        Response::Error { status: Status::NotFound, .. } => Outcome::NotFound,
-        Response::Error { status: Status::Conflict, .. } => Outcome::Conflict,
+        Got::Answered(Answer::Duplicate { .. }) => Outcome::Duplicate,
+        Got::Answered(Answer::NotFound { .. }) => Outcome::NotFound,
+        Got::Answered(Answer::Conflict(_))
+        | Got::Refused(Refusal::Busy { .. } | Refusal::BelowHeld { .. }) => Outcome::Conflict,
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -184,18 +194,12 @@ fn command() -> impl Strategy<Value = Command> {
 }
 
 /// Runs one command through plan, prepare on every shard, and apply, the way the server does.
-fn execute(
-    stores: &mut [Store],
-    cmd: Command,
-    txn: u64,
-    lsn: &mut u64,
-    now: u64,
-) -> (Response, Option<Mutation>) {
+fn execute(stores: &mut [Store], cmd: Command, txn: u64, lsn: &mut u64, now: u64) -> (Got, Option<Mutation>) {
     let n = stores.len();
     let owner = shard_of(cmd.owner_id(), n);
     let m = match stores[owner].plan(cmd, now) {
         Ok(m) => m,
-        Err(resp) => return (resp, None),
+        Err(answer) => return (Got::Answered(answer), None),
     };
     let mut first_refusal: Option<Refusal> = None;
     let mut prepared = Vec::new();
@@ -215,13 +219,13 @@ fn execute(
         for i in prepared {
             stores[i].abort(txn);
         }
-        return (r.response(), None);
+        return (Got::Refused(r), None);
     }
     *lsn += 1;
     for s in stores.iter_mut() {
         s.apply(Some(txn), *lsn, now, &m);
     }
-    (Response::Ok(stockd_protocol::Reply::Committed { lsn: *lsn }), Some(m))
+    (Got::Committed, Some(m))
 }
 
 fn check_rows(stores: &[Store], model: &Model) -> Result<(), TestCaseError> {
@@ -292,7 +296,8 @@ proptest! {
         for (lsn, ts, m) in &log {
             let mut bytes = Vec::new();
             m.encode(&mut bytes);
-            replayed.apply(None, *lsn, *ts, &Mutation::decode(&bytes).unwrap());
+            let LogRecord::Mutation(m) = LogRecord::decode(&bytes).unwrap() else { panic!("a mutation") };
+            replayed.apply(None, *lsn, *ts, &m);
         }
         check_rows(std::slice::from_ref(&replayed), &model)?;
         // The part-by-part snapshot plus the records after its LSN gives the same state.
@@ -395,18 +400,14 @@ fn ids_are_forgotten_after_the_window_or_beyond_the_cap_but_live_holds_are_kept(
     s.apply(None, 2, 10, &Mutation { op: Op::Reserve { id: 2, ttl_ms: 5_000 }, lines: line(1) });
     s.apply(None, 3, 20, &Mutation { op: Op::Order { id: 3 }, lines: line(1) });
     // Full, and the oldest id is younger than the minimum window: refused.
-    let r = s.plan(Command::Order { id: 4, lines: line(1) }, 30).unwrap_err();
-    assert_eq!(r.status(), Status::Overloaded);
-    assert_eq!(
-        s.plan(Command::Inbound { id: 1, lines: line(1) }, 30).unwrap_err(),
-        Response::Duplicate { lsn: 1 }
-    );
+    assert_eq!(s.plan(Command::Order { id: 4, lines: line(1) }, 30), Err(Answer::TableFull));
+    assert_eq!(s.plan(Command::Inbound { id: 1, lines: line(1) }, 30), Err(Answer::Duplicate { lsn: 1 }));
     // Later the oldest may go: accepted, and applying it forgets receipt 1.
     let m = s.plan(Command::Order { id: 4, lines: line(1) }, 200).unwrap();
     s.apply(None, 4, 200, &m);
     assert_eq!(s.id_count(), 3);
     let again = s.plan(Command::Inbound { id: 1, lines: line(1) }, 200);
-    assert!(!matches!(again, Err(Response::Duplicate { .. })), "{again:?}");
+    assert!(!matches!(again, Err(Answer::Duplicate { .. })), "{again:?}");
     // Past the window everything old is forgotten except the live hold.
     s.apply(None, 5, 2_000, &Mutation { op: Op::Inbound { id: 9 }, lines: line(1) });
     assert!(s.id(2).is_some(), "live hold kept");

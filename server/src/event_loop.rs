@@ -1,0 +1,101 @@
+//! A shard thread's event loop: one tokio current-thread runtime per shard,
+//! running the shard's listeners, its connections, its mailbox, the retry
+//! of contended mutations and the hold-expiry timer, all on one thread.
+
+use std::cell::RefCell;
+use std::net::TcpListener as StdListener;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::conn::{serve, ConnCtx};
+use crate::shard::{Shard, Shared};
+use crate::state::Store;
+
+/// Pause before contended mutations are prepared again: long enough for
+/// the mutations holding the units to be decided (an fsync or so).
+pub const CONTENDED_RETRY_PAUSE: Duration = Duration::from_micros(500);
+/// How often expired holds are looked for.
+pub const HOLD_EXPIRY_TICK: Duration = Duration::from_millis(100);
+/// Pause after a failed accept (out of file descriptors, say).
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Runs shard `index` on the calling thread until the server stops.
+pub fn shard_main(
+    index: usize,
+    shared: Arc<Shared>,
+    store: Store,
+    listeners: Vec<StdListener>,
+    ctx: ConnCtx,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, shard = index, "cannot build the shard runtime");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let shard = Rc::new(RefCell::new(Shard::new(index, shared.clone(), store)));
+        let ctx = Rc::new(ctx);
+        for l in listeners {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => {
+                    tokio::task::spawn_local(accept_loop(l, shard.clone(), ctx.clone()));
+                }
+                Err(e) => tracing::error!(error = %e, "listener"),
+            }
+        }
+        tokio::task::spawn_local(retry_loop(shard.clone()));
+        tokio::task::spawn_local(expiry_loop(shard.clone()));
+        let mailbox = &shared.mailboxes[index];
+        loop {
+            mailbox.notify.notified().await;
+            if shared.stop.load(Relaxed) {
+                break;
+            }
+            shard.borrow_mut().drain();
+        }
+    });
+}
+
+async fn accept_loop(l: tokio::net::TcpListener, shard: Rc<RefCell<Shard>>, ctx: Rc<ConnCtx>) {
+    loop {
+        match l.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                let (shard, ctx) = (shard.clone(), ctx.clone());
+                tokio::task::spawn_local(async move {
+                    let shared = shard.borrow().shared().clone();
+                    let stats = &shared.stats[shard.borrow().index()];
+                    stats.connections.fetch_add(1, Relaxed);
+                    serve(stream, shard, ctx).await;
+                    stats.connections.fetch_sub(1, Relaxed);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+async fn retry_loop(shard: Rc<RefCell<Shard>>) {
+    let wake = shard.borrow().retry_wake();
+    loop {
+        wake.notified().await;
+        tokio::time::sleep(CONTENDED_RETRY_PAUSE).await;
+        shard.borrow_mut().retry_contended();
+    }
+}
+
+async fn expiry_loop(shard: Rc<RefCell<Shard>>) {
+    let mut tick = tokio::time::interval(HOLD_EXPIRY_TICK);
+    loop {
+        tick.tick().await;
+        shard.borrow_mut().expire_holds();
+    }
+}

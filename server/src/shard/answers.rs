@@ -1,0 +1,51 @@
+//! The state machine's answers and refusals as wire responses, and the
+//! frames a shard sends to connections.
+
+use stockd_protocol::{encode_error, Response, Status, STOCK_MAX};
+
+use super::mailbox::Out;
+use crate::state::{Answer, Refusal};
+
+/// What the client is told when `plan` answered at once.
+pub fn answer_response(a: &Answer) -> Response {
+    let error = |status, message: String| Response::Error { status, message };
+    match a {
+        Answer::Duplicate { lsn } => Response::Duplicate { lsn: *lsn },
+        Answer::NotFound { what, id } => error(Status::NotFound, format!("unknown {} id {id}", what.name())),
+        Answer::Conflict(message) => error(Status::Conflict, message.clone()),
+        Answer::TableFull => {
+            error(Status::Overloaded, "the idempotency table of this shard is full; retry later".into())
+        }
+    }
+}
+
+/// What the client is told when a prepare refused.
+pub fn refusal_response(r: &Refusal) -> Response {
+    match *r {
+        Refusal::Insufficient { line, available, .. } => Response::Insufficient { line, available },
+        Refusal::Overflow { line } => Response::Error {
+            status: Status::BadRequest,
+            message: format!("line {line}: the row would exceed the maximum of {STOCK_MAX} units"),
+        },
+        Refusal::Busy { line } => Response::Error {
+            status: Status::Conflict,
+            message: format!("line {line}: the row has changes in flight; retry the adjustment"),
+        },
+        Refusal::BelowHeld { held } => Response::Error {
+            status: Status::Conflict,
+            message: format!("cannot adjust below the {held} units currently held"),
+        },
+    }
+}
+
+pub fn frame(op: u8, request_id: u64, resp: &Response) -> Out {
+    let mut buf = Vec::with_capacity(32);
+    resp.encode(op, request_id, &mut buf);
+    Out::Frame(buf)
+}
+
+pub fn error_frame(op: u8, request_id: u64, status: Status, message: &str) -> Out {
+    let mut buf = Vec::with_capacity(64 + message.len());
+    encode_error(op, request_id, status, message, &mut buf);
+    Out::Frame(buf)
+}

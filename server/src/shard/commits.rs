@@ -1,0 +1,88 @@
+//! The log writer's commit callback: durable records go to the shards that
+//! apply them, then to the coordinators that answer; and the policy that
+//! decides when the shards take a snapshot.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stockd_persistence::wal::Committed;
+
+use super::mailbox::{Commit, Internal, Mailbox, WalToken};
+use super::shared::ShardStats;
+
+/// Routes one group commit. Every shard that owns a line or the id of a
+/// record gets it to apply, in LSN order. Only after every shard's list is
+/// queued do coordinators get the word to answer, so by the time a client
+/// sees an acknowledgement every shard already holds the record, and a
+/// shard drains its queue before serving a read: a client never reads state
+/// older than what it was told is durable.
+pub fn route_commits(
+    mailboxes: &[Mailbox],
+    batch: Vec<Committed<WalToken>>,
+    snapshot_due: impl FnOnce(u64) -> bool,
+) {
+    let n = mailboxes.len();
+    let mut applies: Vec<Vec<Commit>> = (0..n).map(|_| Vec::new()).collect();
+    let mut answers: Vec<Vec<(u64, u64)>> = (0..n).map(|_| Vec::new()).collect();
+    let last_lsn = batch.last().map_or(0, |c| c.lsn);
+    for c in batch {
+        let t = c.token;
+        let involved = t.participants | 1 << t.coord;
+        for (i, list) in applies.iter_mut().enumerate() {
+            if involved & (1 << i) != 0 {
+                list.push(Commit { txn: t.txn, lsn: c.lsn, ts_ms: c.ts_ms, m: t.m.clone() });
+            }
+        }
+        answers[t.coord].push((t.txn, c.lsn));
+    }
+    for (mb, list) in mailboxes.iter().zip(applies) {
+        if !list.is_empty() {
+            mb.queue_internal(Internal::Committed(list));
+        }
+    }
+    for (mb, list) in mailboxes.iter().zip(answers) {
+        if !list.is_empty() {
+            mb.queue_internal(Internal::Answer(list));
+        }
+    }
+    if snapshot_due(last_lsn) {
+        for mb in mailboxes {
+            mb.queue_internal(Internal::Snapshot { lsn: last_lsn });
+        }
+    }
+    for mb in mailboxes {
+        mb.notify.notify_one();
+    }
+}
+
+/// When to take a snapshot. A snapshot costs about the size of the state,
+/// so take one only once the log has grown by half of that (and by at least
+/// `min_records`); or after `interval`, by an eighth: snapshot work stays
+/// proportional to the records written, and replay after a crash stays
+/// shorter than about one snapshot's worth.
+pub struct SnapshotPolicy {
+    pub interval: Duration,
+    pub min_records: u64,
+    last_at: Instant,
+    last_lsn: u64,
+    stats: Arc<Vec<ShardStats>>,
+}
+
+impl SnapshotPolicy {
+    pub fn new(interval: Duration, min_records: u64, last_lsn: u64, stats: Arc<Vec<ShardStats>>) -> Self {
+        SnapshotPolicy { interval, min_records, last_at: Instant::now(), last_lsn, stats }
+    }
+
+    /// True if the shards should snapshot at `lsn`, the last record of a group commit.
+    pub fn due(&mut self, lsn: u64) -> bool {
+        let state: u64 = self.stats.iter().map(|s| s.rows.load(Relaxed) + s.ids.load(Relaxed)).sum();
+        let grown = lsn.saturating_sub(self.last_lsn);
+        let due = grown >= self.min_records.max(state / 2)
+            || (grown > 0 && self.last_at.elapsed() >= self.interval && grown >= state / 8);
+        if due {
+            (self.last_at, self.last_lsn) = (Instant::now(), lsn);
+        }
+        due
+    }
+}

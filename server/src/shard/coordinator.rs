@@ -1,0 +1,230 @@
+//! The two-phase commit of one mutation, run by the shard that owns its id:
+//! plan -> prepare on every shard owning a line (votes) -> one log record ->
+//! (after fdatasync, see `commits.rs`) every involved shard applies it ->
+//! the coordinator answers. Also the retry of contended refusals and the
+//! release of expired holds, which start mutations of their own.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stockd_persistence::wal::SubmitError;
+use stockd_protocol::{opcode, shard_of, Reply, Response, Status};
+
+use super::answers::{answer_response, error_frame, frame, refusal_response};
+use super::mailbox::{Internal, ReplyTo, WalToken};
+use super::{now_ms, send, Shard};
+use crate::state::{Command, IdKey, Mutation, Refusal};
+
+/// Most mutations one shard coordinates at once; beyond it, OVERLOADED.
+pub const MAX_TXNS: usize = 16_384;
+/// How long a mutation refused only by contention keeps being prepared again
+/// before the refusal is returned as it stands. Undecided mutations settle
+/// within an fsync or two; this only bounds pathological cases.
+pub const CONTENDED_RETRY_FOR: Duration = Duration::from_secs(2);
+/// Expired holds released per tick of the expiry timer.
+pub const EXPIRY_BATCH: usize = 256;
+
+/// A mutation this shard coordinates, from its first prepare to its answer.
+pub(super) struct Txn {
+    op: u8,
+    request_id: u64,
+    reply: ReplyTo,
+    id_key: Option<IdKey>,
+    m: Arc<Mutation>,
+    participants: u64,
+    waiting: u32,
+    prepared: u64,
+    /// The first definitive refusal (by line).
+    refusal: Option<Refusal>,
+    /// The first contended refusal of this attempt, if any.
+    contended: Option<Refusal>,
+    /// When the mutation was first prepared.
+    started: Instant,
+    expiry: bool,
+}
+
+impl Shard {
+    /// Begins a mutation this shard coordinates (it owns the command's id).
+    pub fn start(&mut self, op: u8, request_id: u64, cmd: Command, reply: ReplyTo) {
+        // Records already durable must be applied before this shard judges
+        // anything: a client may send this right after an acknowledgement.
+        self.drain_internal();
+        let expiry = matches!(cmd, Command::Release { expired: true, .. });
+        if self.txns.len() >= MAX_TXNS {
+            self.stats().overloaded.fetch_add(1, Relaxed);
+            let msg = "too many mutations in flight on this shard; retry";
+            return send(&reply, error_frame(op, request_id, Status::Overloaded, msg));
+        }
+        let id_key = cmd.id_key();
+        if let Some(k) = id_key.filter(|k| self.busy_ids.contains(k)) {
+            let msg = format!("id {} has an operation in flight; retry when it is answered", k.id());
+            self.stats().errors.fetch_add(1, Relaxed);
+            return send(&reply, error_frame(op, request_id, Status::Conflict, &msg));
+        }
+        let m = match self.store.plan(cmd, now_ms()) {
+            Ok(m) => Arc::new(m),
+            Err(answer) => {
+                let resp = answer_response(&answer);
+                self.count_outcome(&resp);
+                return send(&reply, frame(op, request_id, &resp));
+            }
+        };
+        let n = self.shared.shards();
+        let participants = m.lines.iter().fold(0u64, |acc, l| acc | 1 << shard_of(l.key.item, n));
+        self.next_txn += 1;
+        let txn = (self.index as u64) << 56 | self.next_txn;
+        if let Some(k) = id_key {
+            self.busy_ids.insert(k);
+        }
+        let waiting = participants.count_ones();
+        let (refusal, contended, started) = (None, None, Instant::now());
+        let t = Txn {
+            op,
+            request_id,
+            reply,
+            id_key,
+            m,
+            participants,
+            waiting,
+            prepared: 0,
+            refusal,
+            contended,
+            started,
+            expiry,
+        };
+        self.txns.insert(txn, t);
+        assert!(self.txns.len() <= MAX_TXNS, "invariant: at most MAX_TXNS mutations in flight per shard");
+        self.stats().txns_open.store(self.txns.len() as u64, Relaxed);
+        self.prepare_everywhere(txn);
+    }
+
+    fn prepare_everywhere(&mut self, txn: u64) {
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        let (participants, m) = (t.participants, t.m.clone());
+        t.waiting = participants.count_ones();
+        t.prepared = 0;
+        t.contended = None;
+        for i in 0..self.shared.shards() {
+            if participants & (1 << i) == 0 {
+                continue;
+            }
+            if i == self.index {
+                let result = self.store.prepare(txn, &m);
+                self.vote(txn, i, result);
+            } else {
+                self.mailbox(i).push_internal(Internal::Prepare { txn, coord: self.index, m: m.clone() });
+            }
+        }
+    }
+
+    /// Prepares again the mutations that met only contended refusals.
+    pub fn retry_contended(&mut self) {
+        self.drain_internal();
+        for txn in std::mem::take(&mut self.retries) {
+            self.prepare_everywhere(txn);
+        }
+    }
+
+    pub(super) fn vote(&mut self, txn: u64, from: usize, result: Result<(), Refusal>) {
+        let Some(t) = self.txns.get_mut(&txn) else { return };
+        t.waiting = t.waiting.checked_sub(1).expect("invariant: one vote per participant");
+        match result {
+            Ok(()) => t.prepared |= 1 << from,
+            Err(r) => {
+                let slot = if r.is_contended() { &mut t.contended } else { &mut t.refusal };
+                if slot.as_ref().is_none_or(|old| r.line() < old.line()) {
+                    *slot = Some(r);
+                }
+            }
+        }
+        if t.waiting == 0 {
+            self.decide(txn);
+        }
+    }
+
+    fn decide(&mut self, txn: u64) {
+        let t = self.txns.get_mut(&txn).expect("decide is called for a known txn");
+        // A definitive refusal answers at once. A contended one (the units
+        // exist but undecided mutations reserved them) would be an answer no
+        // serial order explains if those mutations abort; so release our own
+        // reservations and try again once they had time to be decided.
+        if t.refusal.is_none() && t.contended.is_some() && t.started.elapsed() < CONTENDED_RETRY_FOR {
+            self.abort_everywhere(txn);
+            self.retries.push(txn);
+            self.retry_wake.notify_one();
+            return;
+        }
+        if let Some(r) = t.refusal.clone().or_else(|| t.contended.clone()) {
+            self.abort_everywhere(txn);
+            return self.finish(txn, &refusal_response(&r));
+        }
+        let mut payload = Vec::with_capacity(16 + 16 * t.m.lines.len());
+        t.m.encode(&mut payload);
+        let token = WalToken { txn, coord: self.index, participants: t.participants, m: t.m.clone() };
+        if let Err((e, _)) = self.shared.wal.try_submit(payload, token) {
+            self.abort_everywhere(txn);
+            let resp = Response::Error {
+                status: if e == SubmitError::Full { Status::Overloaded } else { Status::Internal },
+                message: match e {
+                    SubmitError::Full => "the log writer is saturated; retry".into(),
+                    SubmitError::Closed => "the log writer has stopped".into(),
+                },
+            };
+            self.finish(txn, &resp);
+        }
+    }
+
+    fn abort_everywhere(&mut self, txn: u64) {
+        let prepared = self.txns[&txn].prepared;
+        for i in 0..self.shared.shards() {
+            if prepared & (1 << i) != 0 {
+                if i == self.index {
+                    self.store.abort(txn);
+                } else {
+                    self.mailbox(i).push_internal(Internal::Abort { txn });
+                }
+            }
+        }
+    }
+
+    /// The record of `txn` is durable and queued on every shard it involves.
+    pub(super) fn answer_committed(&mut self, txn: u64, lsn: u64) {
+        if self.txns.get(&txn).is_some_and(|t| t.expiry) {
+            self.stats().holds_expired.fetch_add(1, Relaxed);
+        }
+        self.finish(txn, &Response::Ok(Reply::Committed { lsn }));
+    }
+
+    fn finish(&mut self, txn: u64, resp: &Response) {
+        let Some(t) = self.txns.remove(&txn) else { return };
+        if let Some(k) = t.id_key {
+            self.busy_ids.remove(&k);
+        }
+        self.count_outcome(resp);
+        self.stats().txns_open.store(self.txns.len() as u64, Relaxed);
+        send(&t.reply, frame(t.op, t.request_id, resp));
+    }
+
+    fn count_outcome(&self, resp: &Response) {
+        let s = self.stats();
+        let c = match resp.status() {
+            Status::Ok => &s.mutations_ok,
+            Status::InsufficientStock => &s.refused_insufficient,
+            Status::Duplicate => &s.duplicates,
+            Status::Overloaded => &s.overloaded,
+            _ => &s.errors,
+        };
+        c.fetch_add(1, Relaxed);
+    }
+
+    /// Starts the release of holds whose deadline has passed.
+    pub fn expire_holds(&mut self) {
+        let now = now_ms();
+        for id in self.store.expired_holds(now, EXPIRY_BATCH) {
+            if !self.busy_ids.contains(&IdKey::OrderOrHold(id)) {
+                self.start(opcode::RELEASE, 0, Command::Release { id, expired: true }, None);
+            }
+        }
+    }
+}

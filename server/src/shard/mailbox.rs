@@ -1,0 +1,131 @@
+//! The queues other threads use to reach a shard, and what travels in them.
+//!
+//! `requests` (bounded: client requests forwarded by other shards'
+//! connections; full means OVERLOADED) and `internal` (two-phase commit
+//! votes, aborts, commits and snapshot marks; its length is bounded by the
+//! transaction cap of every shard, not by the queue).
+
+use std::sync::Arc;
+
+use crossbeam::queue::{ArrayQueue, SegQueue};
+use stockd_protocol::Key;
+use tokio::sync::{mpsc, Notify};
+
+use crate::state::{Command, Mutation, Refusal};
+
+/// Client requests other shards may queue for this one.
+pub const FORWARD_CAPACITY: usize = 8_192;
+
+/// What a connection receives from shards.
+pub enum Out {
+    /// A complete response frame.
+    Frame(Vec<u8>),
+    /// Part of a cross-shard `QUERY_BATCH`: values for these positions.
+    BatchPart { request_id: u64, positions: Vec<u16>, values: Vec<u64> },
+}
+
+/// Where an answer goes: a connection's channel (None for internal work such as hold expiry).
+pub type ReplyTo = Option<mpsc::UnboundedSender<Out>>;
+
+/// A client request handed to the shard that owns it.
+pub enum Forwarded {
+    Query { request_id: u64, key: Key, reply: ReplyTo },
+    QueryItem { request_id: u64, item: u64, reply: ReplyTo },
+    QueryBatch { request_id: u64, positions: Vec<u16>, keys: Vec<Key>, reply: ReplyTo },
+    Command { op: u8, request_id: u64, cmd: Command, reply: ReplyTo },
+}
+
+impl Forwarded {
+    /// Sets where the answer goes.
+    pub fn reply_to(mut self, to: mpsc::UnboundedSender<Out>) -> Forwarded {
+        match &mut self {
+            Forwarded::Query { reply, .. }
+            | Forwarded::QueryItem { reply, .. }
+            | Forwarded::QueryBatch { reply, .. }
+            | Forwarded::Command { reply, .. } => *reply = Some(to),
+        }
+        self
+    }
+}
+
+/// Messages between shards and from the log writer.
+pub enum Internal {
+    /// Check and reserve this shard's lines of `m` for `txn`; vote to `coord`.
+    Prepare { txn: u64, coord: usize, m: Arc<Mutation> },
+    /// A participant's answer to `Prepare`.
+    Vote { txn: u64, from: usize, result: Result<(), Refusal> },
+    /// Drop what `Prepare` reserved.
+    Abort { txn: u64 },
+    /// Durable records this shard takes part in, in LSN order: apply them.
+    Committed(Vec<Commit>),
+    /// Durable records this shard coordinated, already queued on every
+    /// participant: answer their clients. (txn, lsn)
+    Answer(Vec<(u64, u64)>),
+    /// Serialize the store: every record up to `lsn` has been applied before this mark.
+    Snapshot { lsn: u64 },
+}
+
+/// A durable record for one shard to apply.
+pub struct Commit {
+    pub txn: u64,
+    pub lsn: u64,
+    pub ts_ms: u64,
+    pub m: Arc<Mutation>,
+}
+
+/// What the coordinator hands the log with each record.
+pub struct WalToken {
+    pub txn: u64,
+    pub coord: usize,
+    /// Bit i: shard i owns a line of the mutation.
+    pub participants: u64,
+    pub m: Arc<Mutation>,
+}
+
+pub struct Mailbox {
+    requests: ArrayQueue<Forwarded>,
+    internal: SegQueue<Internal>,
+    pub notify: Notify,
+}
+
+impl Mailbox {
+    pub fn new() -> Mailbox {
+        Mailbox {
+            requests: ArrayQueue::new(FORWARD_CAPACITY),
+            internal: SegQueue::new(),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Queues a message and wakes the shard.
+    pub fn push_internal(&self, m: Internal) {
+        self.internal.push(m);
+        self.notify.notify_one();
+    }
+
+    /// Queues a message without waking the shard (the caller wakes it later).
+    pub fn queue_internal(&self, m: Internal) {
+        self.internal.push(m);
+    }
+
+    /// Hands over a client request; gives it back if the queue is full.
+    pub fn push_request(&self, f: Forwarded) -> Result<(), Forwarded> {
+        self.requests.push(f)?;
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    pub fn pop_internal(&self) -> Option<Internal> {
+        self.internal.pop()
+    }
+
+    pub fn pop_request(&self) -> Option<Forwarded> {
+        self.requests.pop()
+    }
+}
+
+impl Default for Mailbox {
+    fn default() -> Self {
+        Mailbox::new()
+    }
+}

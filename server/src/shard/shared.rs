@@ -1,0 +1,74 @@
+//! What all shard threads share: their mailboxes, their counters, the log
+//! writer's handle, the stop flag and the snapshot channel; and STATS, the
+//! counters summed over shards.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use stockd_persistence::wal::Wal;
+
+use super::mailbox::{Mailbox, WalToken};
+
+/// Counters of one shard, written by its thread, read by STATS from any thread.
+#[derive(Default)]
+pub struct ShardStats {
+    pub connections: AtomicU64,
+    pub queries: AtomicU64,
+    pub keys_read: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub mutations_ok: AtomicU64,
+    pub refused_insufficient: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub errors: AtomicU64,
+    pub overloaded: AtomicU64,
+    pub holds_expired: AtomicU64,
+    pub rows: AtomicU64,
+    pub ids: AtomicU64,
+    pub txns_open: AtomicU64,
+}
+
+/// A finished snapshot part: (lsn, shard, payload).
+pub type SnapshotPart = (u64, usize, Vec<u8>);
+
+/// Everything the shard threads share.
+pub struct Shared {
+    pub mailboxes: Arc<Vec<Mailbox>>,
+    pub stats: Arc<Vec<ShardStats>>,
+    pub wal: Wal<WalToken>,
+    pub stop: AtomicBool,
+    pub snapshots: crossbeam::channel::Sender<SnapshotPart>,
+}
+
+impl Shared {
+    pub fn shards(&self) -> usize {
+        self.mailboxes.len()
+    }
+
+    /// Counters summed over shards, plus the log writer's.
+    pub fn collect_stats(&self) -> Vec<(String, u64)> {
+        let sum =
+            |f: fn(&ShardStats) -> &AtomicU64| self.stats.iter().map(|s| f(s).load(Relaxed)).sum::<u64>();
+        let mut out: Vec<(String, u64)> = vec![
+            ("shards".into(), self.shards() as u64),
+            ("connections".into(), sum(|s| &s.connections)),
+            ("queries".into(), sum(|s| &s.queries)),
+            ("keys_read".into(), sum(|s| &s.keys_read)),
+            ("forwarded".into(), sum(|s| &s.forwarded)),
+            ("mutations_ok".into(), sum(|s| &s.mutations_ok)),
+            ("refused_insufficient".into(), sum(|s| &s.refused_insufficient)),
+            ("duplicates".into(), sum(|s| &s.duplicates)),
+            ("errors".into(), sum(|s| &s.errors)),
+            ("overloaded".into(), sum(|s| &s.overloaded)),
+            ("holds_expired".into(), sum(|s| &s.holds_expired)),
+            ("rows".into(), sum(|s| &s.rows)),
+            ("ids".into(), sum(|s| &s.ids)),
+            ("mutations_in_flight".into(), sum(|s| &s.txns_open)),
+        ];
+        let w = &self.wal.stats;
+        out.push(("wal_records".into(), w.records.load(Relaxed)));
+        out.push(("wal_fsyncs".into(), w.fsyncs.load(Relaxed)));
+        out.push(("wal_bytes".into(), w.bytes.load(Relaxed)));
+        out.push(("wal_sync_micros".into(), w.sync_micros.load(Relaxed)));
+        out
+    }
+}

@@ -1,0 +1,212 @@
+//! The idempotency memory: which order, hold and receipt ids a shard
+//! remembers, what became of each, and which it forgets when.
+//!
+//! Ids wait in a line (`fifo`) in the order they began to age, which is LSN
+//! order: an order and a receipt from the record that created them, a hold
+//! from the record that confirmed or released it. A live hold is not in the
+//! line and is never forgotten. Forgetting runs at apply time from log
+//! timestamps on the shard that owns the id, so a replay under the same
+//! layout forgets exactly what live service forgot.
+
+use stockd_protocol::Line;
+use stockd_record::{Mutation, Op};
+
+use super::Store;
+
+/// The life of an order or hold id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdState {
+    Held {
+        deadline_ms: u64,
+    },
+    Released {
+        lsn: u64,
+        expired: bool,
+    },
+    /// An order: placed directly (`confirm_lsn` None) or a confirmed hold.
+    Ordered {
+        confirm_lsn: Option<u64>,
+    },
+    Cancelled {
+        lsn: u64,
+        confirm_lsn: Option<u64>,
+    },
+}
+
+/// A place in the log: a record's LSN and its timestamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogStamp {
+    pub lsn: u64,
+    pub ts_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdEntry {
+    /// LSN of the ORDER or RESERVE that created the id.
+    pub lsn: u64,
+    pub ts_ms: u64,
+    pub is_hold: bool,
+    pub lines: Vec<Line>,
+    pub state: IdState,
+    /// The record from which the id ages towards being forgotten: its
+    /// creation for an order, its confirmation or release for a hold. None
+    /// while a hold is live: a live hold is never forgotten.
+    pub aging_from: Option<LogStamp>,
+}
+
+/// Limits of the idempotency memory.
+///
+/// An id is remembered for `window_ms` (by log time), unless the table
+/// reaches `max_ids`: then the oldest ids are forgotten first, but never one
+/// younger than `min_window_ms`. If even that does not fit, new ids are
+/// refused with OVERLOADED: shedding load is better than applying a retried
+/// order twice.
+#[derive(Clone, Copy, Debug)]
+pub struct IdLimits {
+    pub window_ms: u64,
+    pub min_window_ms: u64,
+    pub max_ids: usize,
+}
+
+impl Default for IdLimits {
+    fn default() -> Self {
+        IdLimits { window_ms: 24 * 3600 * 1000, min_window_ms: 60_000, max_ids: 16_000_000 }
+    }
+}
+
+impl Store {
+    pub fn id_count(&self) -> usize {
+        self.ids.len() + self.receipts.len()
+    }
+
+    pub fn id(&self, id: u64) -> Option<&IdEntry> {
+        self.ids.get(&id)
+    }
+
+    /// True if a new id cannot be remembered at `now_ms` without forgetting
+    /// one younger than the minimum window.
+    pub(super) fn table_full(&self, now_ms: u64) -> bool {
+        self.id_count() >= self.limits.max_ids
+            && self.fifo.front().is_none_or(|(ts, _, _)| ts + self.limits.min_window_ms > now_ms)
+    }
+
+    /// Forgets ids that aged past the window, and the oldest ones beyond the
+    /// cap (never younger than the minimum window). Runs at apply time from
+    /// log timestamps on the shard that owns the id, so live service and a
+    /// replay under the same layout forget the same ids. Live holds are not
+    /// in the line at all.
+    pub(super) fn evict(&mut self, now_ms: u64) {
+        let cutoff = now_ms.saturating_sub(self.limits.window_ms);
+        while let Some(&(ts, is_receipt, id)) = self.fifo.front() {
+            let over = self.id_count() > self.limits.max_ids && ts + self.limits.min_window_ms <= now_ms;
+            if ts >= cutoff && !over {
+                break;
+            }
+            self.fifo.pop_front();
+            if is_receipt {
+                self.capture_receipt(id);
+                let gone = self.receipts.remove(&id);
+                assert!(gone.is_some(), "invariant: every receipt in the eviction line is remembered ({id})");
+            } else {
+                self.capture_id(id);
+                let gone = self.ids.remove(&id);
+                assert!(
+                    gone.is_some_and(|e| e.aging_from.is_some()),
+                    "invariant: every id in the eviction line is remembered and not a live hold ({id})"
+                );
+            }
+        }
+    }
+
+    /// Holds whose deadline has passed at `now_ms`, oldest first.
+    pub fn expired_holds(&self, now_ms: u64, max: usize) -> Vec<u64> {
+        self.deadlines.iter().take_while(|(d, _)| *d <= now_ms).take(max).map(|(_, id)| *id).collect()
+    }
+
+    pub(super) fn insert_entry(&mut self, id: u64, entry: IdEntry) {
+        if let IdState::Held { deadline_ms } = entry.state {
+            self.deadlines.insert((deadline_ms, id));
+        }
+        self.ids.insert(id, entry);
+    }
+
+    /// The eviction line from the tables: everything that ages, in LSN order.
+    pub(super) fn rebuild_fifo(&mut self) {
+        let mut all: Vec<(u64, u64, bool, u64)> = self
+            .receipts
+            .iter()
+            .map(|(id, r)| (r.lsn, r.ts_ms, true, *id))
+            .chain(self.ids.iter().filter_map(|(id, e)| e.aging_from.map(|a| (a.lsn, a.ts_ms, false, *id))))
+            .collect();
+        all.sort_unstable();
+        self.fifo = all.into_iter().map(|(_, ts, r, id)| (ts, r, id)).collect();
+    }
+
+    /// The id's new state after a durable record, on the shard that owns the id.
+    pub(super) fn apply_id(&mut self, stamp: LogStamp, m: &Mutation) {
+        let id = m.owner_id();
+        match m.op {
+            Op::Order { .. } | Op::Reserve { .. } => {
+                self.capture_id(id);
+                let (state, aging_from) = match m.op {
+                    Op::Reserve { ttl_ms, .. } => {
+                        let deadline_ms = stamp.ts_ms + ttl_ms as u64;
+                        self.deadlines.insert((deadline_ms, id));
+                        (IdState::Held { deadline_ms }, None)
+                    }
+                    _ => (IdState::Ordered { confirm_lsn: None }, Some(stamp)),
+                };
+                let is_hold = aging_from.is_none();
+                let entry = IdEntry {
+                    lsn: stamp.lsn,
+                    ts_ms: stamp.ts_ms,
+                    is_hold,
+                    lines: m.lines.clone(),
+                    state,
+                    aging_from,
+                };
+                let fresh = self.ids.insert(id, entry).is_none();
+                assert!(fresh, "invariant: an order or hold id is created once while remembered ({id})");
+                if !is_hold {
+                    self.fifo.push_back((stamp.ts_ms, false, id));
+                }
+            }
+            Op::Inbound { .. } => {
+                self.capture_receipt(id);
+                let fresh = self.receipts.insert(id, stamp).is_none();
+                assert!(fresh, "invariant: a receipt id is applied once while remembered ({id})");
+                self.fifo.push_back((stamp.ts_ms, true, id));
+            }
+            Op::Cancel { .. } | Op::Confirm { .. } | Op::Release { .. } => self.settle(stamp, id, &m.op),
+            Op::Adjust { .. } => {}
+        }
+    }
+
+    /// Cancel, confirm or release: the id's next state. A hold that is
+    /// settled starts to age now, at the back of the line. (The id may have
+    /// been forgotten since the command was planned: then only rows change.)
+    fn settle(&mut self, stamp: LogStamp, id: u64, op: &Op) {
+        self.capture_id(id);
+        let Some(e) = self.ids.get_mut(&id) else { return };
+        let was_held = match e.state {
+            IdState::Held { deadline_ms } => {
+                self.deadlines.remove(&(deadline_ms, id));
+                true
+            }
+            _ => false,
+        };
+        let lsn = stamp.lsn;
+        e.state = match (op, &e.state) {
+            (Op::Cancel { .. }, IdState::Ordered { confirm_lsn }) => {
+                IdState::Cancelled { lsn, confirm_lsn: *confirm_lsn }
+            }
+            (Op::Confirm { .. }, _) => IdState::Ordered { confirm_lsn: Some(lsn) },
+            (Op::Release { expired, .. }, _) => IdState::Released { lsn, expired: *expired },
+            (_, s) => s.clone(),
+        };
+        if was_held && !matches!(e.state, IdState::Held { .. }) {
+            e.aging_from = Some(stamp);
+            self.fifo.push_back((stamp.ts_ms, false, id));
+        }
+    }
+}

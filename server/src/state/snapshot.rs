@@ -1,0 +1,292 @@
+//! The snapshot codec: a shard's durable state as bytes, written part by
+//! part while the shard keeps serving, and read back into a store of any
+//! layout.
+//!
+//! Payload (little-endian): magic `STKSTAT3`, u64 lsn, u64 row count, rows
+//! (u64 item, u32 center, u64 on_hand, u64 held); then for each of the 64
+//! id parts: u64 receipt count, receipts (u64 id, u64 lsn, u64 ts_ms); u64
+//! id count, ids (u64 id, u64 lsn, u64 ts_ms, u8 is_hold, state (see
+//! [`put_state`]), u64 aging_lsn, u64 aging_ts_ms, u16 line count, lines of
+//! u64 item, u32 center, u32 qty). A live hold has aging stamp 0, 0.
+
+use stockd_protocol::{shard_of, DecodeError, Line, Reader, STOCK_MAX};
+
+use super::ids::{IdEntry, IdState, LogStamp};
+use super::{IdMap, Row, SplitMap, Store, SPLIT_PARTS};
+
+/// A snapshot being serialized: the rows exactly as of `lsn` at once, then
+/// the id tables one part per step, so that a shard with millions of ids
+/// never stops for the whole table at once.
+///
+/// The id tables are exact as of `lsn` too: before a change after `lsn`
+/// touches an id in a part not yet written, its entry as of `lsn` is kept
+/// aside (a before-image) and written instead. Replay after `lsn` then sees
+/// exactly the state the live shard had, and forgets the same ids.
+pub(super) struct Capture {
+    lsn: u64,
+    next_part: usize,
+    buf: Vec<u8>,
+    /// Per part: entries as of `lsn` of ids changed since (None: not in the snapshot).
+    ids_before: Vec<IdMap<Option<IdEntry>>>,
+    receipts_before: Vec<IdMap<Option<LogStamp>>>,
+}
+
+impl Store {
+    /// Keeps an order or hold id's entry as of the snapshot's LSN before it changes.
+    pub(super) fn capture_id(&mut self, id: u64) {
+        let Some(c) = self.capture.as_mut() else { return };
+        let part = SplitMap::<IdEntry>::part_index(id);
+        if part < c.next_part || c.ids_before[part].contains_key(&id) {
+            return;
+        }
+        let before = self.ids.get(&id).filter(|e| e.lsn <= c.lsn).cloned();
+        c.ids_before[part].insert(id, before);
+    }
+
+    /// Keeps a receipt as of the snapshot's LSN before it changes.
+    pub(super) fn capture_receipt(&mut self, id: u64) {
+        let Some(c) = self.capture.as_mut() else { return };
+        let part = SplitMap::<LogStamp>::part_index(id);
+        if part < c.next_part || c.receipts_before[part].contains_key(&id) {
+            return;
+        }
+        let before = self.receipts.get(&id).filter(|r| r.lsn <= c.lsn).copied();
+        c.receipts_before[part].insert(id, before);
+    }
+
+    /// Serializes the durable state (rows, ids, receipts; not pending) at once.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_rows(self.applied_lsn, &mut out);
+        for part in 0..SPLIT_PARTS {
+            self.write_id_part(part, self.applied_lsn, None, &mut out);
+        }
+        out
+    }
+
+    /// Starts a snapshot as of `lsn` (every record up to it applied, none
+    /// after): writes the rows now; [`Store::snapshot_step`] writes the ids.
+    pub fn begin_snapshot(&mut self, lsn: u64) {
+        assert!(self.capture.is_none(), "invariant: one snapshot at a time per shard");
+        let mut buf = Vec::with_capacity(self.row_count() * 32 + self.id_count() * 80 + 64);
+        self.write_rows(lsn, &mut buf);
+        self.capture = Some(Capture {
+            lsn,
+            next_part: 0,
+            buf,
+            ids_before: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(),
+            receipts_before: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(),
+        });
+    }
+
+    pub fn snapshot_in_progress(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    /// Writes the next part of the id tables; returns (lsn, payload) when the
+    /// snapshot is complete.
+    pub fn snapshot_step(&mut self) -> Option<(u64, Vec<u8>)> {
+        let mut c = self.capture.take()?;
+        let part = c.next_part;
+        let before = (std::mem::take(&mut c.ids_before[part]), std::mem::take(&mut c.receipts_before[part]));
+        self.write_id_part(part, c.lsn, Some(&before), &mut c.buf);
+        c.next_part += 1;
+        if c.next_part < SPLIT_PARTS {
+            self.capture = Some(c);
+            return None;
+        }
+        Some((c.lsn, c.buf))
+    }
+
+    /// Finishes a snapshot in progress at once.
+    pub fn finish_snapshot(&mut self) -> Option<(u64, Vec<u8>)> {
+        loop {
+            self.capture.as_ref()?;
+            if let Some(done) = self.snapshot_step() {
+                return Some(done);
+            }
+        }
+    }
+
+    /// Layout: magic, u64 lsn, u64 row count, rows (item, center, on_hand, held).
+    fn write_rows(&self, lsn: u64, out: &mut Vec<u8>) {
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&lsn.to_le_bytes());
+        out.extend_from_slice(&(self.row_count() as u64).to_le_bytes());
+        for (item, v) in &self.rows {
+            for (fc, r) in v {
+                out.extend_from_slice(&item.to_le_bytes());
+                out.extend_from_slice(&fc.to_le_bytes());
+                out.extend_from_slice(&r.on_hand.to_le_bytes());
+                out.extend_from_slice(&r.held.to_le_bytes());
+            }
+        }
+    }
+
+    /// One part of the id tables as of `lsn`: u64 count, receipts (id, lsn,
+    /// ts); u64 count, ids (id, lsn, ts, is_hold, state, aging_lsn,
+    /// aging_ts, u16 line count, lines). Entries in
+    /// `before` replace the live ones (see [`Capture`]).
+    fn write_id_part(&self, part: usize, lsn: u64, before: Option<&BeforeImages>, out: &mut Vec<u8>) {
+        let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
+        let (ids_before, receipts_before) = match before {
+            Some((i, r)) => (Some(i), Some(r)),
+            None => (None, None),
+        };
+        let live_receipts = self
+            .receipts
+            .part(part)
+            .iter()
+            .filter(|(id, r)| r.lsn <= lsn && !receipts_before.is_some_and(|b| b.contains_key(id)))
+            .map(|(id, r)| (*id, *r));
+        let kept_receipts = receipts_before.into_iter().flatten().filter_map(|(id, r)| r.map(|r| (*id, r)));
+        let receipts: Vec<(u64, LogStamp)> = live_receipts.chain(kept_receipts).collect();
+        put(out, receipts.len() as u64);
+        for (id, r) in receipts {
+            put(out, id);
+            put(out, r.lsn);
+            put(out, r.ts_ms);
+        }
+        let live_ids = self
+            .ids
+            .part(part)
+            .iter()
+            .filter(|(id, e)| e.lsn <= lsn && !ids_before.is_some_and(|b| b.contains_key(id)));
+        let kept_ids = ids_before.into_iter().flatten().filter_map(|(id, e)| e.as_ref().map(|e| (id, e)));
+        let ids: Vec<(&u64, &IdEntry)> = live_ids.chain(kept_ids).collect();
+        put(out, ids.len() as u64);
+        for (id, e) in ids {
+            put(out, *id);
+            put(out, e.lsn);
+            put(out, e.ts_ms);
+            out.push(e.is_hold as u8);
+            put_state(out, &e.state);
+            let aging = e.aging_from.unwrap_or(LogStamp { lsn: 0, ts_ms: 0 });
+            put(out, aging.lsn);
+            put(out, aging.ts_ms);
+            out.extend_from_slice(&(e.lines.len() as u16).to_le_bytes());
+            for l in &e.lines {
+                put(out, l.key.item);
+                out.extend_from_slice(&l.key.fc.to_le_bytes());
+                out.extend_from_slice(&l.qty.to_le_bytes());
+            }
+        }
+    }
+
+    /// Adds the state of an encoded snapshot (of any shard count) to this store,
+    /// keeping only what this store owns.
+    pub fn absorb(&mut self, buf: &[u8]) -> Result<(), String> {
+        let mut r = Reader::new(buf);
+        let e = |e: DecodeError| e.0;
+        if r.bytes(SNAPSHOT_MAGIC.len(), "magic").map_err(e)? != SNAPSHOT_MAGIC {
+            return Err("not a stockd state snapshot of this format (written by another version?)".into());
+        }
+        let lsn = r.u64("lsn").map_err(e)?;
+        self.applied_lsn = self.applied_lsn.max(lsn);
+        for _ in 0..r.u64("rows").map_err(e)? {
+            let key = r.key().map_err(e)?;
+            let on_hand = r.u64("on_hand").map_err(e)?;
+            let held = r.u64("held").map_err(e)?;
+            if held > on_hand || on_hand > STOCK_MAX {
+                return Err(format!("row {key:?}: held {held} > on_hand {on_hand} or above max"));
+            }
+            if self.owns_item(key.item) {
+                *self.row_mut(key) = Row { on_hand, held, ..Row::default() };
+            }
+        }
+        for _ in 0..SPLIT_PARTS {
+            for _ in 0..r.u64("receipts").map_err(e)? {
+                let id = r.u64("id").map_err(e)?;
+                let stamp = LogStamp { lsn: r.u64("lsn").map_err(e)?, ts_ms: r.u64("ts").map_err(e)? };
+                if shard_of(id, self.shards) == self.shard {
+                    self.receipts.insert(id, stamp);
+                }
+            }
+            for _ in 0..r.u64("ids").map_err(e)? {
+                let (id, entry) = read_id_entry(&mut r).map_err(e)?;
+                if shard_of(id, self.shards) == self.shard {
+                    self.insert_entry(id, entry);
+                }
+            }
+        }
+        r.finish().map_err(e)?;
+        self.rebuild_fifo();
+        Ok(())
+    }
+}
+
+/// The before-images of one part: ids, receipts.
+type BeforeImages = (IdMap<Option<IdEntry>>, IdMap<Option<LogStamp>>);
+
+/// Marks a state snapshot payload of this layout (the 3rd: ids carry their aging stamp).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"STKSTAT3";
+
+fn read_id_entry(r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
+    let id = r.u64("id")?;
+    let lsn = r.u64("lsn")?;
+    let ts_ms = r.u64("ts")?;
+    let is_hold = r.u8("is_hold")? != 0;
+    let state = read_state(r)?;
+    let aging = LogStamp { lsn: r.u64("aging_lsn")?, ts_ms: r.u64("aging_ts")? };
+    let aging_from = (aging.lsn != 0).then_some(aging);
+    if aging_from.is_none() != matches!(state, IdState::Held { .. }) {
+        return Err(DecodeError(format!("id {id}: aging stamp does not fit its state")));
+    }
+    let n = r.u16("lines")? as usize;
+    let mut lines = Vec::with_capacity(n);
+    for _ in 0..n {
+        let key = r.key()?;
+        lines.push(Line { key, qty: r.u32("qty")? });
+    }
+    Ok((id, IdEntry { lsn, ts_ms, is_hold, lines, state, aging_from }))
+}
+
+/// An id's state: u8 tag, then its fields. held (0): u64 deadline_ms;
+/// released (1): u64 lsn, u8 expired; ordered (2): optional confirm lsn;
+/// cancelled (3): u64 lsn, optional confirm lsn. Optional: u8 0, or u8 1 and u64.
+fn put_state(out: &mut Vec<u8>, state: &IdState) {
+    let put_opt = |out: &mut Vec<u8>, v: Option<u64>| match v {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    };
+    match *state {
+        IdState::Held { deadline_ms } => {
+            out.push(0);
+            out.extend_from_slice(&deadline_ms.to_le_bytes());
+        }
+        IdState::Released { lsn, expired } => {
+            out.push(1);
+            out.extend_from_slice(&lsn.to_le_bytes());
+            out.push(expired as u8);
+        }
+        IdState::Ordered { confirm_lsn } => {
+            out.push(2);
+            put_opt(out, confirm_lsn);
+        }
+        IdState::Cancelled { lsn, confirm_lsn } => {
+            out.push(3);
+            out.extend_from_slice(&lsn.to_le_bytes());
+            put_opt(out, confirm_lsn);
+        }
+    }
+}
+
+fn read_state(r: &mut Reader<'_>) -> Result<IdState, DecodeError> {
+    let read_opt = |r: &mut Reader<'_>| -> Result<Option<u64>, DecodeError> {
+        match r.u8("has confirm_lsn")? {
+            0 => Ok(None),
+            1 => Ok(Some(r.u64("confirm_lsn")?)),
+            f => Err(DecodeError(format!("bad option flag {f}"))),
+        }
+    };
+    Ok(match r.u8("state")? {
+        0 => IdState::Held { deadline_ms: r.u64("deadline_ms")? },
+        1 => IdState::Released { lsn: r.u64("release lsn")?, expired: r.u8("expired")? != 0 },
+        2 => IdState::Ordered { confirm_lsn: read_opt(r)? },
+        3 => IdState::Cancelled { lsn: r.u64("cancel lsn")?, confirm_lsn: read_opt(r)? },
+        t => return Err(DecodeError(format!("unknown id state {t}"))),
+    })
+}
