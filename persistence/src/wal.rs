@@ -87,15 +87,39 @@ pub struct ReplayEnd {
     pub torn_bytes: u64,
 }
 
-/// Calls `apply` for every record with an LSN above `after_lsn`, in order.
-///
-/// A bad record at the end of the last segment is a write that a crash cut
-/// short (it was never acknowledged): the segment is truncated there and
-/// replay ends. A bad record anywhere else, or a gap in LSNs, is corruption
-/// and an error: the server refuses to start rather than lose data silently.
-pub fn replay(dir: &Path, after_lsn: u64, mut apply: impl FnMut(Record)) -> Result<ReplayEnd, Error> {
+/// Where a scan stopped early: a bad record at the end of the last segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub segment: PathBuf,
+    /// Offset of the first byte that is not part of a good record.
+    pub offset: u64,
+    /// Bytes from there to the end of the segment.
+    pub bytes: u64,
+    pub why: String,
+}
+
+/// What a read-only scan found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ScanEnd {
+    /// The LSN after the last good record.
+    pub next_lsn: u64,
+    /// Timestamp of the last good record (0 if none).
+    pub last_ts_ms: u64,
+    /// Records handed to the callback.
+    pub records: u64,
+    /// A bad record at the end of the last segment: a write a crash cut
+    /// short, or one still being written by a live server.
+    pub torn: Option<TornTail>,
+}
+
+/// Calls `each` for every good record with an LSN above `after_lsn`, in
+/// order, without changing anything on disk: safe on the directory of a
+/// running server. A bad record at the end of the last segment ends the
+/// scan (see [`ScanEnd::torn`]); anywhere else, or a gap in LSNs, it is an
+/// error.
+pub fn scan(dir: &Path, after_lsn: u64, mut each: impl FnMut(Record)) -> Result<ScanEnd, Error> {
     let segs = list_segments(dir)?;
-    let mut end = ReplayEnd { next_lsn: after_lsn + 1, ..Default::default() };
+    let mut end = ScanEnd { next_lsn: after_lsn + 1, ..Default::default() };
     // Segments wholly at or below after_lsn are skipped: the next one starts at or below it + 1.
     let first = segs.iter().rposition(|(lsn, _)| *lsn <= after_lsn + 1).unwrap_or(0);
     let mut expect: Option<u64> = None;
@@ -103,53 +127,84 @@ pub fn replay(dir: &Path, after_lsn: u64, mut apply: impl FnMut(Record)) -> Resu
         let last_segment = i + 1 == segs.len();
         let mut data = Vec::new();
         File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|e| Error::io(path, e))?;
-        let mut pos = 0usize;
-        if let Some(want) = expect {
-            if *first_lsn != want {
+        match expect {
+            Some(want) if *first_lsn != want => {
                 return Err(Error::Corrupt(format!(
                     "{}: starts at LSN {first_lsn}, expected {want}",
                     path.display()
                 )));
             }
-        } else if *first_lsn > after_lsn + 1 {
-            return Err(Error::Corrupt(format!(
-                "log starts at LSN {first_lsn} but the snapshot ends at {after_lsn}: records are missing"
-            )));
-        }
-        let mut lsn_here = *first_lsn;
-        while pos < data.len() {
-            match parse_record(&data[pos..]) {
-                Some((rec, len)) if rec.lsn == lsn_here => {
-                    pos += len;
-                    lsn_here += 1;
-                    end.last_ts_ms = rec.ts_ms;
-                    if rec.lsn > after_lsn {
-                        end.replayed += 1;
-                        apply(rec);
-                    }
-                }
-                bad => {
-                    let why = match bad {
-                        Some((rec, _)) => format!("LSN {} where {lsn_here} was expected", rec.lsn),
-                        None => "an incomplete or checksum-failing record".to_string(),
-                    };
-                    if !last_segment {
-                        return Err(Error::Corrupt(format!("{}: offset {pos}: {why}", path.display())));
-                    }
-                    let torn = (data.len() - pos) as u64;
-                    tracing::warn!(
-                        segment = %path.display(), offset = pos, bytes = torn,
-                        "torn write at the end of the log ({why}); truncating: it was never acknowledged"
-                    );
-                    let f = OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
-                    f.set_len(pos as u64).and_then(|_| f.sync_all()).map_err(|e| Error::io(path, e))?;
-                    end.torn_bytes = torn;
-                    break;
-                }
+            None if *first_lsn > after_lsn + 1 => {
+                return Err(Error::Corrupt(format!(
+                    "log starts at LSN {first_lsn} but the snapshot ends at {after_lsn}: records are missing"
+                )));
             }
+            _ => {}
+        }
+        let (lsn_here, bad) = scan_segment(&data, *first_lsn, after_lsn, &mut end, &mut each);
+        if let Some((offset, why)) = bad {
+            if !last_segment {
+                return Err(Error::Corrupt(format!("{}: offset {offset}: {why}", path.display())));
+            }
+            let bytes = (data.len() - offset) as u64;
+            end.torn = Some(TornTail { segment: path.clone(), offset: offset as u64, bytes, why });
         }
         expect = Some(lsn_here);
         end.next_lsn = end.next_lsn.max(lsn_here);
+    }
+    Ok(end)
+}
+
+/// Hands the good records of one segment to `each`; returns the LSN after
+/// the last good one and, if one is bad, its offset and what is wrong.
+fn scan_segment(
+    data: &[u8],
+    first_lsn: u64,
+    after_lsn: u64,
+    end: &mut ScanEnd,
+    each: &mut impl FnMut(Record),
+) -> (u64, Option<(usize, String)>) {
+    let (mut pos, mut lsn_here) = (0usize, first_lsn);
+    while pos < data.len() {
+        match parse_record(&data[pos..]) {
+            Some((rec, len)) if rec.lsn == lsn_here => {
+                pos += len;
+                lsn_here += 1;
+                end.last_ts_ms = rec.ts_ms;
+                if rec.lsn > after_lsn {
+                    end.records += 1;
+                    each(rec);
+                }
+            }
+            Some((rec, _)) => {
+                return (lsn_here, Some((pos, format!("LSN {} where {lsn_here} was expected", rec.lsn))))
+            }
+            None => return (lsn_here, Some((pos, "an incomplete or checksum-failing record".to_string()))),
+        }
+    }
+    (lsn_here, None)
+}
+
+/// Calls `apply` for every record with an LSN above `after_lsn`, in order,
+/// for recovery: like [`scan`], and a bad record at the end of the last
+/// segment is a write that a crash cut short (it was never acknowledged):
+/// the segment is truncated there. Never call it on a running server's directory.
+pub fn replay(dir: &Path, after_lsn: u64, apply: impl FnMut(Record)) -> Result<ReplayEnd, Error> {
+    let scanned = scan(dir, after_lsn, apply)?;
+    let mut end = ReplayEnd {
+        next_lsn: scanned.next_lsn,
+        last_ts_ms: scanned.last_ts_ms,
+        replayed: scanned.records,
+        torn_bytes: 0,
+    };
+    if let Some(t) = scanned.torn {
+        tracing::warn!(
+            segment = %t.segment.display(), offset = t.offset, bytes = t.bytes,
+            "torn write at the end of the log ({}); truncating: it was never acknowledged", t.why
+        );
+        let f = OpenOptions::new().write(true).open(&t.segment).map_err(|e| Error::io(&t.segment, e))?;
+        f.set_len(t.offset).and_then(|_| f.sync_all()).map_err(|e| Error::io(&t.segment, e))?;
+        end.torn_bytes = t.bytes;
     }
     Ok(end)
 }

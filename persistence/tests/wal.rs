@@ -83,6 +83,24 @@ fn torn_tail_is_truncated_and_reported() {
 }
 
 #[test]
+fn a_scan_reports_a_torn_tail_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    write_records(WalConfig::new(dir.path()), 1, 10);
+    let (_, seg) = wal::list_segments(dir.path()).unwrap().pop().unwrap();
+    let mut rec = Vec::new();
+    wal::encode_record(11, 5, b"still being written", &mut rec);
+    OpenOptions::new().append(true).open(&seg).unwrap().write_all(&rec[..rec.len() - 3]).unwrap();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let mut lsns = Vec::new();
+    let end = wal::scan(dir.path(), 4, |r| lsns.push(r.lsn)).unwrap();
+    assert_eq!(lsns, (5..=10).collect::<Vec<_>>());
+    assert_eq!((end.next_lsn, end.records), (11, 6));
+    let torn = end.torn.expect("the partial record is reported");
+    assert_eq!(torn.bytes, rec.len() as u64 - 3);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "a scan never truncates");
+}
+
+#[test]
 fn corruption_before_the_last_segment_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     write_records(WalConfig::new(dir.path()), 1, 10);

@@ -224,3 +224,6 @@ impl Shard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

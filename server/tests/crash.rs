@@ -20,6 +20,8 @@ use stockd_client::{Applied, Client, Error, Key, Line};
 
 const ITEMS: u64 = 24;
 const INITIAL: u64 = 400;
+/// Acknowledged mutations before the SIGKILL (the load keeps going meanwhile).
+const KILL_AFTER_ACKS: usize = 3_000;
 
 #[derive(Clone, Debug)]
 struct Sent {
@@ -86,7 +88,13 @@ async fn kill_9_loses_nothing_acknowledged_and_half_applies_nothing() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill once the load has run for real: a few thousand acknowledgements.
+    let t = std::time::Instant::now();
+    let acked = || journal.lock().unwrap().iter().filter(|(_, f)| *f == Fate::Acked).count();
+    while acked() < KILL_AFTER_ACKS {
+        assert!(t.elapsed() < Duration::from_secs(60), "only {} acknowledgements in 60 s", acked());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     d.kill_9();
     for t in tasks {
         t.await.unwrap();
@@ -97,7 +105,7 @@ async fn kill_9_loses_nothing_acknowledged_and_half_applies_nothing() {
     let c = d.client().await;
     let journal = std::mem::take(&mut *journal.lock().unwrap());
     let acked = journal.iter().filter(|(_, f)| *f == Fate::Acked).count();
-    assert!(acked > 50, "the load ran before the kill ({acked} acknowledged)");
+    assert!(acked >= KILL_AFTER_ACKS, "the load ran before the kill ({acked} acknowledged)");
     let mut expected: HashMap<u64, i64> = (0..ITEMS).map(|i| (i, INITIAL as i64)).collect();
     let mut retried_applied = 0;
     let mut unknown = 0;

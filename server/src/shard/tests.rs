@@ -1,0 +1,213 @@
+//! Shard and connection logic without threads: shards built by hand around
+//! a real log writer (whose commit callback the test controls), driven by
+//! calling them directly, as their event loops would.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use stockd_persistence::wal::{Committed, Wal, WalConfig};
+use stockd_protocol::{
+    opcode, parse_frame, shard_of, HelloInfo, Key, Line, Request, Response, Status, HEADER_LEN,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::conn::{serve, ConnCtx};
+use crate::state::{Command, IdLimits, Mutation, Op};
+
+/// `n` shards' shared state around a real log writer in `dir`; every group
+/// commit goes to `on_commit` (the shards never hear of it unless it says so).
+fn shared_with(
+    dir: &std::path::Path,
+    n: usize,
+    queue_capacity: usize,
+    on_commit: impl FnMut(Vec<Committed<mailbox::WalToken>>) + Send + 'static,
+) -> Arc<Shared> {
+    let cfg = WalConfig { queue_capacity, ..WalConfig::new(dir) };
+    let (wal, _writer) = Wal::start(cfg, 1, 0, on_commit).unwrap();
+    let (snapshots, _) = crossbeam::channel::unbounded();
+    Arc::new(Shared {
+        mailboxes: Arc::new((0..n).map(|_| Mailbox::new()).collect()),
+        stats: Arc::new((0..n).map(|_| ShardStats::default()).collect()),
+        wal,
+        stop: AtomicBool::new(false),
+        snapshots,
+    })
+}
+
+/// A store of shard `i` of `n` with `units` available in `key` (if it owns it).
+fn stocked(i: usize, n: usize, key: Key, units: u32) -> Store {
+    let mut s = Store::new(i, n, IdLimits::default());
+    s.apply(
+        None,
+        1,
+        0,
+        &Mutation { op: Op::Inbound { id: u64::MAX }, lines: vec![Line { key, qty: units }] },
+    );
+    s
+}
+
+fn order(id: u64, key: Key, qty: u32) -> Command {
+    Command::Order { id, lines: vec![Line { key, qty }] }
+}
+
+/// The answer a shard sent to `rx`, decoded.
+fn answer(rx: &mut mpsc::UnboundedReceiver<Out>) -> Option<Response> {
+    match rx.try_recv().ok()? {
+        Out::Frame(f) => {
+            let (h, body) = parse_frame(&f).unwrap().unwrap();
+            Some(Response::decode(h.opcode, body).unwrap())
+        }
+        Out::BatchPart { .. } => panic!("a batch part where a frame was expected"),
+    }
+}
+
+const KEY: Key = Key { item: 5, fc: 1 };
+
+#[test]
+fn a_contended_refusal_is_retried_until_its_time_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    // Commits are never routed: the first order stays undecided for good.
+    let shared = shared_with(dir.path(), 1, 1024, |_| {});
+    let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 5));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    shard.start(opcode::ORDER, 1, order(10, KEY, 5), Some(tx.clone()));
+    shard.start(opcode::ORDER, 2, order(11, KEY, 1), Some(tx));
+    // The units exist but an undecided order reserved them: no answer yet, a retry instead.
+    assert!(answer(&mut rx).is_none());
+    assert_eq!(shard.retries.len(), 1);
+    let t = Instant::now();
+    let resp = loop {
+        std::thread::sleep(Duration::from_millis(20));
+        shard.retry_contended();
+        if let Some(resp) = answer(&mut rx) {
+            break resp;
+        }
+        assert!(t.elapsed() < CONTENDED_RETRY_FOR * 3, "the retry never gave up");
+    };
+    assert!(t.elapsed() >= CONTENDED_RETRY_FOR - Duration::from_millis(100));
+    assert_eq!(resp, Response::Insufficient { line: 0, available: 0 });
+    assert!(shard.retries.is_empty());
+}
+
+#[test]
+fn beyond_max_txns_a_shard_answers_overloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = shared_with(dir.path(), 1, MAX_TXNS * 2, |_| {});
+    let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 1_000_000));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for id in 0..MAX_TXNS as u64 {
+        shard.start(opcode::ORDER, id, order(id, KEY, 1), Some(tx.clone()));
+    }
+    assert!(answer(&mut rx).is_none(), "all in flight, none answered");
+    shard.start(opcode::ORDER, 0, order(u64::MAX - 1, KEY, 1), Some(tx));
+    match answer(&mut rx) {
+        Some(Response::Error { status: Status::Overloaded, message }) => {
+            assert!(message.contains("too many mutations in flight"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(shard.txns.len(), MAX_TXNS);
+}
+
+#[test]
+fn a_full_log_queue_answers_overloaded_and_reserves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // The writer takes the first record, then waits in its callback; one more fills the queue.
+    let (gate_tx, gate_rx) = std_mpsc::channel::<()>();
+    let (took_tx, took_rx) = std_mpsc::channel::<()>();
+    let shared = shared_with(dir.path(), 1, 1, move |_| {
+        let _ = took_tx.send(());
+        let _ = gate_rx.recv();
+    });
+    let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 100));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    shard.start(opcode::ORDER, 1, order(1, KEY, 1), Some(tx.clone()));
+    took_rx.recv_timeout(Duration::from_secs(10)).expect("the writer took the first record");
+    shard.start(opcode::ORDER, 2, order(2, KEY, 1), Some(tx.clone()));
+    shard.start(opcode::ORDER, 3, order(3, KEY, 90), Some(tx));
+    match answer(&mut rx) {
+        Some(Response::Error { status: Status::Overloaded, message }) => {
+            assert!(message.contains("log writer is saturated"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The refused order's reservation was dropped: 98 units are still free to reserve.
+    assert!(shard
+        .store
+        .prepare(99, &Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key: KEY, qty: 98 }] })
+        .is_ok());
+    drop(gate_tx);
+}
+
+/// A QUERY_BATCH over three shards whose third owner's queue is full: the
+/// batch answers OVERLOADED, the part already handed over comes back later
+/// and is absorbed, and the connection keeps serving.
+#[test]
+fn a_cross_shard_batch_with_a_full_owner_answers_overloaded_and_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = shared_with(dir.path(), 3, 1024, |_| {});
+    let key_on = |s: usize| Key { item: (1..).find(|i| shard_of(*i, 3) == s).unwrap(), fc: 1 };
+    let (k0, k1, k2) = (key_on(0), key_on(1), key_on(2));
+    // The owner of k2 has a full request queue.
+    let (dead_tx, _dead_rx) = mpsc::unbounded_channel();
+    for _ in 0..FORWARD_CAPACITY {
+        let f = Forwarded::Query { request_id: 0, key: k2, reply: Some(dead_tx.clone()) };
+        assert!(shared.mailboxes[2].push_request(f).is_ok());
+    }
+    let shard0 = Rc::new(RefCell::new(Shard::new(0, shared.clone(), Store::new(0, 3, IdLimits::default()))));
+    let mut shard1 = Shard::new(1, shared.clone(), Store::new(1, 3, IdLimits::default()));
+    let hello = HelloInfo {
+        server_id: 1,
+        hash_id: 1,
+        shard_ports: vec![0; 3],
+        max_body: 1 << 20,
+        max_batch_keys: 64,
+        max_lines: 64,
+    };
+    let ctx = Rc::new(ConnCtx { hello, auth_token: None });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::task::spawn_local(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            serve(stream, shard0, ctx).await;
+        });
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut out = Vec::new();
+        Request::QueryBatch { keys: vec![k0, k1, k2] }.encode(7, &mut out);
+        client.write_all(&out).await.unwrap();
+        let (id, resp) = read_answer(&mut client).await;
+        assert_eq!(id, 7);
+        assert_eq!(resp.status(), Status::Overloaded);
+        // Shard 1 answers its part now; the connection must absorb it, not panic.
+        shard1.drain();
+        out.clear();
+        Request::Ping.encode(8, &mut out);
+        client.write_all(&out).await.unwrap();
+        let (id, resp) = read_answer(&mut client).await;
+        assert_eq!((id, resp.status()), (8, Status::Ok));
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+    });
+}
+
+async fn read_answer(s: &mut tokio::net::TcpStream) -> (u64, Response) {
+    let mut buf = Vec::new();
+    loop {
+        if let Some((h, body)) = parse_frame(&buf).unwrap() {
+            assert_eq!(buf.len(), HEADER_LEN + h.body_len, "one answer at a time here");
+            return (h.request_id, Response::decode(h.opcode, body).unwrap());
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "the server closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
