@@ -24,6 +24,10 @@ use crate::state::Command;
 
 /// Requests of one connection that may wait for another shard or the log.
 pub const MAX_INFLIGHT: usize = 1024;
+/// A connection's read and write buffers start at this size; reads add this much room.
+const BUFFER_BYTES: usize = 64 << 10;
+/// Room left in the read buffer below which it grows before the next read.
+const MIN_READ_ROOM_BYTES: usize = 16 << 10;
 
 /// What every connection of a shard needs to know.
 pub struct ConnCtx {
@@ -54,9 +58,9 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
         inflight: 0,
         authed: ctx.auth_token.is_none(),
         batches: HashMap::new(),
-        wbuf: Vec::with_capacity(64 << 10),
+        wbuf: Vec::with_capacity(BUFFER_BYTES),
     };
-    let mut rbuf: Vec<u8> = Vec::with_capacity(64 << 10);
+    let mut rbuf: Vec<u8> = Vec::with_capacity(BUFFER_BYTES);
     loop {
         let mut close = false;
         let mut consumed = 0;
@@ -96,8 +100,8 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
         if paused && conn.inflight < MAX_INFLIGHT {
             continue; // answers drained below the bound: serve the buffered frames first
         }
-        if rbuf.capacity() - rbuf.len() < 16 << 10 {
-            rbuf.reserve(64 << 10);
+        if rbuf.capacity() - rbuf.len() < MIN_READ_ROOM_BYTES {
+            rbuf.reserve(BUFFER_BYTES);
         }
         let can_read = conn.inflight < MAX_INFLIGHT && rbuf.len() < 2 * (MAX_BODY + HEADER_LEN);
         tokio::select! {
@@ -177,8 +181,6 @@ impl Conn {
                 return self.error(op, rid, Status::BadRequest, &e.0);
             }
         };
-        let n = sh.shards();
-        let me = sh.index();
         match req {
             Request::Hello { token } => {
                 if let Some(want) = &ctx.auth_token {
@@ -193,27 +195,8 @@ impl Conn {
             Request::Stats => {
                 Response::Ok(Reply::Stats(sh.shared().collect_stats())).encode(op, rid, &mut self.wbuf)
             }
-            Request::Query { key } => {
-                let owner = shard_of(key.item, n);
-                if owner == me {
-                    let available = sh.read([key].into_iter())[0];
-                    let start = begin_frame(&mut self.wbuf, op | RESPONSE_BIT, rid);
-                    self.wbuf.push(Status::Ok as u8);
-                    self.wbuf.extend_from_slice(&available.to_le_bytes());
-                    end_frame(&mut self.wbuf, start);
-                } else {
-                    self.forward(sh, owner, op, rid, Forwarded::Query { request_id: rid, key, reply: None });
-                }
-            }
-            Request::QueryItem { item } => {
-                let owner = shard_of(item, n);
-                if owner == me {
-                    Response::Ok(Reply::Item(sh.read_item(item))).encode(op, rid, &mut self.wbuf);
-                } else {
-                    let f = Forwarded::QueryItem { request_id: rid, item, reply: None };
-                    self.forward(sh, owner, op, rid, f);
-                }
-            }
+            Request::Query { key } => self.query(sh, op, rid, key),
+            Request::QueryItem { item } => self.query_item(sh, op, rid, item),
             Request::QueryBatch { keys } => self.query_batch(sh, op, rid, keys),
             Request::Order { id, lines } => self.command(sh, op, rid, Command::Order { id, lines }),
             Request::Inbound { id, lines } => self.command(sh, op, rid, Command::Inbound { id, lines }),
@@ -227,6 +210,28 @@ impl Conn {
                 self.command(sh, op, rid, Command::Adjust { key, on_hand, reason })
             }
         }
+    }
+
+    fn query(&mut self, sh: &mut Shard, op: u8, rid: u64, key: Key) {
+        let owner = shard_of(key.item, sh.shards());
+        if owner != sh.index() {
+            return self.forward(sh, owner, op, rid, Forwarded::Query { request_id: rid, key, reply: None });
+        }
+        // The hot path: straight into the write buffer, no Response value.
+        let available = sh.read_one(key);
+        let start = begin_frame(&mut self.wbuf, op | RESPONSE_BIT, rid);
+        self.wbuf.push(Status::Ok as u8);
+        self.wbuf.extend_from_slice(&available.to_le_bytes());
+        end_frame(&mut self.wbuf, start);
+    }
+
+    fn query_item(&mut self, sh: &mut Shard, op: u8, rid: u64, item: u64) {
+        let owner = shard_of(item, sh.shards());
+        if owner != sh.index() {
+            let f = Forwarded::QueryItem { request_id: rid, item, reply: None };
+            return self.forward(sh, owner, op, rid, f);
+        }
+        Response::Ok(Reply::Item(sh.read_item(item))).encode(op, rid, &mut self.wbuf);
     }
 
     fn query_batch(&mut self, sh: &mut Shard, op: u8, rid: u64, keys: Vec<Key>) {

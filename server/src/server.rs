@@ -21,6 +21,9 @@ use crate::shard::shared::SnapshotPart;
 use crate::shard::{now_ms, Mailbox, ShardStats, Shared, MAX_SHARDS};
 use crate::state::{IdLimits, LogRecord, Store};
 
+/// Connections the kernel queues for a listener before the shard accepts them.
+const LISTEN_BACKLOG: i32 = 1024;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -74,7 +77,7 @@ fn listener(addr: SocketAddr, reuse_port: bool) -> Result<StdListener, String> {
     }
     sock.set_nonblocking(true).map_err(|e| e.to_string())?;
     sock.bind(&addr.into()).map_err(|e| format!("bind {addr}: {e}"))?;
-    sock.listen(1024).map_err(|e| format!("listen {addr}: {e}"))?;
+    sock.listen(LISTEN_BACKLOG).map_err(|e| format!("listen {addr}: {e}"))?;
     Ok(sock.into())
 }
 

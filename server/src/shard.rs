@@ -116,6 +116,13 @@ impl Shard {
         result
     }
 
+    /// Available units of one row this shard owns (everything durable applied first).
+    pub fn read_one(&mut self, key: Key) -> u64 {
+        self.drain_internal();
+        self.count_read(1);
+        self.store.available(key)
+    }
+
     /// Available units of rows this shard owns, for a read of `keys`
     /// (everything durable applied first).
     pub fn read(&mut self, keys: impl ExactSizeIterator<Item = Key>) -> Vec<u64> {
@@ -175,7 +182,7 @@ impl Shard {
     fn forwarded(&mut self, f: Forwarded) {
         match f {
             Forwarded::Query { request_id, key, reply } => {
-                let available = self.read([key].into_iter())[0];
+                let available = self.read_one(key);
                 send(&reply, frame(opcode::QUERY, request_id, &Response::Ok(Reply::Available(available))));
             }
             Forwarded::QueryItem { request_id, item, reply } => {
