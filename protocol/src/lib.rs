@@ -24,6 +24,9 @@ pub const MAX_BODY: usize = 1 << 20;
 pub const MAX_BATCH_KEYS: usize = 4096;
 /// Lines in one `ORDER`, `INBOUND` or `RESERVE`.
 pub const MAX_LINES: usize = 256;
+/// Fulfillment centers one item may have rows in (so that a `QUERY_ITEM`
+/// answer always fits its u16 count and `MAX_BODY`).
+pub const MAX_CENTERS_PER_ITEM: usize = 4096;
 /// Bytes of an auth token in `HELLO`.
 pub const MAX_TOKEN: usize = 256;
 /// Longest hold a `RESERVE` may ask for: one hour.
@@ -467,7 +470,7 @@ impl Request {
                 }
                 Request::Adjust { key, on_hand, reason: r.u16("reason")? }
             }
-            other => return err(format!("unknown opcode 0x{other:02x}")),
+            other => return err(format!("opcode: unknown opcode 0x{other:02x}")),
         };
         r.finish()?;
         Ok(req)
@@ -687,7 +690,7 @@ fn decode_reply(op: u8, r: &mut Reader<'_>) -> Result<Reply, DecodeError> {
         ORDER | INBOUND | CANCEL | RESERVE | CONFIRM | RELEASE | ADJUST => {
             Reply::Committed { lsn: r.u64("lsn")? }
         }
-        other => return err(format!("unknown opcode 0x{other:02x}")),
+        other => return err(format!("opcode: unknown opcode 0x{other:02x}")),
     })
 }
 

@@ -51,6 +51,8 @@ struct Conn {
 }
 
 /// Serves one connection until the peer closes it or breaks the framing.
+/// A peer that half-closes (shuts down its sending side) still gets an
+/// answer to every request it sent before; then the connection closes.
 pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<ConnCtx>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
@@ -61,6 +63,8 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
         wbuf: Vec::with_capacity(BUFFER_BYTES),
     };
     let mut rbuf: Vec<u8> = Vec::with_capacity(BUFFER_BYTES);
+    // The peer will send nothing more (it closed or half-closed the socket).
+    let mut peer_done = false;
     loop {
         let mut close = false;
         let mut consumed = 0;
@@ -100,15 +104,19 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
         if paused && conn.inflight < MAX_INFLIGHT {
             continue; // answers drained below the bound: serve the buffered frames first
         }
+        if peer_done && conn.inflight == 0 {
+            break; // every request it sent is answered and written
+        }
         if rbuf.capacity() - rbuf.len() < MIN_READ_ROOM_BYTES {
             rbuf.reserve(BUFFER_BYTES);
         }
-        let can_read = conn.inflight < MAX_INFLIGHT && rbuf.len() < 2 * (MAX_BODY + HEADER_LEN);
+        let can_read = !peer_done && conn.inflight < MAX_INFLIGHT && rbuf.len() < 2 * (MAX_BODY + HEADER_LEN);
         tokio::select! {
             biased;
             Some(out) = rx.recv() => conn.deliver(out),
             r = stream.read_buf(&mut rbuf), if can_read => match r {
-                Ok(0) | Err(_) => break,
+                Ok(0) => peer_done = true,
+                Err(_) => break,
                 Ok(_) => {}
             },
         }

@@ -1,28 +1,25 @@
 //! Startup (recovery, threads, listeners), snapshots, and shutdown.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
 use stockd_persistence::snapshot::{self, Manifest};
 use stockd_persistence::wal::{self, Wal, WalConfig};
 use stockd_protocol::{HelloInfo, HASH_FMIX64_MOD, MAX_BATCH_KEYS, MAX_BODY, MAX_LINES};
 
 use crate::conn::ConnCtx;
 use crate::event_loop::shard_main;
+use crate::listeners::Listeners;
 use crate::recovery::{recover, Recovered};
 use crate::shard::commits::{route_commits, SnapshotPolicy};
 use crate::shard::shared::SnapshotPart;
 use crate::shard::{now_ms, Mailbox, ShardStats, Shared, MAX_SHARDS};
 use crate::state::{IdLimits, LogRecord, Store};
-
-/// Connections the kernel queues for a listener before the shard accepts them.
-const LISTEN_BACKLOG: i32 = 1024;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -68,19 +65,6 @@ pub struct Running {
     _lock: File,
 }
 
-fn listener(addr: SocketAddr, reuse_port: bool) -> Result<StdListener, String> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| format!("socket: {e}"))?;
-    sock.set_reuse_address(true).map_err(|e| e.to_string())?;
-    if reuse_port {
-        sock.set_reuse_port(true).map_err(|e| e.to_string())?;
-    }
-    sock.set_nonblocking(true).map_err(|e| e.to_string())?;
-    sock.bind(&addr.into()).map_err(|e| format!("bind {addr}: {e}"))?;
-    sock.listen(LISTEN_BACKLOG).map_err(|e| format!("listen {addr}: {e}"))?;
-    Ok(sock.into())
-}
-
 fn server_id(dir: &Path) -> Result<u64, String> {
     let path = dir.join("SERVER_ID");
     if let Ok(s) = std::fs::read_to_string(&path) {
@@ -99,14 +83,14 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     if n == 0 || n > MAX_SHARDS {
         return Err(format!("--shards must be between 1 and {MAX_SHARDS}, not {n}"));
     }
+    // Ports first: a server that cannot have its ports leaves no trace.
+    let listeners = Listeners::bind(cfg.listen, n, cfg.shard_port_base)?;
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let lock = File::create(dir.join("LOCK")).map_err(|e| format!("{}: {e}", dir.display()))?;
     lock.try_lock().map_err(|_| format!("{} is in use by another stockd", dir.display()))?;
     let id = server_id(dir)?;
     let (stores, rec) = recover_and_log_layout(dir, n, cfg.ids)?;
-    // Listeners before the threads, so that the ports are known for HELLO.
-    let listeners = Listeners::bind(&cfg)?;
     let (addr, shard_ports) = (listeners.addr, listeners.shard_ports.clone());
 
     let mailboxes: Arc<Vec<Mailbox>> = Arc::new((0..n).map(|_| Mailbox::new()).collect());
@@ -167,35 +151,6 @@ fn recover_and_log_layout(dir: &Path, n: usize, ids: IdLimits) -> Result<(Vec<St
         dir.display()
     );
     Ok((stores, rec))
-}
-
-/// Every shard's two listeners: one on the shared port (SO_REUSEPORT), one on its own.
-struct Listeners {
-    addr: SocketAddr,
-    shared_port: Vec<StdListener>,
-    own_port: Vec<StdListener>,
-    shard_ports: Vec<u16>,
-}
-
-impl Listeners {
-    fn bind(cfg: &Config) -> Result<Listeners, String> {
-        let first = listener(cfg.listen, true)?;
-        let addr = first.local_addr().map_err(|e| e.to_string())?;
-        let mut shared_port = vec![first];
-        for _ in 1..cfg.shards {
-            shared_port.push(listener(addr, true)?);
-        }
-        let base =
-            cfg.shard_port_base.unwrap_or(if cfg.listen.port() == 0 { 0 } else { cfg.listen.port() + 1 });
-        let mut own_port = Vec::new();
-        for i in 0..cfg.shards {
-            let port =
-                if base == 0 { 0 } else { base.checked_add(i as u16).ok_or("shard port out of range")? };
-            own_port.push(listener(SocketAddr::new(addr.ip(), port), false)?);
-        }
-        let shard_ports = own_port.iter().map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).collect();
-        Ok(Listeners { addr, shared_port, own_port, shard_ports })
-    }
 }
 
 /// One thread per shard, pinned to a core unless `cfg.pin` is off.

@@ -24,7 +24,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use stockd_protocol::{shard_of, Key, STOCK_MAX};
+use stockd_protocol::{shard_of, Key, MAX_CENTERS_PER_ITEM, STOCK_MAX};
 pub use stockd_record::{Delta, LogRecord, Mutation, Op};
 
 pub mod answer;
@@ -151,6 +151,11 @@ impl Store {
         self.row_count
     }
 
+    /// Centers the item has rows in.
+    fn centers(&self, item: u64) -> usize {
+        self.rows.get(&item).map_or(0, Vec::len)
+    }
+
     /// Step 2, on every shard owning a row of `m`: check this shard's lines and
     /// reserve room for them under `txn`. All or nothing on this shard.
     pub fn prepare(&mut self, txn: u64, m: &Mutation) -> Result<(), Refusal> {
@@ -160,9 +165,14 @@ impl Store {
             if !self.owns_item(d.key.item) {
                 continue;
             }
-            let row = self.row(d.key).copied().unwrap_or_default();
+            let existing = self.row(d.key).copied();
+            let row = existing.unwrap_or_default();
             if let Err(r) = check_line(i as u16, &row, d, &m.op, &taken) {
                 result = Err(r);
+                break;
+            }
+            if existing.is_none() && self.centers(d.key.item) >= MAX_CENTERS_PER_ITEM {
+                result = Err(Refusal::TooManyCenters { line: i as u16 });
                 break;
             }
             self.reserve(d, Reservation::Take);

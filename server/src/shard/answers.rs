@@ -1,7 +1,7 @@
 //! The state machine's answers and refusals as wire responses, and the
 //! frames a shard sends to connections.
 
-use stockd_protocol::{encode_error, Response, Status, STOCK_MAX};
+use stockd_protocol::{encode_error, Response, Status, MAX_CENTERS_PER_ITEM, STOCK_MAX};
 
 use super::mailbox::Out;
 use crate::state::{Answer, Refusal};
@@ -34,6 +34,12 @@ pub fn refusal_response(r: &Refusal) -> Response {
         Refusal::BelowHeld { held } => Response::Error {
             status: Status::Conflict,
             message: format!("cannot adjust below the {held} units currently held"),
+        },
+        Refusal::TooManyCenters { line } => Response::Error {
+            status: Status::BadRequest,
+            message: format!(
+                "line {line}: the item has rows in {MAX_CENTERS_PER_ITEM} fulfillment centers, the most one item may have"
+            ),
         },
     }
 }

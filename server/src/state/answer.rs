@@ -46,13 +46,18 @@ pub enum Refusal {
     Busy { line: u16 },
     /// An adjust would set on hand below the units held.
     BelowHeld { held: u64 },
+    /// The line would add a row to an item that has `MAX_CENTERS_PER_ITEM` already.
+    TooManyCenters { line: u16 },
 }
 
 impl Refusal {
     /// The first line this refusal is about.
     pub fn line(&self) -> u16 {
         match *self {
-            Refusal::Insufficient { line, .. } | Refusal::Overflow { line } | Refusal::Busy { line } => line,
+            Refusal::Insufficient { line, .. }
+            | Refusal::Overflow { line }
+            | Refusal::Busy { line }
+            | Refusal::TooManyCenters { line } => line,
             Refusal::BelowHeld { .. } => 0,
         }
     }

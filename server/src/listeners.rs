@@ -1,0 +1,129 @@
+//! The sockets a server accepts on: every shard listens on the shared port
+//! (SO_REUSEPORT spreads connections) and on a port of its own. A port that
+//! another process listens on is refused with a message naming it: two
+//! servers sharing a port through SO_REUSEPORT would each answer part of
+//! the clients from their own stock.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use stockd_protocol::{parse_frame, Reply, Request, Response, Status};
+
+/// Connections the kernel queues for a listener before the shard accepts them.
+const LISTEN_BACKLOG: i32 = 1024;
+/// How long to wait for whatever listens on a taken port to say what it is.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Every shard's two listeners.
+pub struct Listeners {
+    pub addr: SocketAddr,
+    pub shared_port: Vec<StdListener>,
+    pub own_port: Vec<StdListener>,
+    pub shard_ports: Vec<u16>,
+}
+
+impl Listeners {
+    /// Binds `shards` listeners on `listen` and one per shard from
+    /// `shard_port_base` (default: the listen port + 1; ephemeral ports if
+    /// the listen port is 0).
+    pub fn bind(
+        listen: SocketAddr,
+        shards: usize,
+        shard_port_base: Option<u16>,
+    ) -> Result<Listeners, String> {
+        if listen.port() != 0 {
+            refuse_if_taken(listen)?;
+        }
+        let first = listener(listen, true)?;
+        let addr = first.local_addr().map_err(|e| e.to_string())?;
+        let mut shared_port = vec![first];
+        for _ in 1..shards {
+            shared_port.push(listener(addr, true)?);
+        }
+        let base = match shard_port_base {
+            Some(base) => base,
+            None if listen.port() == 0 => 0,
+            None => listen.port().checked_add(1).ok_or_else(|| {
+                format!("--listen {listen}: no port above it for the shards; set --shard-port-base")
+            })?,
+        };
+        let mut own_port = Vec::new();
+        for i in 0..shards {
+            let port = match base {
+                0 => 0,
+                base => base.checked_add(i as u16).ok_or_else(|| {
+                    format!("--shard-port-base {base}: shard {i} would need a port above 65535")
+                })?,
+            };
+            own_port.push(listener(SocketAddr::new(addr.ip(), port), false)?);
+        }
+        let shard_ports = own_port.iter().map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).collect();
+        Ok(Listeners { addr, shared_port, own_port, shard_ports })
+    }
+}
+
+fn listener(addr: SocketAddr, reuse_port: bool) -> Result<StdListener, String> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| format!("socket: {e}"))?;
+    sock.set_reuse_address(true).map_err(|e| e.to_string())?;
+    if reuse_port {
+        sock.set_reuse_port(true).map_err(|e| e.to_string())?;
+    }
+    sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    sock.bind(&addr.into()).map_err(|e| match e.kind() {
+        ErrorKind::AddrInUse => taken(addr),
+        _ => format!("bind {addr}: {e}"),
+    })?;
+    sock.listen(LISTEN_BACKLOG).map_err(|e| format!("listen {addr}: {e}"))?;
+    Ok(sock.into())
+}
+
+/// A plain bind (no SO_REUSEPORT) fails if anything listens on `addr`, even
+/// a server whose sockets would let ours join theirs.
+fn refuse_if_taken(addr: SocketAddr) -> Result<(), String> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| format!("socket: {e}"))?;
+    sock.set_reuse_address(true).map_err(|e| e.to_string())?;
+    match sock.bind(&addr.into()) {
+        Err(e) if e.kind() == ErrorKind::AddrInUse => Err(taken(addr)),
+        _ => Ok(()), // other errors show again, with their own words, at the real bind
+    }
+}
+
+fn taken(addr: SocketAddr) -> String {
+    format!(
+        "{addr} is already in use by {}; two servers must never share a port: stop it, or choose \
+         another --listen / --shard-port-base",
+        identify(addr)
+    )
+}
+
+/// What listens on `addr`, asked with a HELLO.
+fn identify(addr: SocketAddr) -> String {
+    let ask = || -> Option<Response> {
+        let mut s = TcpStream::connect_timeout(&addr, IDENTIFY_TIMEOUT).ok()?;
+        s.set_read_timeout(Some(IDENTIFY_TIMEOUT)).ok()?;
+        let mut out = Vec::new();
+        Request::Hello { token: Vec::new() }.encode(1, &mut out);
+        s.write_all(&out).ok()?;
+        let mut buf = vec![0u8; 4096];
+        let mut len = 0;
+        loop {
+            if let Ok(Some((h, body))) = parse_frame(&buf[..len]) {
+                return Response::decode(h.opcode, body).ok();
+            }
+            let n = s.read(&mut buf[len..]).ok().filter(|n| *n > 0)?;
+            len += n;
+            if len == buf.len() {
+                return None;
+            }
+        }
+    };
+    match ask() {
+        Some(Response::Ok(Reply::Hello(info))) => format!("another stockd (server id {})", info.server_id),
+        Some(r) if r.status() == Status::Unauthorized => "another stockd (one that requires a token)".into(),
+        _ => "another program".into(),
+    }
+}

@@ -1,0 +1,156 @@
+//! Regressions from the hardening review, each against real sockets: a
+//! second server on a taken port, half-closed connections, the centers-per-
+//! item bound, STATS right after a restart.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use stockd_protocol::{
+    parse_frame, Key, Line, Reply, Request, Response, Status, HEADER_LEN, MAX_CENTERS_PER_ITEM,
+};
+
+/// Runs the stockd binary to completion (it must exit by itself within 20 s).
+fn stockd_exits(args: &[&str]) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("stockd {args:?} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_a_taken_port_refuses_to_start() {
+    let first_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let first = Daemon::spawn(first_dir.path(), port, &["--shards", "2"]);
+    let c = first.client().await;
+    let server_id = c.hello().server_id;
+    let second_dir = tempfile::tempdir().unwrap();
+    let data = second_dir.path().join("data");
+    let listen = format!("127.0.0.1:{port}");
+    let (code, err) =
+        stockd_exits(&["--listen", &listen, "--shard-port-base", "0", "--data-dir", data.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("{listen} is already in use by another stockd (server id {server_id})")),
+        "{err}"
+    );
+    assert!(!data.exists(), "a server that could not start left its data dir behind");
+    // The first server is untouched and answers alone.
+    c.inbound(1, &[stockd_client::Line::new(1, 1, 5)]).await.unwrap();
+    assert_eq!(c.query(1, 1).await.unwrap(), 5);
+}
+
+#[test]
+fn a_listen_port_with_no_room_above_it_for_shards_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) =
+        stockd_exits(&["--listen", "127.0.0.1:65535", "--data-dir", dir.path().join("d").to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no port above it for the shards"), "{err}");
+}
+
+/// Every answer on `s` until the server closes it.
+fn answers_until_closed(s: &mut TcpStream) -> Vec<(u64, Response)> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("the server closes after answering, within 10 s");
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some((h, body)) = parse_frame(&buf[at..]).unwrap() {
+        out.push((h.request_id, Response::decode(h.opcode, body).unwrap()));
+        at += HEADER_LEN + h.body_len;
+    }
+    assert_eq!(at, buf.len(), "only whole answers");
+    out
+}
+
+#[test]
+fn a_half_closed_connection_gets_every_answer_then_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path(), 2);
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    let mut out = Vec::new();
+    Request::Inbound { id: 1, lines: vec![Line::new(7, 1, 10)] }.encode(1, &mut out);
+    s.write_all(&out).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let answers = answers_until_closed(&mut s);
+    assert!(matches!(answers[..], [(1, Response::Ok(Reply::Committed { .. }))]), "{answers:?}");
+    // Many requests, then the half-close, in one go: the mutations go to the
+    // log and are answered after the peer stopped sending.
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    out.clear();
+    for id in 2..41u64 {
+        Request::Order { id, lines: vec![Line::new(7, 1, 1)] }.encode(id, &mut out);
+    }
+    Request::Query { key: Key { item: 7, fc: 1 } }.encode(41, &mut out);
+    s.write_all(&out).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let answers = answers_until_closed(&mut s);
+    assert_eq!(answers.len(), 40, "one answer per request");
+    let ok = answers.iter().filter(|(_, r)| matches!(r, Response::Ok(Reply::Committed { .. }))).count();
+    let short = answers.iter().filter(|(_, r)| r.status() == Status::InsufficientStock).count();
+    assert_eq!((ok, short), (10, 29), "10 orders applied, 29 refused");
+    srv.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_has_at_most_max_centers_and_query_item_answers_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path(), 2);
+    let c = client(&srv).await;
+    let per = 256;
+    for (i, chunk) in (0..MAX_CENTERS_PER_ITEM as u32).collect::<Vec<_>>().chunks(per).enumerate() {
+        let lines: Vec<_> = chunk.iter().map(|fc| stockd_client::Line::new(9, *fc, 1)).collect();
+        c.inbound(i as u64, &lines).await.unwrap();
+    }
+    let more =
+        c.inbound(10_000, &[stockd_client::Line::new(9, 5, 1), stockd_client::Line::new(9, 99_999, 1)]).await;
+    match more {
+        Err(e) => {
+            assert_eq!(e.status(), Some(Status::BadRequest), "{e}");
+            assert!(e.to_string().contains("line 1"), "{e}");
+        }
+        Ok(a) => panic!("a center beyond the bound was accepted: {a:?}"),
+    }
+    let centers = c.query_item(9).await.unwrap();
+    assert_eq!(centers.len(), MAX_CENTERS_PER_ITEM);
+    assert!(centers.iter().all(|(_, available)| *available == 1), "the refused inbound changed nothing");
+    srv.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_match_the_recovered_state_right_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path(), 2);
+    let c = client(&srv).await;
+    c.inbound(1, &[stockd_client::Line::new(1, 1, 5), stockd_client::Line::new(2, 1, 5)]).await.unwrap();
+    c.order(2, &[stockd_client::Line::new(1, 1, 1)]).await.unwrap();
+    let stat = |v: &[(String, u64)], k: &str| v.iter().find(|(n, _)| n == k).map(|(_, v)| *v).unwrap();
+    let before = c.stats().await.unwrap();
+    assert_eq!((stat(&before, "rows"), stat(&before, "ids")), (2, 2));
+    drop(c);
+    srv.shutdown();
+    let srv = start(dir.path(), 3);
+    let c = client(&srv).await;
+    let after = c.stats().await.unwrap();
+    assert_eq!((stat(&after, "rows"), stat(&after, "ids"), stat(&after, "shards")), (2, 2, 3));
+    srv.shutdown();
+}
