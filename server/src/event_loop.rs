@@ -64,15 +64,17 @@ pub fn shard_main(
 async fn accept_loop(l: tokio::net::TcpListener, shard: Rc<RefCell<Shard>>, ctx: Rc<ConnCtx>) {
     loop {
         match l.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let (shard, ctx) = (shard.clone(), ctx.clone());
                 tokio::task::spawn_local(async move {
-                    let shared = shard.borrow().shared().clone();
-                    let stats = &shared.stats[shard.borrow().index()];
+                    let (shared, index) = (shard.borrow().shared().clone(), shard.borrow().index());
+                    let stats = &shared.stats[index];
                     stats.connections.fetch_add(1, Relaxed);
+                    tracing::debug!(%peer, shard = index, "connection opened");
                     serve(stream, shard, ctx).await;
                     stats.connections.fetch_sub(1, Relaxed);
+                    tracing::debug!(%peer, shard = index, "connection closed");
                 });
             }
             Err(e) => {

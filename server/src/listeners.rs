@@ -4,6 +4,7 @@
 //! servers sharing a port through SO_REUSEPORT would each answer part of
 //! the clients from their own stock.
 
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::time::Duration;
@@ -22,6 +23,8 @@ pub struct Listeners {
     pub shared_port: Vec<StdListener>,
     pub own_port: Vec<StdListener>,
     pub shard_ports: Vec<u16>,
+    /// Held while the server runs: the claim on the shared port (see [`claim_port`]).
+    pub port_claim: Option<File>,
 }
 
 impl Listeners {
@@ -33,9 +36,7 @@ impl Listeners {
         shards: usize,
         shard_port_base: Option<u16>,
     ) -> Result<Listeners, String> {
-        if listen.port() != 0 {
-            refuse_if_taken(listen)?;
-        }
+        let port_claim = if listen.port() == 0 { None } else { Some(claim_port(listen)?) };
         let first = listener(listen, true)?;
         let addr = first.local_addr().map_err(|e| e.to_string())?;
         let mut shared_port = vec![first];
@@ -60,7 +61,7 @@ impl Listeners {
             own_port.push(listener(SocketAddr::new(addr.ip(), port), false)?);
         }
         let shard_ports = own_port.iter().map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).collect();
-        Ok(Listeners { addr, shared_port, own_port, shard_ports })
+        Ok(Listeners { addr, shared_port, own_port, shard_ports, port_claim })
     }
 }
 
@@ -80,8 +81,21 @@ fn listener(addr: SocketAddr, reuse_port: bool) -> Result<StdListener, String> {
     Ok(sock.into())
 }
 
-/// A plain bind (no SO_REUSEPORT) fails if anything listens on `addr`, even
-/// a server whose sockets would let ours join theirs.
+/// Claims the shared port for this server. A plain bind (no SO_REUSEPORT)
+/// fails if anything listens on `addr`, even a server whose sockets would
+/// let ours join theirs. Two stockd starting at the same instant could both
+/// pass that test before either listens, so each also takes an exclusive
+/// lock on a file named after the address, held for its lifetime.
+fn claim_port(addr: SocketAddr) -> Result<File, String> {
+    let path = std::env::temp_dir().join(format!("stockd-port-{}-{}.lock", addr.ip(), addr.port()));
+    let file = File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if file.try_lock().is_err() {
+        return Err(taken(addr));
+    }
+    refuse_if_taken(addr)?;
+    Ok(file)
+}
+
 fn refuse_if_taken(addr: SocketAddr) -> Result<(), String> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| format!("socket: {e}"))?;

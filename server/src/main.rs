@@ -1,4 +1,5 @@
-use std::net::SocketAddr;
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,22 +11,24 @@ use stockd::Config;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Address every shard accepts on (SO_REUSEPORT).
-    #[arg(long, default_value = "127.0.0.1:7400")]
+    /// Address every shard accepts on (SO_REUSEPORT): HOST:PORT, HOST a name or an IP.
+    #[arg(long, default_value = "127.0.0.1:7400", value_parser = resolve)]
     listen: SocketAddr,
     /// Write-ahead log, snapshots, lock file.
     #[arg(long, default_value = "./stockd-data")]
     data_dir: PathBuf,
-    /// Shards (threads); default: the number of cores.
-    #[arg(long)]
-    shards: Option<usize>,
+    /// Shards (threads), 1 to 64; default: the number of cores.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=stockd::shard::MAX_SHARDS as i64))]
+    shards: Option<u16>,
     /// First per-shard port (default: listen port + 1).
     #[arg(long)]
     shard_port_base: Option<u16>,
     /// Require HELLO with this token before any other request.
     #[arg(long, env = "STOCKD_AUTH_TOKEN")]
     auth_token: Option<String>,
-    /// Seconds between snapshots (when something was logged).
+    /// A snapshot is taken when the log has grown by half the state (rows +
+    /// ids, at least 1,000,000 records), or, once this many seconds have
+    /// passed since the last one, by an eighth of the state.
     #[arg(long, default_value_t = 60)]
     snapshot_interval_secs: u64,
     /// Hours an order, hold or receipt id is remembered for idempotent retries.
@@ -40,14 +43,31 @@ struct Args {
     id_min_window_secs: u64,
 }
 
+/// HOST:PORT with HOST a name or an address, to the address to listen on:
+/// the first IPv4 address the name resolves to, else its first address
+/// (clients try every address of a name, a listener binds one).
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> =
+        s.to_socket_addrs().map_err(|e| format!("{s}: {e} (expected HOST:PORT)"))?.collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s}: the name resolves to no address"))
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colour codes only for a person at a terminal, never into log files.
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     let args = Args::parse();
-    let shards = args.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = args.shards.map_or(cores.min(stockd::shard::MAX_SHARDS), usize::from);
     let mut cfg = Config::new(args.listen, args.data_dir, shards);
     cfg.shard_port_base = args.shard_port_base;
     cfg.auth_token = args.auth_token;

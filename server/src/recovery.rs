@@ -61,6 +61,7 @@ impl Rebuild {
                 let shards = shards as usize;
                 check_layout(shards).map_err(|e| format!("log record {lsn}: {e}"))?;
                 let stores = std::mem::take(&mut self.stores);
+                tracing::debug!(lsn, from = stores.len(), to = shards, "replay: the layout changes here");
                 self.stores = Store::regroup(stores, shards, self.limits);
                 self.layout = Some(shards);
             }
@@ -131,6 +132,7 @@ pub fn recover(dir: &Path, shards: usize, limits: IdLimits) -> Result<(Vec<Store
                 .map(|i| snapshot::read_snapshot(dir, lsn, i, shard_count).map_err(|e| e.to_string()))
                 .collect::<Result<Vec<_>, _>>()?;
             rec.snapshot_lsn = lsn;
+            tracing::debug!(lsn, shard_count, "recovery: loading the snapshot set");
             Rebuild::from_snapshot(limits, shard_count as usize, payloads)
                 .map_err(|e| format!("snapshot {lsn}: {e}"))?
         }

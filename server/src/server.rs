@@ -63,6 +63,7 @@ pub struct Running {
     wal_thread: JoinHandle<()>,
     snapshot_thread: JoinHandle<()>,
     _lock: File,
+    _port_claim: Option<File>,
 }
 
 fn server_id(dir: &Path) -> Result<u64, String> {
@@ -84,9 +85,12 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         return Err(format!("--shards must be between 1 and {MAX_SHARDS}, not {n}"));
     }
     // Ports first: a server that cannot have its ports leaves no trace.
-    let listeners = Listeners::bind(cfg.listen, n, cfg.shard_port_base)?;
+    let mut listeners = Listeners::bind(cfg.listen, n, cfg.shard_port_base)?;
     let dir = &cfg.data_dir;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if dir.exists() && !dir.is_dir() {
+        return Err(format!("--data-dir {} exists and is not a directory", dir.display()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("--data-dir {}: {e}", dir.display()))?;
     let lock = File::create(dir.join("LOCK")).map_err(|e| format!("{}: {e}", dir.display()))?;
     lock.try_lock().map_err(|_| format!("{} is in use by another stockd", dir.display()))?;
     let id = server_id(dir)?;
@@ -119,9 +123,19 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         max_batch_keys: MAX_BATCH_KEYS as u16,
         max_lines: MAX_LINES as u16,
     };
+    let port_claim = listeners.port_claim.take();
     let shard_threads = spawn_shards(&cfg, &shared, stores, listeners, hello)?;
     tracing::info!(%addr, ?shard_ports, shards = n, "stockd serving");
-    Ok(Running { addr, shard_ports, shared, shard_threads, wal_thread, snapshot_thread, _lock: lock })
+    Ok(Running {
+        addr,
+        shard_ports,
+        shared,
+        shard_threads,
+        wal_thread,
+        snapshot_thread,
+        _lock: lock,
+        _port_claim: port_claim,
+    })
 }
 
 /// Recovers the stores; logs the layout first if this start changes it.
@@ -193,6 +207,7 @@ fn snapshot_loop(dir: &Path, shards: usize, rx: crossbeam::channel::Receiver<Sna
             tracing::error!(error = %e, lsn, shard, "snapshot write failed; the log keeps everything meanwhile");
             continue;
         }
+        tracing::debug!(lsn, shard, bytes = bytes.len(), "snapshot part written");
         let count = done.entry(lsn).or_default();
         *count += 1;
         if *count < shards {
@@ -218,7 +233,7 @@ impl Running {
     /// Stops accepting, drops connections, lets the log writer finish what
     /// it was given, and waits for every thread.
     pub fn shutdown(self) {
-        let Running { shared, shard_threads, wal_thread, snapshot_thread, _lock, .. } = self;
+        let Running { shared, shard_threads, wal_thread, snapshot_thread, .. } = self;
         shared.stop.store(true, Relaxed);
         for mb in shared.mailboxes.iter() {
             mb.notify.notify_one();

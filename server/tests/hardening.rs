@@ -154,3 +154,44 @@ async fn stats_match_the_recovered_state_right_after_a_restart() {
     assert_eq!((stat(&after, "rows"), stat(&after, "ids"), stat(&after, "shards")), (2, 2, 3));
     srv.shutdown();
 }
+
+#[test]
+fn bad_arguments_exit_2_and_a_data_dir_that_is_a_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = stockd_exits(&["--shards", "0", "--data-dir", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--shards"), "{err}");
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (code, err) =
+        stockd_exits(&["--listen", &listen, "--shard-port-base", "0", "--data-dir", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("exists and is not a directory"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_takes_a_host_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(["--listen", &format!("localhost:{port}"), "--shard-port-base", "0", "--shards", "1"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let c = loop {
+        match stockd_client::Client::connect(&format!("localhost:{port}")).await {
+            Ok(c) => break c,
+            Err(_) if t.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("stockd --listen localhost:{port} did not come up: {e}"),
+        }
+    };
+    c.ping().await.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

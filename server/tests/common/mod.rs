@@ -52,9 +52,19 @@ where
     false
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released for the server).
+/// A free TCP port on 127.0.0.1 (bound, then released for the server),
+/// never the same one twice in this process: tests run as threads of one
+/// process, and two of them must not be handed one port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut handed_out = HANDED_OUT.lock().unwrap();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// The real `stockd` binary on 127.0.0.1:`port`, shard ports ephemeral
