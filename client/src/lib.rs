@@ -123,7 +123,9 @@ struct Conn {
 
 impl Conn {
     async fn open(addr: SocketAddr) -> Result<Conn, Error> {
-        let stream = TcpStream::connect(addr).await?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot connect to {addr}: {e}")))?;
         stream.set_nodelay(true)?;
         let (mut rd, mut wr) = stream.into_split();
         let pending: Arc<Mutex<Option<HashMap<u64, Waiter>>>> = Arc::new(Mutex::new(Some(HashMap::new())));
@@ -168,7 +170,11 @@ impl Conn {
                         }
                         Ok(None) => break,
                         Err(e) => {
-                            bad = Some(e.to_string());
+                            bad = Some(if buf[used..].starts_with(b"HTTP/") {
+                                format!("{addr} answered in HTTP: it is not a stockd server (an HTTP gateway's port?)")
+                            } else {
+                                format!("{addr}: {e}")
+                            });
                             break;
                         }
                     }
@@ -235,8 +241,12 @@ impl Client {
     }
 
     pub async fn connect_with(addr: &str, opts: Options) -> Result<Client, Error> {
-        let addr =
-            lookup_host(addr).await?.next().ok_or_else(|| Error::Protocol(format!("{addr}: no address")))?;
+        let name = addr;
+        let addr = lookup_host(name)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{name}: {e}")))?
+            .next()
+            .ok_or_else(|| Error::Protocol(format!("{name}: the name resolves to no address")))?;
         let first = Conn::open(addr).await?;
         let hello = Request::Hello { token: opts.token.clone().unwrap_or_default().into_bytes() };
         let info = match first.call(&hello).await? {

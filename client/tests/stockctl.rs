@@ -48,7 +48,8 @@ fn stockctl_commands_and_exit_codes() {
     assert_eq!(code, 3);
     assert_eq!(v["status"], "insufficient_stock");
     assert_eq!((v["line"].as_u64(), v["available"].as_u64()), (Some(0), Some(8)));
-    assert!(v["error"].as_str().unwrap().contains("insufficient stock"));
+    assert_eq!(v["error"], "insufficient_stock", "a code, as the gateway's errors");
+    assert!(v["message"].as_str().unwrap().contains("insufficient stock"));
     let (code, _, err) = stockctl(a, &["order", "--id", "43", "1001:7:100"]);
     assert_eq!(code, 3);
     assert!(err.contains("line 0 has only 8 available"), "{err}");
@@ -72,5 +73,30 @@ fn stockctl_commands_and_exit_codes() {
     srv.shutdown();
     let (code, _, err) = stockctl(a, &["ping"]);
     assert_eq!(code, 1, "server gone");
-    assert!(err.contains("connection"), "{err}");
+    assert!(err.contains(&format!("cannot connect to {a}")), "the address is named: {err}");
+}
+
+#[test]
+fn a_malformed_address_is_a_bad_argument() {
+    let (code, _, err) = stockctl("nonsense", &["ping"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`nonsense`: expected HOST:PORT"), "{err}");
+}
+
+#[test]
+fn an_http_server_is_named_as_not_stockd() {
+    // A minimal HTTP server: answers anything with a 400, as HTTP servers do to stockd's frames.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    });
+    let (code, _, err) = stockctl(&addr, &["ping"]);
+    server.join().unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("answered in HTTP: it is not a stockd server"), "{err}");
 }

@@ -101,8 +101,9 @@ fn path_rejection(r: PathRejection) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", r.body_text())
 }
 
-/// Maps a stockd answer that is not a success.
-fn stockd_error(e: StockdError) -> ApiError {
+/// Maps a stockd answer that is not a success. `mutating`: the request
+/// changes stock, so a lost connection leaves its outcome unknown.
+fn stockd_error(e: StockdError, mutating: bool) -> ApiError {
     match e {
         StockdError::Insufficient { line, available } => ApiError {
             status: StatusCode::CONFLICT,
@@ -121,11 +122,12 @@ fn stockd_error(e: StockdError) -> ApiError {
             };
             ApiError::new(code, name, message)
         }
-        other => ApiError::new(
+        other if mutating => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
-            format!("stockd is unreachable ({other}); a mutation may or may not have been applied: retry with the same id"),
+            format!("stockd is unreachable ({other}); the mutation may or may not have been applied: retry with the same id"),
         ),
+        other => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("stockd is unreachable ({other})")),
     }
 }
 
@@ -184,8 +186,26 @@ impl Gateway {
         Ok(c)
     }
 
+    /// Runs one read against stockd.
+    async fn read<T, F, Fut>(&self, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StockdError>>,
+    {
+        self.call(false, f).await
+    }
+
+    /// Runs one mutation against stockd.
+    async fn mutate<T, F, Fut>(&self, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StockdError>>,
+    {
+        self.call(true, f).await
+    }
+
     /// Runs one call against stockd, timing it and dropping a broken client.
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, ApiError>
+    async fn call<T, F, Fut>(&self, mutating: bool, f: F) -> Result<T, ApiError>
     where
         F: FnOnce(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, StockdError>>,
@@ -201,7 +221,7 @@ impl Gateway {
                     tracing::warn!(error = %e, "lost stockd; reconnecting on the next request");
                     *self.client.lock().await = None;
                 }
-                Err(stockd_error(e))
+                Err(stockd_error(e, mutating))
             }
         }
     }
@@ -340,14 +360,14 @@ type G = State<Arc<Gateway>>;
 async fn stock_one(State(g): G, h: HeaderMap, p: Result<Path<(u64, u32)>, PathRejection>) -> ApiResult {
     g.authorize(&h, false)?;
     let Path((item, fc)) = p.map_err(path_rejection)?;
-    let n = g.call(|c| async move { c.query(item, fc).await }).await?;
+    let n = g.read(|c| async move { c.query(item, fc).await }).await?;
     Ok(Json(stock_json(item, fc, n)).into_response())
 }
 
 async fn stock_item(State(g): G, h: HeaderMap, p: Result<Path<u64>, PathRejection>) -> ApiResult {
     g.authorize(&h, false)?;
     let Path(item) = p.map_err(path_rejection)?;
-    let rows = g.call(|c| async move { c.query_item(item).await }).await?;
+    let rows = g.read(|c| async move { c.query_item(item).await }).await?;
     let centers: Vec<Value> = rows.iter().map(|(fc, n)| stock_json(item, *fc, *n)).collect();
     Ok(Json(json!({"vendor_item_id": item, "centers": centers})).into_response())
 }
@@ -365,7 +385,7 @@ async fn stock_query(State(g): G, h: HeaderMap, b: Result<Json<QueryBody>, JsonR
     let keys: Vec<Key> =
         b.keys.iter().map(|k| Key { item: k.vendor_item_id, fc: k.fulfillment_center_id }).collect();
     let ks = keys.clone();
-    let values = g.call(|c| async move { c.query_batch(&ks).await }).await?;
+    let values = g.read(|c| async move { c.query_batch(&ks).await }).await?;
     let stock: Vec<Value> = keys.iter().zip(values).map(|(k, n)| stock_json(k.item, k.fc, n)).collect();
     Ok(Json(json!({ "stock": stock })).into_response())
 }
@@ -374,14 +394,14 @@ async fn order(State(g): G, h: HeaderMap, b: Result<Json<OrderBody>, JsonRejecti
     g.authorize(&h, true)?;
     let Json(b) = b.map_err(json_rejection)?;
     let (id, ls) = (b.order_id, lines(b.lines)?);
-    let a = g.call(|c| async move { c.order(id, &ls).await }).await?;
+    let a = g.mutate(|c| async move { c.order(id, &ls).await }).await?;
     Ok(applied("order_id", id, a, "created"))
 }
 
 async fn cancel(State(g): G, h: HeaderMap, p: Result<Path<u64>, PathRejection>) -> ApiResult {
     g.authorize(&h, true)?;
     let Path(id) = p.map_err(path_rejection)?;
-    let a = g.call(|c| async move { c.cancel(id).await }).await?;
+    let a = g.mutate(|c| async move { c.cancel(id).await }).await?;
     Ok(acted("order_id", id, a, "cancelled"))
 }
 
@@ -389,7 +409,7 @@ async fn inbound(State(g): G, h: HeaderMap, b: Result<Json<InboundBody>, JsonRej
     g.authorize(&h, true)?;
     let Json(b) = b.map_err(json_rejection)?;
     let (id, ls) = (b.receipt_id, lines(b.lines)?);
-    let a = g.call(|c| async move { c.inbound(id, &ls).await }).await?;
+    let a = g.mutate(|c| async move { c.inbound(id, &ls).await }).await?;
     Ok(applied("receipt_id", id, a, "received"))
 }
 
@@ -404,21 +424,21 @@ async fn reserve(State(g): G, h: HeaderMap, b: Result<Json<ReserveBody>, JsonRej
         ));
     }
     let (id, ttl, ls) = (b.hold_id, b.ttl_ms, lines(b.lines)?);
-    let a = g.call(|c| async move { c.reserve(id, ttl, &ls).await }).await?;
+    let a = g.mutate(|c| async move { c.reserve(id, ttl, &ls).await }).await?;
     Ok(applied("hold_id", id, a, "held"))
 }
 
 async fn confirm(State(g): G, h: HeaderMap, p: Result<Path<u64>, PathRejection>) -> ApiResult {
     g.authorize(&h, true)?;
     let Path(id) = p.map_err(path_rejection)?;
-    let a = g.call(|c| async move { c.confirm(id).await }).await?;
+    let a = g.mutate(|c| async move { c.confirm(id).await }).await?;
     Ok(acted("hold_id", id, a, "confirmed"))
 }
 
 async fn release(State(g): G, h: HeaderMap, p: Result<Path<u64>, PathRejection>) -> ApiResult {
     g.authorize(&h, true)?;
     let Path(id) = p.map_err(path_rejection)?;
-    let a = g.call(|c| async move { c.release(id).await }).await?;
+    let a = g.mutate(|c| async move { c.release(id).await }).await?;
     Ok(acted("hold_id", id, a, "released"))
 }
 
@@ -433,14 +453,14 @@ async fn adjust(State(g): G, h: HeaderMap, b: Result<Json<AdjustBody>, JsonRejec
         ));
     }
     let (item, fc, on_hand, reason) = (b.vendor_item_id, b.fulfillment_center_id, b.on_hand, b.reason);
-    let a = g.call(|c| async move { c.adjust(item, fc, on_hand, reason).await }).await?;
+    let a = g.mutate(|c| async move { c.adjust(item, fc, on_hand, reason).await }).await?;
     let lsn = a.lsn();
     Ok(Json(json!({"vendor_item_id": item, "fulfillment_center_id": fc, "on_hand": on_hand, "status": "adjusted", "lsn": lsn}))
         .into_response())
 }
 
 async fn healthz(State(g): G) -> ApiResult {
-    g.call(|c| async move { c.ping().await }).await?;
+    g.read(|c| async move { c.ping().await }).await?;
     Ok(Json(json!({"status": "ok", "stockd": g.cfg.stockd})).into_response())
 }
 

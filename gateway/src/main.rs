@@ -8,6 +8,7 @@ use stock_gateway::{serve, Config, Gateway};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
+    /// HTTP address to serve on, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
     /// stockd's address.

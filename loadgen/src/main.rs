@@ -46,6 +46,7 @@ struct RunArgs {
     /// Zipf exponent of item popularity (0 = uniform, 0.99 = a launch-day hot item).
     #[arg(long, default_value_t = 0.0)]
     zipf: f64,
+    /// Client connections (each a task with `--pipeline` requests in flight).
     #[arg(long, default_value_t = 16)]
     connections: usize,
     /// Requests in flight per connection.

@@ -12,8 +12,8 @@ use stockd_client::{Applied, Client, Error, Key, Line, Options};
 #[derive(Parser, Debug)]
 #[command(version, about = "Query and change stock on a stockd server")]
 struct Cli {
-    /// Server address.
-    #[arg(long, global = true, default_value = "127.0.0.1:7400")]
+    /// Server address, HOST:PORT (HOST a name or an IP).
+    #[arg(long, global = true, default_value = "127.0.0.1:7400", value_parser = parse_addr)]
     addr: String,
     /// Auth token, if the server requires one.
     #[arg(long, global = true, env = "STOCKD_AUTH_TOKEN")]
@@ -31,16 +31,19 @@ enum Cmd {
     Query { item: u64, fc: Option<u32> },
     /// Place an order: all lines or none.
     Order {
+        /// The order id: retrying with the same id never orders twice.
         #[arg(long)]
         id: u64,
-        /// ITEM:FC:QTY
+        /// Lines as ITEM:FC:QTY (vendor item id, fulfillment center id, units).
         #[arg(required = true, value_parser = parse_line)]
         lines: Vec<Line>,
     },
     /// Book an inbound receipt.
     Inbound {
+        /// The receipt id: retrying with the same id never books twice.
         #[arg(long)]
         id: u64,
+        /// Lines as ITEM:FC:QTY (vendor item id, fulfillment center id, units).
         #[arg(required = true, value_parser = parse_line)]
         lines: Vec<Line>,
     },
@@ -48,10 +51,13 @@ enum Cmd {
     Cancel { id: u64 },
     /// Hold units until confirmed, released, or the TTL passes.
     Reserve {
+        /// The hold id, used again to confirm or release it.
         #[arg(long)]
         id: u64,
+        /// Milliseconds until the hold is released by itself (at most 3,600,000).
         #[arg(long, default_value_t = 600_000)]
         ttl_ms: u32,
+        /// Lines as ITEM:FC:QTY (vendor item id, fulfillment center id, units).
         #[arg(required = true, value_parser = parse_line)]
         lines: Vec<Line>,
     },
@@ -61,9 +67,13 @@ enum Cmd {
     Release { id: u64 },
     /// Set a row's on-hand quantity after a stock-take.
     Adjust {
+        /// Vendor item id.
         item: u64,
+        /// Fulfillment center id.
         fc: u32,
+        /// The units counted on hand; available becomes this minus what is held.
         on_hand: u64,
+        /// Your reason code (0-65535), stored in the log with the adjustment.
         #[arg(long, default_value_t = 0)]
         reason: u16,
     },
@@ -71,6 +81,17 @@ enum Cmd {
     Stats,
     /// Round trip to the server.
     Ping,
+}
+
+/// HOST:PORT, checked for shape here (so a typo is a bad argument, exit 2);
+/// the name is resolved when connecting.
+fn parse_addr(s: &str) -> Result<String, String> {
+    let bad = || format!("`{s}`: expected HOST:PORT, for example 127.0.0.1:7400");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(s.to_string())
 }
 
 fn parse_line(s: &str) -> Result<Line, String> {
@@ -218,13 +239,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let (code, status) = match &e {
-                Error::Insufficient { .. } => (3, "insufficient_stock".to_string()),
-                Error::Server { status, .. } => (1, status.name().to_string()),
-                _ => (1, "error".to_string()),
+            // The same fields as the HTTP gateway's errors: `error` a code, `message` a sentence.
+            let (code, error) = match &e {
+                Error::Insufficient { .. } => (3, "insufficient_stock"),
+                Error::Server { status, .. } => (1, status.name()),
+                Error::Io(_) | Error::Disconnected => (1, "unavailable"),
+                Error::Protocol(_) => (1, "protocol"),
             };
             if cli.json {
-                let mut v = json!({"status": status, "error": e.to_string()});
+                let mut v = json!({"status": error, "error": error, "message": e.to_string()});
                 if let Error::Insufficient { line, available } = e {
                     v["line"] = json!(line);
                     v["available"] = json!(available);
