@@ -29,12 +29,12 @@ pub const RECORD_HEADER: usize = 24;
 /// Largest payload a record may carry.
 pub const MAX_PAYLOAD: usize = 16 << 20;
 
-/// One committed record, as replayed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
+/// One committed record, as read: its payload borrowed from the segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record<'a> {
     pub lsn: u64,
     pub ts_ms: u64,
-    pub payload: Vec<u8>,
+    pub payload: &'a [u8],
 }
 
 fn crc(lsn: u64, ts_ms: u64, payload: &[u8]) -> u32 {
@@ -117,7 +117,7 @@ pub struct ScanEnd {
 /// running server. A bad record at the end of the last segment ends the
 /// scan (see [`ScanEnd::torn`]); anywhere else, or a gap in LSNs, it is an
 /// error.
-pub fn scan(dir: &Path, after_lsn: u64, mut each: impl FnMut(Record)) -> Result<ScanEnd, Error> {
+pub fn scan(dir: &Path, after_lsn: u64, mut each: impl FnMut(Record<'_>)) -> Result<ScanEnd, Error> {
     let segs = list_segments(dir)?;
     let mut end = ScanEnd { next_lsn: after_lsn + 1, ..Default::default() };
     // Segments wholly at or below after_lsn are skipped: the next one starts at or below it + 1.
@@ -162,7 +162,7 @@ fn scan_segment(
     first_lsn: u64,
     after_lsn: u64,
     end: &mut ScanEnd,
-    each: &mut impl FnMut(Record),
+    each: &mut impl FnMut(Record<'_>),
 ) -> (u64, Option<(usize, String)>) {
     let (mut pos, mut lsn_here) = (0usize, first_lsn);
     while pos < data.len() {
@@ -189,7 +189,7 @@ fn scan_segment(
 /// for recovery: like [`scan`], and a bad record at the end of the last
 /// segment is a write that a crash cut short (it was never acknowledged):
 /// the segment is truncated there. Never call it on a running server's directory.
-pub fn replay(dir: &Path, after_lsn: u64, apply: impl FnMut(Record)) -> Result<ReplayEnd, Error> {
+pub fn replay(dir: &Path, after_lsn: u64, apply: impl FnMut(Record<'_>)) -> Result<ReplayEnd, Error> {
     let scanned = scan(dir, after_lsn, apply)?;
     let mut end = ReplayEnd {
         next_lsn: scanned.next_lsn,
@@ -210,7 +210,7 @@ pub fn replay(dir: &Path, after_lsn: u64, apply: impl FnMut(Record)) -> Result<R
 }
 
 /// Parses one record; `None` if it is incomplete or fails its checksum.
-fn parse_record(buf: &[u8]) -> Option<(Record, usize)> {
+fn parse_record(buf: &[u8]) -> Option<(Record<'_>, usize)> {
     if buf.len() < RECORD_HEADER {
         return None;
     }
@@ -225,7 +225,7 @@ fn parse_record(buf: &[u8]) -> Option<(Record, usize)> {
     if crc(lsn, ts_ms, payload) != sum {
         return None;
     }
-    Some((Record { lsn, ts_ms, payload: payload.to_vec() }, RECORD_HEADER + len))
+    Some((Record { lsn, ts_ms, payload }, RECORD_HEADER + len))
 }
 
 /// Deletes segments whose records all have LSN <= `lsn` (a snapshot covers them).

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::mpsc;
 
 use stockd_persistence::snapshot::{self, Manifest};
-use stockd_persistence::wal::{self, Record, Wal, WalConfig};
+use stockd_persistence::wal::{self, Wal, WalConfig};
 use stockd_persistence::Error;
 
 /// Logs `n` payloads through a real writer thread, waiting for every commit.
@@ -26,9 +26,17 @@ fn write_records(cfg: WalConfig, first: u64, n: u64) -> Vec<(u64, u64)> {
     got
 }
 
-fn replay_all(dir: &Path, after: u64) -> (Vec<Record>, wal::ReplayEnd) {
+/// A record as replayed, owned.
+#[derive(Debug)]
+struct Owned {
+    lsn: u64,
+    payload: Vec<u8>,
+}
+
+fn replay_all(dir: &Path, after: u64) -> (Vec<Owned>, wal::ReplayEnd) {
     let mut recs = Vec::new();
-    let end = wal::replay(dir, after, |r| recs.push(r)).unwrap();
+    let end =
+        wal::replay(dir, after, |r| recs.push(Owned { lsn: r.lsn, payload: r.payload.to_vec() })).unwrap();
     (recs, end)
 }
 

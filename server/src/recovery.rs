@@ -13,6 +13,7 @@
 //! property tests; [`recover`] feeds it from the data directory.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use stockd_persistence::snapshot::{self, Manifest};
 use stockd_persistence::wal;
@@ -20,6 +21,11 @@ use stockd_protocol::shard_of;
 
 use crate::shard::MAX_SHARDS;
 use crate::state::{IdLimits, LogRecord, Mutation, Op, Store};
+
+/// A long replay reports its progress this often...
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// ...looking at the clock once per this many records.
+const PROGRESS_CHECK_RECORDS: u64 = 65_536;
 
 /// Stores being rebuilt, in the layout of the records being replayed.
 pub struct Rebuild {
@@ -139,9 +145,16 @@ pub fn recover(dir: &Path, shards: usize, limits: IdLimits) -> Result<(Vec<Store
         None => Rebuild::new(limits),
     };
     let mut bad: Option<String> = None;
+    let (started, mut reported, mut replayed) = (Instant::now(), Instant::now(), 0u64);
     let end = wal::replay(dir, rec.snapshot_lsn, |r| {
         if bad.is_none() {
-            bad = rebuild.record(r.lsn, r.ts_ms, &r.payload).err();
+            bad = rebuild.record(r.lsn, r.ts_ms, r.payload).err();
+        }
+        replayed += 1;
+        if replayed % PROGRESS_CHECK_RECORDS == 0 && reported.elapsed() >= PROGRESS_EVERY {
+            reported = Instant::now();
+            let per_s = replayed as f64 / started.elapsed().as_secs_f64();
+            tracing::info!(replayed, lsn = r.lsn, records_per_s = per_s as u64, "replaying the log");
         }
     })
     .map_err(|e| e.to_string())?;

@@ -108,7 +108,10 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     };
     let stats: Arc<Vec<ShardStats>> = Arc::new((0..n).map(|_| ShardStats::default()).collect());
     let (interval, min_records) = (cfg.snapshot_interval, cfg.snapshot_records);
-    let mut policy = SnapshotPolicy::new(interval, min_records, rec.next_lsn - 1, stats.clone());
+    // Records count from the last snapshot, not from this start: a server
+    // restarted again and again (a crash loop) still snapshots once the log
+    // tail is long, instead of replaying an ever longer tail.
+    let mut policy = SnapshotPolicy::new(interval, min_records, rec.snapshot_lsn, stats.clone());
     let mb = mailboxes.clone();
     let (wal, wal_thread) = Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch| {
         route_commits(&mb, batch, |lsn| policy.due(lsn))

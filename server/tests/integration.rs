@@ -216,3 +216,28 @@ async fn auth_token_is_required_when_configured() {
     assert_eq!(c.query(1, 1).await.unwrap(), 1);
     srv.shutdown();
 }
+
+/// A server restarted again and again before it writes a snapshot's worth
+/// still snapshots: records count from the last snapshot, not from the start.
+#[tokio::test]
+async fn restarts_do_not_postpone_the_snapshot_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("MANIFEST");
+    for run in 0..2u64 {
+        let mut cfg = config(dir.path(), 2);
+        cfg.snapshot_records = 1_000;
+        let srv = stockd::start(cfg).unwrap();
+        let c = client(&srv).await;
+        for i in 0..600u64 {
+            c.inbound(run * 1_000 + i, &[Line::new(i % 50, 1, 1)]).await.unwrap();
+        }
+        if run == 0 {
+            assert!(!manifest.exists(), "600 records are below the snapshot threshold");
+        } else {
+            let snapshotted = eventually(Duration::from_secs(10), || async { manifest.exists() }).await;
+            assert!(snapshotted, "1,200 records since the last snapshot, over two runs: a snapshot");
+        }
+        drop(c);
+        srv.shutdown();
+    }
+}

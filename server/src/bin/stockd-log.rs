@@ -56,7 +56,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         if printed >= limit || write_failed {
             return;
         }
-        let line = match LogRecord::decode(&r.payload) {
+        let line = match LogRecord::decode(r.payload) {
             Ok(record) => to_json(r.lsn, r.ts_ms, &record),
             Err(e) => {
                 undecodable += 1;
