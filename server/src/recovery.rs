@@ -13,24 +13,28 @@
 //! property tests; [`recover`] feeds it from the data directory.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stockd_persistence::snapshot::{self, Manifest};
 use stockd_persistence::wal;
 use stockd_protocol::shard_of;
 
+use appliers::Appliers;
+
 use crate::shard::MAX_SHARDS;
-use crate::state::{IdLimits, LogRecord, Mutation, Op, Store};
+use crate::state::{IdLimits, LogRecord, Op, Store};
 
 /// A long replay reports its progress this often...
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// ...looking at the clock once per this many records.
 const PROGRESS_CHECK_RECORDS: u64 = 65_536;
 
-/// Stores being rebuilt, in the layout of the records being replayed.
+/// Stores being rebuilt, in the layout of the records being replayed, each
+/// applying its records on a thread of its own (see [`appliers`]).
 pub struct Rebuild {
     limits: IdLimits,
-    stores: Vec<Store>,
+    appliers: Appliers,
     /// The layout the log says the stores are in; None before the first
     /// snapshot or `Layout` record (an empty data directory).
     layout: Option<usize>,
@@ -38,7 +42,7 @@ pub struct Rebuild {
 
 impl Rebuild {
     pub fn new(limits: IdLimits) -> Rebuild {
-        Rebuild { limits, stores: Vec::new(), layout: None }
+        Rebuild { limits, appliers: Appliers::start(Vec::new()), layout: None }
     }
 
     /// Starts from a snapshot set: one payload per shard of `shard_count`.
@@ -57,7 +61,7 @@ impl Rebuild {
         if read != shard_count {
             return Err(format!("snapshot set has {read} parts, its manifest says {shard_count}"));
         }
-        Ok(Rebuild { limits, stores, layout: Some(shard_count) })
+        Ok(Rebuild { limits, appliers: Appliers::start(stores), layout: Some(shard_count) })
     }
 
     /// Replays one log record.
@@ -66,42 +70,46 @@ impl Rebuild {
             LogRecord::Layout { shards } => {
                 let shards = shards as usize;
                 check_layout(shards).map_err(|e| format!("log record {lsn}: {e}"))?;
-                let stores = std::mem::take(&mut self.stores);
-                tracing::debug!(lsn, from = stores.len(), to = shards, "replay: the layout changes here");
-                self.stores = Store::regroup(stores, shards, self.limits);
+                tracing::debug!(
+                    lsn,
+                    from = self.appliers.len(),
+                    to = shards,
+                    "replay: the layout changes here"
+                );
+                self.regroup(shards);
                 self.layout = Some(shards);
             }
             LogRecord::Mutation(m) => {
-                if self.stores.is_empty() {
+                if self.appliers.is_empty() {
                     // Records before any layout: a log from before layouts were
                     // logged. One store replays them; the server's count is used after.
-                    self.stores = vec![Store::new(0, 1, self.limits)];
+                    self.regroup(1);
                 }
-                self.apply(lsn, ts_ms, &m);
+                let n = self.appliers.len();
+                let mut participants = m.lines.iter().fold(0u64, |acc, l| acc | 1 << shard_of(l.key.item, n));
+                if !matches!(m.op, Op::Adjust { .. }) {
+                    participants |= 1 << shard_of(m.owner_id(), n);
+                }
+                self.appliers.push(participants, lsn, ts_ms, Arc::new(m));
             }
         }
         Ok(())
     }
 
-    fn apply(&mut self, lsn: u64, ts_ms: u64, m: &Mutation) {
-        let n = self.stores.len();
-        let mut participants = m.lines.iter().fold(0u64, |acc, l| acc | 1 << shard_of(l.key.item, n));
-        if !matches!(m.op, Op::Adjust { .. }) {
-            participants |= 1 << shard_of(m.owner_id(), n);
-        }
-        for (i, store) in self.stores.iter_mut().enumerate() {
-            if participants & (1 << i) != 0 {
-                store.apply(None, lsn, ts_ms, m);
-            }
-        }
+    /// Waits for the stores, moves their state into `shards` new ones, and
+    /// starts those.
+    fn regroup(&mut self, shards: usize) {
+        let stores = std::mem::replace(&mut self.appliers, Appliers::start(Vec::new())).finish();
+        self.appliers = Appliers::start(Store::regroup(stores, shards, self.limits));
     }
 
     /// The stores of `shards` shards, and whether the server must log a
     /// `Layout` record before it serves (the log's layout is another, or unknown).
     pub fn finish(self, shards: usize, last_lsn: u64) -> (Vec<Store>, bool) {
         let needs_layout_record = self.layout != Some(shards);
+        let stores = self.appliers.finish();
         let mut stores =
-            if needs_layout_record { Store::regroup(self.stores, shards, self.limits) } else { self.stores };
+            if needs_layout_record { Store::regroup(stores, shards, self.limits) } else { stores };
         for s in stores.iter_mut() {
             s.applied_lsn = s.applied_lsn.max(last_lsn);
         }
@@ -169,6 +177,8 @@ pub fn recover(dir: &Path, shards: usize, limits: IdLimits) -> Result<(Vec<Store
     rec.needs_layout_record = needs_layout_record;
     Ok((stores, rec))
 }
+
+mod appliers;
 
 #[cfg(test)]
 mod tests;
