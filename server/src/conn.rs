@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use stockd_protocol::{
     begin_frame, constant_time_eq, end_frame, opcode, parse_frame, shard_of, FrameError, HelloInfo, Key,
@@ -33,6 +34,8 @@ const MIN_READ_ROOM_BYTES: usize = 16 << 10;
 pub struct ConnCtx {
     pub hello: HelloInfo,
     pub auth_token: Option<Vec<u8>>,
+    /// A connection holding part of a frame this long without sending more is closed.
+    pub partial_frame_timeout: Duration,
 }
 
 struct PendingBatch {
@@ -111,6 +114,9 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
             rbuf.reserve(BUFFER_BYTES);
         }
         let can_read = !peer_done && conn.inflight < MAX_INFLIGHT && rbuf.len() < 2 * (MAX_BODY + HEADER_LEN);
+        // Part of a frame waits for its rest: a client that stops there (a
+        // slow-loris) is closed once the timeout passes without new bytes.
+        let partial = can_read && !rbuf.is_empty();
         tokio::select! {
             biased;
             Some(out) = rx.recv() => conn.deliver(out),
@@ -119,6 +125,12 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
                 Err(_) => break,
                 Ok(_) => {}
             },
+            _ = tokio::time::sleep(ctx.partial_frame_timeout), if partial => {
+                let sh = shard.borrow();
+                sh.stats().errors.fetch_add(1, Relaxed);
+                tracing::debug!(bytes = rbuf.len(), "closing a connection that stopped inside a frame");
+                break;
+            }
         }
     }
 }

@@ -65,15 +65,19 @@ async fn accept_loop(l: tokio::net::TcpListener, shard: Rc<RefCell<Shard>>, ctx:
     loop {
         match l.accept().await {
             Ok((stream, peer)) => {
+                let (shared, index) = (shard.borrow().shared().clone(), shard.borrow().index());
+                // Counted here, before the task runs, so a burst cannot pass the cap.
+                if shared.connections() >= shared.max_connections {
+                    refuse(stream, shared.max_connections);
+                    continue;
+                }
+                shared.stats[index].connections.fetch_add(1, Relaxed);
                 let _ = stream.set_nodelay(true);
                 let (shard, ctx) = (shard.clone(), ctx.clone());
                 tokio::task::spawn_local(async move {
-                    let (shared, index) = (shard.borrow().shared().clone(), shard.borrow().index());
-                    let stats = &shared.stats[index];
-                    stats.connections.fetch_add(1, Relaxed);
                     tracing::debug!(%peer, shard = index, "connection opened");
                     serve(stream, shard, ctx).await;
-                    stats.connections.fetch_sub(1, Relaxed);
+                    shared.stats[index].connections.fetch_sub(1, Relaxed);
                     tracing::debug!(%peer, shard = index, "connection closed");
                 });
             }
@@ -83,6 +87,17 @@ async fn accept_loop(l: tokio::net::TcpListener, shard: Rc<RefCell<Shard>>, ctx:
             }
         }
     }
+}
+
+/// Answers a connection over the cap with one OVERLOADED frame (request id
+/// 0: it sent nothing yet) and closes it. Never waits: a client that does
+/// not read it just sees the close.
+fn refuse(stream: tokio::net::TcpStream, max: usize) {
+    let mut frame = Vec::new();
+    let message = format!("stockd has {max} connections open, its --max-connections; retry later");
+    stockd_protocol::encode_error(0, 0, stockd_protocol::Status::Overloaded, &message, &mut frame);
+    let _ = stream.try_write(&frame);
+    tracing::warn!(max, "refused a connection: at --max-connections");
 }
 
 async fn retry_loop(shard: Rc<RefCell<Shard>>) {

@@ -41,6 +41,15 @@ struct Args {
     /// not fit get OVERLOADED.
     #[arg(long, default_value_t = 60)]
     id_min_window_secs: u64,
+    /// Client connections open at once, over all shards; more get one
+    /// OVERLOADED answer and are closed. Default: the file-descriptor limit
+    /// (ulimit -n) less 128.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Seconds a connection may hold part of a frame without sending more
+    /// before it is closed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    partial_frame_timeout_secs: u64,
 }
 
 /// HOST:PORT with HOST a name or an address, to the address to listen on:
@@ -72,6 +81,8 @@ fn main() {
     cfg.shard_port_base = args.shard_port_base;
     cfg.auth_token = args.auth_token;
     cfg.snapshot_interval = Duration::from_secs(args.snapshot_interval_secs.max(1));
+    cfg.max_connections = args.max_connections.unwrap_or(cfg.max_connections);
+    cfg.partial_frame_timeout = Duration::from_secs(args.partial_frame_timeout_secs);
     cfg.ids = IdLimits {
         window_ms: args.id_window_hours * 3_600_000,
         min_window_ms: args.id_min_window_secs * 1000,

@@ -36,6 +36,26 @@ pub struct Config {
     pub ids: IdLimits,
     /// Pin shard threads to cores.
     pub pin: bool,
+    /// Client connections open at once, over all shards; more are refused.
+    pub max_connections: usize,
+    /// A connection holding part of a frame this long without sending more is closed.
+    pub partial_frame_timeout: Duration,
+}
+
+/// File descriptors kept for the log, snapshots, listeners and the like.
+const RESERVED_FDS: usize = 128;
+
+/// The default connection cap: what the file-descriptor limit leaves after
+/// the server's own files (at least 16).
+pub fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we pass and nothing else.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
+    };
+    soft.saturating_sub(RESERVED_FDS).max(16)
 }
 
 impl Config {
@@ -50,6 +70,8 @@ impl Config {
             snapshot_records: 1_000_000,
             ids: IdLimits::default(),
             pin: true,
+            max_connections: default_max_connections(),
+            partial_frame_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -117,7 +139,14 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         route_commits(&mb, batch, |lsn| policy.due(lsn))
     })
     .map_err(|e| e.to_string())?;
-    let shared = Arc::new(Shared { mailboxes, stats, wal, stop: AtomicBool::new(false), snapshots: snap_tx });
+    let shared = Arc::new(Shared {
+        mailboxes,
+        stats,
+        wal,
+        stop: AtomicBool::new(false),
+        snapshots: snap_tx,
+        max_connections: cfg.max_connections,
+    });
     let hello = HelloInfo {
         server_id: id,
         hash_id: HASH_FMIX64_MOD,
@@ -183,8 +212,11 @@ fn spawn_shards(
     let sockets = listeners.shared_port.into_iter().zip(listeners.own_port);
     for (i, (store, (on_shared, on_own))) in stores.into_iter().zip(sockets).enumerate() {
         let shared = shared.clone();
-        let ctx =
-            ConnCtx { hello: hello.clone(), auth_token: cfg.auth_token.clone().map(String::into_bytes) };
+        let ctx = ConnCtx {
+            hello: hello.clone(),
+            auth_token: cfg.auth_token.clone().map(String::into_bytes),
+            partial_frame_timeout: cfg.partial_frame_timeout,
+        };
         let core = if cfg.pin && !cores.is_empty() { Some(cores[i % cores.len()]) } else { None };
         let h = std::thread::Builder::new()
             .name(format!("stockd-shard-{i}"))

@@ -195,3 +195,83 @@ async fn listen_takes_a_host_name() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn connections_beyond_the_cap_are_refused_with_overloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 2);
+    cfg.max_connections = 3;
+    let srv = stockd::start(cfg).unwrap();
+    let mut held: Vec<TcpStream> = Vec::new();
+    for i in 0..3u64 {
+        let mut s = TcpStream::connect(srv.addr).unwrap();
+        let mut out = Vec::new();
+        Request::Ping.encode(i, &mut out);
+        s.write_all(&out).unwrap();
+        assert_eq!(answers_until(&mut s, 1)[0].1.status(), Status::Ok, "connection {i} is served");
+        held.push(s);
+    }
+    let mut over = TcpStream::connect(srv.addr).unwrap();
+    let refused = answers_until_closed(&mut over);
+    match &refused[..] {
+        [(0, Response::Error { status: Status::Overloaded, message })] => {
+            assert!(message.contains("--max-connections"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // One goes, one more may come.
+    drop(held.pop());
+    let served = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        let mut s = TcpStream::connect(srv.addr).unwrap();
+        let mut out = Vec::new();
+        Request::Ping.encode(9, &mut out);
+        s.write_all(&out).is_ok() && answers_until(&mut s, 1).first().is_some_and(|(id, _)| *id == 9)
+    });
+    assert!(served, "a freed slot is usable again");
+    srv.shutdown();
+}
+
+#[test]
+fn a_client_that_stops_inside_a_frame_is_closed_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 1);
+    cfg.partial_frame_timeout = Duration::from_millis(300);
+    let srv = stockd::start(cfg).unwrap();
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    let mut out = Vec::new();
+    Request::Ping.encode(1, &mut out);
+    Request::Ping.encode(2, &mut out);
+    // One whole frame and half of the next, then nothing.
+    s.write_all(&out[..out.len() - 5]).unwrap();
+    let t = std::time::Instant::now();
+    let answers = answers_until_closed(&mut s);
+    assert_eq!(answers.len(), 1, "the whole frame is answered");
+    assert!(t.elapsed() >= Duration::from_millis(250), "closed only after the timeout: {:?}", t.elapsed());
+    // An idle connection with no partial frame is kept.
+    let mut idle = TcpStream::connect(srv.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    out.clear();
+    Request::Ping.encode(3, &mut out);
+    idle.write_all(&out).unwrap();
+    assert_eq!(answers_until(&mut idle, 1)[0].0, 3);
+    srv.shutdown();
+}
+
+/// Reads `n` answers from `s` (at most 10 s).
+fn answers_until(s: &mut TcpStream, n: usize) -> Vec<(u64, Response)> {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut buf, mut out, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
+    while out.len() < n {
+        let k = match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => k,
+        };
+        buf.extend_from_slice(&chunk[..k]);
+        while let Some((h, body)) = parse_frame(&buf).unwrap() {
+            out.push((h.request_id, Response::decode(h.opcode, body).unwrap()));
+            buf.drain(..HEADER_LEN + h.body_len);
+        }
+    }
+    out
+}

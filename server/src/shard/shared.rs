@@ -37,11 +37,18 @@ pub struct Shared {
     pub wal: Wal<WalToken>,
     pub stop: AtomicBool,
     pub snapshots: crossbeam::channel::Sender<SnapshotPart>,
+    /// Client connections open at once, over all shards.
+    pub max_connections: usize,
 }
 
 impl Shared {
     pub fn shards(&self) -> usize {
         self.mailboxes.len()
+    }
+
+    /// Client connections open now, over all shards.
+    pub fn connections(&self) -> usize {
+        self.stats.iter().map(|s| s.connections.load(Relaxed) as usize).sum()
     }
 
     /// Counters summed over shards, plus the log writer's.

@@ -36,6 +36,7 @@ fn shared_with(
         wal,
         stop: AtomicBool::new(false),
         snapshots,
+        max_connections: 100,
     })
 }
 
@@ -169,7 +170,7 @@ fn a_cross_shard_batch_with_a_full_owner_answers_overloaded_and_survives() {
         max_batch_keys: 64,
         max_lines: 64,
     };
-    let ctx = Rc::new(ConnCtx { hello, auth_token: None });
+    let ctx = Rc::new(ConnCtx { hello, auth_token: None, partial_frame_timeout: Duration::from_secs(10) });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
