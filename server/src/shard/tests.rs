@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::conn::{serve, ConnCtx};
-use crate::state::{Command, IdLimits, Mutation, Op};
+use crate::state::{Command, IdKey, IdLimits, Mutation, Op};
 
 /// `n` shards' shared state around a real log writer in `dir`; every group
 /// commit goes to `on_commit` (the shards never hear of it unless it says so).
@@ -210,5 +210,30 @@ async fn read_answer(s: &mut tokio::net::TcpStream) -> (u64, Response) {
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.unwrap().unwrap();
         assert!(n > 0, "the server closed the connection");
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn a_reserve_retried_while_its_hold_expires_answers_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    // Commits are never routed: the expiry's release stays in flight.
+    let shared = shared_with(dir.path(), 1, 1024, |_| {});
+    let mut store = stocked(0, 1, KEY, 5);
+    let hold = Mutation { op: Op::Reserve { id: 77, ttl_ms: 1 }, lines: vec![Line { key: KEY, qty: 2 }] };
+    store.apply(None, 2, 1_000, &hold);
+    let mut shard = Shard::new(0, shared, store);
+    shard.expire_holds(); // its deadline (ts 1,001) is long past: a release starts
+    assert!(shard.busy_ids.contains(&IdKey::OrderOrHold(77)), "the expiry is in flight");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let retry = Command::Reserve { id: 77, ttl_ms: 60_000, lines: vec![Line { key: KEY, qty: 2 }] };
+    shard.start(opcode::RESERVE, 5, retry, Some(tx.clone()));
+    assert_eq!(answer(&mut rx), Some(Response::Duplicate { lsn: 2 }));
+    // Other operations on the id still wait for the one in flight.
+    shard.start(opcode::CONFIRM, 6, Command::Confirm { id: 77 }, Some(tx));
+    match answer(&mut rx) {
+        Some(Response::Error { status: Status::Conflict, message }) => {
+            assert!(message.contains("in flight"), "{message}")
+        }
+        other => panic!("{other:?}"),
     }
 }

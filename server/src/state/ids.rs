@@ -75,6 +75,14 @@ impl Default for IdLimits {
 }
 
 impl Store {
+    /// True if the id is remembered in its space.
+    pub fn remembers(&self, key: crate::state::IdKey) -> bool {
+        match key {
+            crate::state::IdKey::OrderOrHold(id) => self.ids.get(&id).is_some(),
+            crate::state::IdKey::Receipt(id) => self.receipts.get(&id).is_some(),
+        }
+    }
+
     pub fn id_count(&self) -> usize {
         self.ids.len() + self.receipts.len()
     }

@@ -50,6 +50,11 @@ impl Command {
         }
     }
 
+    /// True for the commands that create their id (order, reserve, inbound).
+    pub fn creates_id(&self) -> bool {
+        matches!(self, Command::Order { .. } | Command::Reserve { .. } | Command::Inbound { .. })
+    }
+
     /// The id this command is about; None for an adjust, which has none.
     pub fn id_key(&self) -> Option<IdKey> {
         match self {
