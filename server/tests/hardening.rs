@@ -208,7 +208,7 @@ fn connections_beyond_the_cap_are_refused_with_overloaded() {
         let mut out = Vec::new();
         Request::Ping.encode(i, &mut out);
         s.write_all(&out).unwrap();
-        assert_eq!(answers_until(&mut s, 1)[0].1.status(), Status::Ok, "connection {i} is served");
+        assert_eq!(read_answers(&mut s, 1)[0].1.status(), Status::Ok, "connection {i} is served");
         held.push(s);
     }
     let mut over = TcpStream::connect(srv.addr).unwrap();
@@ -226,7 +226,7 @@ fn connections_beyond_the_cap_are_refused_with_overloaded() {
         let mut s = TcpStream::connect(srv.addr).unwrap();
         let mut out = Vec::new();
         Request::Ping.encode(9, &mut out);
-        s.write_all(&out).is_ok() && answers_until(&mut s, 1).first().is_some_and(|(id, _)| *id == 9)
+        s.write_all(&out).is_ok() && read_answers(&mut s, 1).first().is_some_and(|(id, _)| *id == 9)
     });
     assert!(served, "a freed slot is usable again");
     srv.shutdown();
@@ -254,24 +254,6 @@ fn a_client_that_stops_inside_a_frame_is_closed_after_the_timeout() {
     out.clear();
     Request::Ping.encode(3, &mut out);
     idle.write_all(&out).unwrap();
-    assert_eq!(answers_until(&mut idle, 1)[0].0, 3);
+    assert_eq!(read_answers(&mut idle, 1)[0].0, 3);
     srv.shutdown();
-}
-
-/// Reads `n` answers from `s` (at most 10 s).
-fn answers_until(s: &mut TcpStream, n: usize) -> Vec<(u64, Response)> {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (mut buf, mut out, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
-    while out.len() < n {
-        let k = match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => k,
-        };
-        buf.extend_from_slice(&chunk[..k]);
-        while let Some((h, body)) = parse_frame(&buf).unwrap() {
-            out.push((h.request_id, Response::decode(h.opcode, body).unwrap()));
-            buf.drain(..HEADER_LEN + h.body_len);
-        }
-    }
-    out
 }

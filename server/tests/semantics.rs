@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
 use stockd_client::{Applied, Error, Line, Status};
-use stockd_protocol::{parse_frame, Request, Response, HEADER_LEN};
+use stockd_protocol::{Request, Response};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_answers_duplicate_for_its_own_kind_and_conflict_for_the_other() {
@@ -60,17 +60,8 @@ fn exchange(s: &mut TcpStream, requests: &[(u64, Request)]) -> Vec<(u64, Respons
         req.encode(*rid, &mut out);
     }
     s.write_all(&out).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (mut buf, mut answers, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
-    while answers.len() < requests.len() {
-        let n = s.read(&mut chunk).unwrap();
-        assert!(n > 0, "closed early");
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some((h, body)) = parse_frame(&buf).unwrap() {
-            answers.push((h.request_id, Response::decode(h.opcode, body).unwrap()));
-            buf.drain(..HEADER_LEN + h.body_len);
-        }
-    }
+    let answers = read_answers(s, requests.len());
+    assert_eq!(answers.len(), requests.len(), "an answer to every request");
     answers
 }
 

@@ -140,3 +140,23 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// Reads answers from a raw socket until `n` have come (or the server
+/// closed it, or 10 s passed): (request id, answer), in arrival order.
+pub fn read_answers(s: &mut std::net::TcpStream, n: usize) -> Vec<(u64, stockd_protocol::Response)> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut buf, mut out, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
+    while out.len() < n {
+        let k = match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => k,
+        };
+        buf.extend_from_slice(&chunk[..k]);
+        while let Some((h, body)) = stockd_protocol::parse_frame(&buf).unwrap() {
+            out.push((h.request_id, stockd_protocol::Response::decode(h.opcode, body).unwrap()));
+            buf.drain(..stockd_protocol::HEADER_LEN + h.body_len);
+        }
+    }
+    out
+}
