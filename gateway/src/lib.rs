@@ -465,7 +465,11 @@ async fn healthz(State(g): G) -> ApiResult {
 }
 
 async fn metrics_text(State(g): G) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], g.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        g.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn openapi() -> Response {

@@ -178,7 +178,8 @@ async fn every_endpoint_and_idempotent_retries() {
         "{text}"
     );
     assert!(text.contains("stock_gateway_errors_total{code=\"insufficient_stock\"} 1"), "{text}");
-    assert!(text.contains("stock_gateway_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/stock/{vendor_item_id}/{fulfillment_center_id}\",le=\"+Inf\"}"));
+    assert!(text.contains("stock_gateway_request_duration_seconds_bucket{le=\"+Inf\",method=\"GET\",route=\"/v1/stock/{vendor_item_id}/{fulfillment_center_id}\"} 5"), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"), "a complete OpenMetrics exposition");
     assert!(text.contains("stock_gateway_upstream_duration_seconds_count "));
     srv.shutdown();
 }

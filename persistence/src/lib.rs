@@ -7,6 +7,7 @@ use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
+pub mod histogram;
 pub mod snapshot;
 pub mod wal;
 

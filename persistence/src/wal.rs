@@ -23,6 +23,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 
+use crate::histogram::AtomicHistogram;
 use crate::{sync_dir, Error};
 
 pub const RECORD_HEADER: usize = 24;
@@ -275,14 +276,41 @@ impl WalConfig {
     }
 }
 
+/// Bucket bounds of the write + fdatasync time, in microseconds.
+pub const SYNC_MICROS_BUCKETS: &[u64] =
+    &[50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000];
+/// Bucket bounds of the records in one group commit.
+pub const BATCH_RECORDS_BUCKETS: &[u64] = &[1, 4, 16, 64, 256, 1_024, 4_096];
+/// Bucket bounds of the bytes in one group commit.
+pub const BATCH_BYTES_BUCKETS: &[u64] = &[256, 1_024, 4_096, 16_384, 65_536, 262_144, 1_048_576, 4_194_304];
+
 /// Counters the writer keeps; read them from any thread.
-#[derive(Debug, Default)]
 pub struct WalStats {
     pub records: AtomicU64,
     pub fsyncs: AtomicU64,
     pub bytes: AtomicU64,
     /// Sum over fsyncs of the microseconds spent in write + fdatasync.
     pub sync_micros: AtomicU64,
+    /// Each group commit's write + fdatasync, in microseconds.
+    pub sync_micros_hist: AtomicHistogram,
+    /// Records per group commit.
+    pub batch_records_hist: AtomicHistogram,
+    /// Bytes per group commit.
+    pub batch_bytes_hist: AtomicHistogram,
+}
+
+impl Default for WalStats {
+    fn default() -> Self {
+        WalStats {
+            records: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            sync_micros: AtomicU64::new(0),
+            sync_micros_hist: AtomicHistogram::new(SYNC_MICROS_BUCKETS),
+            batch_records_hist: AtomicHistogram::new(BATCH_RECORDS_BUCKETS),
+            batch_bytes_hist: AtomicHistogram::new(BATCH_BYTES_BUCKETS),
+        }
+    }
 }
 
 /// A payload waiting to be logged, and what the caller wants back after the commit.
@@ -415,7 +443,11 @@ impl Writer {
                 tracing::error!(error = %e, "write-ahead log write or fdatasync failed; aborting to avoid acknowledging lost data");
                 std::process::abort();
             }
-            self.stats.sync_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            let micros = t.elapsed().as_micros() as u64;
+            self.stats.sync_micros.fetch_add(micros, Ordering::Relaxed);
+            self.stats.sync_micros_hist.observe(micros);
+            self.stats.batch_records_hist.observe(done.len() as u64);
+            self.stats.batch_bytes_hist.observe(buf.len() as u64);
             self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.stats.records.fetch_add(done.len() as u64, Ordering::Relaxed);
             self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);

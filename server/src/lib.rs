@@ -5,12 +5,14 @@
 //! - [`conn`]: one client connection.
 //! - [`event_loop`]: a shard thread's runtime: listeners, connections, mailbox, timers.
 //! - [`listeners`]: the shared and per-shard ports; a taken port is refused.
+//! - [`metrics`]: the Prometheus endpoint (`--metrics-listen`).
 //! - [`recovery`]: the stores rebuilt from snapshots and the log.
 //! - [`server`]: startup, snapshots, shutdown.
 
 pub mod conn;
 pub mod event_loop;
 pub mod listeners;
+pub mod metrics;
 pub mod recovery;
 pub mod server;
 pub mod shard;

@@ -50,6 +50,9 @@ struct Args {
     /// before it is closed.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     partial_frame_timeout_secs: u64,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off by default).
+    #[arg(long, value_parser = resolve)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// HOST:PORT with HOST a name or an address, to the address to listen on:
@@ -83,6 +86,7 @@ fn main() {
     cfg.snapshot_interval = Duration::from_secs(args.snapshot_interval_secs.max(1));
     cfg.max_connections = args.max_connections.unwrap_or(cfg.max_connections);
     cfg.partial_frame_timeout = Duration::from_secs(args.partial_frame_timeout_secs);
+    cfg.metrics_listen = args.metrics_listen;
     cfg.ids = IdLimits {
         window_ms: args.id_window_hours * 3_600_000,
         min_window_ms: args.id_min_window_secs * 1000,

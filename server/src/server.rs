@@ -15,6 +15,7 @@ use stockd_protocol::{HelloInfo, HASH_FMIX64_MOD, MAX_BATCH_KEYS, MAX_BODY, MAX_
 use crate::conn::ConnCtx;
 use crate::event_loop::shard_main;
 use crate::listeners::Listeners;
+use crate::metrics::{self, Observed};
 use crate::recovery::{recover, Recovered};
 use crate::shard::commits::{route_commits, SnapshotPolicy};
 use crate::shard::shared::SnapshotPart;
@@ -40,6 +41,8 @@ pub struct Config {
     pub max_connections: usize,
     /// A connection holding part of a frame this long without sending more is closed.
     pub partial_frame_timeout: Duration,
+    /// Serve Prometheus metrics (`GET /metrics`) here.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// File descriptors kept for the log, snapshots, listeners and the like.
@@ -72,6 +75,7 @@ impl Config {
             pin: true,
             max_connections: default_max_connections(),
             partial_frame_timeout: Duration::from_secs(10),
+            metrics_listen: None,
         }
     }
 }
@@ -80,6 +84,9 @@ impl Config {
 pub struct Running {
     pub addr: SocketAddr,
     pub shard_ports: Vec<u16>,
+    /// Where `GET /metrics` is served, with `Config::metrics_listen`.
+    pub metrics_addr: Option<SocketAddr>,
+    metrics_thread: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     shard_threads: Vec<JoinHandle<()>>,
     wal_thread: JoinHandle<()>,
@@ -121,11 +128,15 @@ pub fn start(cfg: Config) -> Result<Running, String> {
 
     let mailboxes: Arc<Vec<Mailbox>> = Arc::new((0..n).map(|_| Mailbox::new()).collect());
     let (snap_tx, snap_rx) = crossbeam::channel::unbounded();
+    let observed = Arc::new(Observed::default());
+    observed.recovery_ms.store(rec.recovery_ms, Relaxed);
+    observed.recovered_records.store(rec.replayed, Relaxed);
     let snapshot_thread = {
         let dir = dir.clone();
+        let observed_by_snapshots = observed.clone();
         std::thread::Builder::new()
             .name("stockd-snapshot".into())
-            .spawn(move || snapshot_loop(&dir, n, snap_rx))
+            .spawn(move || snapshot_loop(&dir, n, snap_rx, &observed_by_snapshots))
             .map_err(|e| e.to_string())?
     };
     let stats: Arc<Vec<ShardStats>> = Arc::new((0..n).map(|_| ShardStats::default()).collect());
@@ -157,10 +168,15 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     };
     let port_claim = listeners.port_claim.take();
     let shard_threads = spawn_shards(&cfg, &shared, stores, listeners, hello)?;
+    let metrics =
+        cfg.metrics_listen.map(|a| metrics::serve(a, shared.clone(), observed.clone())).transpose()?;
+    let (metrics_addr, metrics_thread) = metrics.map_or((None, None), |(a, t)| (Some(a), Some(t)));
     tracing::info!(%addr, ?shard_ports, shards = n, "stockd serving");
     Ok(Running {
         addr,
         shard_ports,
+        metrics_addr,
+        metrics_thread,
         shared,
         shard_threads,
         wal_thread,
@@ -234,16 +250,23 @@ fn spawn_shards(
 
 /// Writes each shard's part of a snapshot set; when all parts of one LSN are
 /// in, makes the set current and deletes the log segments it covers.
-fn snapshot_loop(dir: &Path, shards: usize, rx: crossbeam::channel::Receiver<SnapshotPart>) {
-    let mut done: std::collections::BTreeMap<u64, usize> = Default::default();
+fn snapshot_loop(
+    dir: &Path,
+    shards: usize,
+    rx: crossbeam::channel::Receiver<SnapshotPart>,
+    observed: &Observed,
+) {
+    // Per LSN: parts written, and when the first one arrived.
+    let mut done: std::collections::BTreeMap<u64, (usize, Instant)> = Default::default();
     for (lsn, shard, payload) in rx {
+        let first_seen = done.get(&lsn).map_or_else(Instant::now, |(_, t)| *t);
         let bytes = snapshot::encode_snapshot(lsn, shard as u32, shards as u32, &payload);
         if let Err(e) = snapshot::write_durably(dir, &snapshot::snapshot_name(lsn, shard as u32), &bytes) {
             tracing::error!(error = %e, lsn, shard, "snapshot write failed; the log keeps everything meanwhile");
             continue;
         }
         tracing::debug!(lsn, shard, bytes = bytes.len(), "snapshot part written");
-        let count = done.entry(lsn).or_default();
+        let (count, _) = done.entry(lsn).or_insert((0, first_seen));
         *count += 1;
         if *count < shards {
             continue;
@@ -253,12 +276,15 @@ fn snapshot_loop(dir: &Path, shards: usize, rx: crossbeam::channel::Receiver<Sna
         let res = snapshot::commit_manifest(dir, Manifest { lsn, shard_count: shards as u32 })
             .and_then(|_| wal::delete_segments_through(dir, lsn));
         match res {
-            Ok(deleted) => tracing::info!(
-                lsn,
-                deleted_segments = deleted,
-                ms = t.elapsed().as_millis() as u64,
-                "snapshot"
-            ),
+            Ok(deleted) => {
+                observed.snapshot_ms.observe(first_seen.elapsed().as_millis() as u64);
+                tracing::info!(
+                    lsn,
+                    deleted_segments = deleted,
+                    ms = t.elapsed().as_millis() as u64,
+                    "snapshot"
+                )
+            }
             Err(e) => tracing::error!(error = %e, lsn, "snapshot manifest failed"),
         }
     }
@@ -268,7 +294,7 @@ impl Running {
     /// Stops accepting, drops connections, lets the log writer finish what
     /// it was given, and waits for every thread.
     pub fn shutdown(self) {
-        let Running { shared, shard_threads, wal_thread, snapshot_thread, .. } = self;
+        let Running { shared, shard_threads, wal_thread, snapshot_thread, metrics_thread, .. } = self;
         shared.stop.store(true, Relaxed);
         for mb in shared.mailboxes.iter() {
             mb.notify.notify_one();
@@ -279,7 +305,7 @@ impl Running {
         // The shard threads are gone; with the last Shared goes the last Wal
         // handle, so the writer drains its queue and exits.
         drop(shared);
-        for h in [wal_thread, snapshot_thread] {
+        for h in [wal_thread, snapshot_thread].into_iter().chain(metrics_thread) {
             let _ = h.join();
         }
         tracing::info!("stockd stopped");

@@ -115,6 +115,11 @@ impl Mailbox {
         Ok(())
     }
 
+    /// Messages waiting now: (forwarded requests, internal messages).
+    pub fn depths(&self) -> (usize, usize) {
+        (self.requests.len(), self.internal.len())
+    }
+
     pub fn pop_internal(&self) -> Option<Internal> {
         self.internal.pop()
     }

@@ -1,0 +1,59 @@
+//! The Prometheus endpoint over real HTTP: the figures move with the work done.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::*;
+use stockd_client::Line;
+
+fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap();
+    (head.to_string(), body.to_string())
+}
+
+/// The value of the sample line that starts with `series ` (name and labels).
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_the_server_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 2);
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let srv = stockd::start(cfg).unwrap();
+    let addr = srv.metrics_addr.expect("metrics are served");
+    let c = client(&srv).await;
+    c.inbound(1, &[Line::new(1, 1, 5), Line::new(2, 1, 5)]).await.unwrap();
+    c.inbound(1, &[Line::new(1, 1, 5), Line::new(2, 1, 5)]).await.unwrap();
+    let _ = c.order(2, &[Line::new(1, 1, 50)]).await;
+    let (head, body) = get(addr, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    let outcome = |o: &str| -> f64 {
+        (0..2)
+            .map(|s| sample(&body, &format!("stockd_mutations_total{{shard=\"{s}\",outcome=\"{o}\"}}")))
+            .sum()
+    };
+    assert_eq!((outcome("ok"), outcome("duplicate"), outcome("insufficient_stock")), (1.0, 1.0, 1.0));
+    let rows: f64 = (0..2).map(|s| sample(&body, &format!("stockd_rows{{shard=\"{s}\"}}"))).sum();
+    assert_eq!(rows, 2.0);
+    assert_eq!(sample(&body, "stockd_wal_fsync_seconds_count"), 1.0, "one group commit: the inbound");
+    assert!(sample(&body, "stockd_wal_batch_records_count") >= 1.0);
+    assert!(body.contains("stockd_wal_fsync_seconds_bucket{le=\"0.001\"}"), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"), "a complete OpenMetrics exposition");
+    let (head, _) = get(addr, "/other");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    drop(c);
+    srv.shutdown();
+}
