@@ -51,15 +51,15 @@ impl Default for Observed {
 }
 
 /// A histogram read from an [`AtomicHistogram`], scaled (e.g. micros to seconds).
-struct Snapshot(HistogramSnapshot, f64);
+struct HistogramRead(HistogramSnapshot, f64);
 
-impl std::fmt::Debug for Snapshot {
+impl std::fmt::Debug for HistogramRead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "histogram")
     }
 }
 
-impl EncodeMetric for Snapshot {
+impl EncodeMetric for HistogramRead {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let ((sum, count, buckets), scale) = (&self.0, self.1);
         let scaled: Vec<(f64, u64)> = buckets.iter().map(|(b, c)| (b * scale, *c)).collect();
@@ -90,7 +90,7 @@ pub fn render(shared: &Shared, observed: &Observed) -> String {
     let mut registry = Registry::with_prefix("stockd");
     register_shards(&mut registry, shared);
     let w = &shared.wal.stats;
-    let histogram = |h: &AtomicHistogram, scale: f64| Snapshot(h.snapshot(), scale);
+    let histogram = |h: &AtomicHistogram, scale: f64| HistogramRead(h.snapshot(), scale);
     registry.register_with_unit(
         "wal_fsync",
         "Write + fdatasync time of each group commit",

@@ -227,22 +227,21 @@ impl Store {
             self.applied_lsn
         );
         self.applied_lsn = lsn;
-        if let Some(txn) = txn {
-            let owns_a_row = m.lines.iter().any(|l| self.owns_item(l.key.item));
-            let reserved = self.pending.remove(&txn);
-            assert_eq!(
-                reserved.is_some(),
-                owns_a_row,
-                "invariant: a commit settles its reservation once ({txn})"
-            );
-            for d in reserved.unwrap_or_default() {
-                self.reserve(d, Reservation::Return);
-            }
+        // The reservation goes first: then the rows change by the record itself.
+        let reserved = txn.map(|txn| (txn, self.pending.remove(&txn)));
+        for d in reserved.iter().flat_map(|(_, r)| r.iter().flatten()) {
+            self.reserve(*d, Reservation::Return);
         }
+        let mut owns_a_row = false;
         for d in m.deltas() {
             if self.owns_item(d.key.item) {
+                owns_a_row = true;
                 self.apply_delta(d, m);
             }
+        }
+        if let Some((txn, reserved)) = reserved {
+            let settled = reserved.is_some();
+            assert_eq!(settled, owns_a_row, "invariant: a commit settles its reservation once ({txn})");
         }
         if !matches!(m.op, Op::Adjust { .. }) && self.owns_id(m.owner_id()) {
             self.apply_id(LogStamp { lsn, ts_ms }, m);
