@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use stockd_client::{Applied, Client, Error, Line};
+use stockd_client::{Applied, Error, Line};
 
 /// A tmpfs of `mb` MiB mounted at a fresh directory; unmounted when dropped
 /// (then the directory goes with `_dir`).
@@ -74,7 +74,7 @@ async fn a_full_disk_stops_stockd_loudly_and_loses_nothing_acknowledged() {
             .spawn()
             .unwrap(),
     );
-    let c = connect(port).await;
+    let c = client_at(port).await;
     // 256-line inbounds of 1 unit each (about 4 KiB of log each) until the disk is full.
     let lines: Vec<Line> = (0..256).map(|i| Line::new(i, 1, 1)).collect();
     let (mut acked, mut id, t) = (0u64, 0u64, Instant::now());
@@ -126,18 +126,5 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-async fn connect(port: u16) -> Client {
-    let t = Instant::now();
-    loop {
-        match Client::connect(&format!("127.0.0.1:{port}")).await {
-            Ok(c) => return c,
-            Err(_) if t.elapsed() < Duration::from_secs(20) => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("stockd did not come up: {e}"),
-        }
     }
 }

@@ -52,6 +52,20 @@ where
     false
 }
 
+/// A client of the server on 127.0.0.1:`port`, once it accepts (at most 20 s).
+pub async fn client_at(port: u16) -> Client {
+    let t = std::time::Instant::now();
+    loop {
+        match Client::connect(&format!("127.0.0.1:{port}")).await {
+            Ok(c) => return c,
+            Err(_) if t.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("stockd did not come up: {e}"),
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released for the server),
 /// never the same one twice in this process: tests run as threads of one
 /// process, and two of them must not be handed one port.
@@ -93,22 +107,9 @@ impl Daemon {
         Daemon { child, port }
     }
 
-    pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
     /// A client, once the server accepts connections (at most 20 s).
     pub async fn client(&self) -> Client {
-        let t = std::time::Instant::now();
-        loop {
-            match Client::connect(&self.addr()).await {
-                Ok(c) => return c,
-                Err(_) if t.elapsed() < Duration::from_secs(20) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("stockd did not come up: {e}"),
-            }
-        }
+        client_at(self.port).await
     }
 
     /// SIGKILL: no chance to flush or snapshot anything.
