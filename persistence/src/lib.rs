@@ -1,5 +1,6 @@
 //! Durable storage for stockd: the write-ahead log with group commit
-//! ([`wal`]) and snapshot files with their manifest ([`snapshot`]).
+//! ([`wal`]), readers that follow it while it is written ([`tail`]), and
+//! snapshot files with their manifest ([`snapshot`]).
 //!
 //! The payloads are opaque bytes here; the server defines what they mean.
 
@@ -8,7 +9,9 @@ use std::fs::File;
 use std::path::Path;
 
 pub mod histogram;
+pub mod retention;
 pub mod snapshot;
+pub mod tail;
 pub mod wal;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 
 use crate::histogram::AtomicHistogram;
+use crate::tail::Durable;
 use crate::{sync_dir, Error};
 
 pub const RECORD_HEADER: usize = 24;
@@ -211,7 +212,7 @@ pub fn replay(dir: &Path, after_lsn: u64, apply: impl FnMut(Record<'_>)) -> Resu
 }
 
 /// Parses one record; `None` if it is incomplete or fails its checksum.
-fn parse_record(buf: &[u8]) -> Option<(Record<'_>, usize)> {
+pub(crate) fn parse_record(buf: &[u8]) -> Option<(Record<'_>, usize)> {
     if buf.len() < RECORD_HEADER {
         return None;
     }
@@ -339,18 +340,20 @@ pub enum SubmitError {
 pub struct Wal<T> {
     tx: Sender<Submission<T>>,
     pub stats: Arc<WalStats>,
+    /// The highest LSN on disk, for readers that follow the log.
+    pub durable: Arc<Durable>,
 }
 
 impl<T> Clone for Wal<T> {
     fn clone(&self) -> Self {
-        Wal { tx: self.tx.clone(), stats: self.stats.clone() }
+        Wal { tx: self.tx.clone(), stats: self.stats.clone(), durable: self.durable.clone() }
     }
 }
 
 impl<T: Send + 'static> Wal<T> {
     /// Starts the writer thread. It appends at `next_lsn` (from [`replay`]) in
-    /// a fresh segment, and after every fdatasync calls `on_commit` with the
-    /// batch it made durable, in LSN order. The thread ends when every `Wal`
+    /// a fresh segment, and after every fdatasync advances [`Wal::durable`]
+    /// and calls `on_commit` with the batch it made durable, in LSN order. The thread ends when every `Wal`
     /// handle is dropped; join the returned handle to wait for it.
     ///
     /// A failed write or fsync aborts the process: after a failed fsync the
@@ -364,13 +367,22 @@ impl<T: Send + 'static> Wal<T> {
     ) -> Result<(Wal<T>, std::thread::JoinHandle<()>), Error> {
         let (tx, rx) = channel::bounded(cfg.queue_capacity);
         let stats = Arc::new(WalStats::default());
+        let durable = Arc::new(Durable::new(next_lsn - 1));
         let file = create_segment(&cfg.dir, next_lsn)?;
-        let mut w = Writer { cfg, file, written: 0, next_lsn, last_ts_ms, stats: stats.clone() };
+        let mut w = Writer {
+            cfg,
+            file,
+            written: 0,
+            next_lsn,
+            last_ts_ms,
+            stats: stats.clone(),
+            durable: durable.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("stockd-wal".into())
             .spawn(move || w.run(rx, on_commit))
             .map_err(|e| Error::io(Path::new("<thread>"), e))?;
-        Ok((Wal { tx, stats }, handle))
+        Ok((Wal { tx, stats, durable }, handle))
     }
 
     /// Queues a payload without blocking.
@@ -409,6 +421,7 @@ struct Writer {
     next_lsn: u64,
     last_ts_ms: u64,
     stats: Arc<WalStats>,
+    durable: Arc<Durable>,
 }
 
 fn now_ms() -> u64 {
@@ -452,6 +465,7 @@ impl Writer {
             self.stats.records.fetch_add(done.len() as u64, Ordering::Relaxed);
             self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
             self.written += buf.len() as u64;
+            self.durable.advance(self.next_lsn - 1);
             on_commit(done);
             if self.written >= self.cfg.segment_bytes {
                 match create_segment(&self.cfg.dir, self.next_lsn) {

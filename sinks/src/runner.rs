@@ -1,0 +1,407 @@
+//! One thread per sink: it follows the log from the sink's cursor, turns
+//! records into changes with row levels, hands them to the sink, and keeps
+//! the cursor, in the data directory and in the retention marks, as the sink
+//! confirms.
+//!
+//! Nothing here runs on a shard or in the log writer's commit callback: a
+//! slow or absent downstream system only makes its own backlog grow.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use stockd_persistence::retention::Retention;
+use stockd_persistence::snapshot::write_durably;
+use stockd_persistence::tail::{Durable, LogTail};
+use stockd_persistence::wal::{list_segments, RECORD_HEADER};
+use stockd_record::LogRecord;
+
+use crate::levels::Levels;
+use crate::sink::{Batch, Change, Sink, SinkError};
+
+/// How a runner behaves; the defaults suit production.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// The server's data directory: the log, and the sinks' cursor files.
+    pub dir: PathBuf,
+    /// Most records in one batch handed to a sink.
+    pub batch_records: usize,
+    /// A sink more records behind than this is logged loudly (it keeps running).
+    pub lag_limit_records: u64,
+    /// The cursor file is rewritten at most this often.
+    pub cursor_save_every: Duration,
+}
+
+impl RunnerConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> RunnerConfig {
+        RunnerConfig {
+            dir: dir.into(),
+            batch_records: 4096,
+            lag_limit_records: 1_000_000,
+            cursor_save_every: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What a sink's runner reports; read it from any thread.
+pub struct SinkStatus {
+    pub name: &'static str,
+    durable: Arc<Durable>,
+    /// The highest LSN the sink has confirmed.
+    pub cursor: AtomicU64,
+    /// Bytes of log records the sink has not confirmed (refreshed a few times a second).
+    pub lag_bytes: AtomicU64,
+    /// Mutations handed to the sink (again after a reconnect: at least once).
+    pub delivered: AtomicU64,
+    /// Full resyncs: a downstream copy without a usable cursor.
+    pub resyncs: AtomicU64,
+    /// Failed connects and deliveries.
+    pub errors: AtomicU64,
+    pub connected: AtomicBool,
+}
+
+impl SinkStatus {
+    /// Records made durable that the sink has not confirmed.
+    pub fn lag_records(&self) -> u64 {
+        self.durable.get().saturating_sub(self.cursor.load(Relaxed))
+    }
+}
+
+/// The sinks' threads.
+pub struct Runners {
+    pub statuses: Vec<Arc<SinkStatus>>,
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Runners {
+    /// Starts one thread per sink. `levels` is every row's level as of the
+    /// durable end of the log (the state recovery produced); each sink goes
+    /// back from there to its cursor. Each sink's cursor file holds the log
+    /// in `retention` before this returns, so no record a sink still needs
+    /// is deleted.
+    pub fn start(
+        cfg: RunnerConfig,
+        sinks: Vec<Box<dyn Sink>>,
+        levels: &Levels,
+        durable: Arc<Durable>,
+        retention: &Arc<Retention>,
+    ) -> Result<Runners, String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut runners = Runners { statuses: Vec::new(), threads: Vec::new(), stop: stop.clone() };
+        for sink in sinks {
+            let name = sink.name();
+            let saved = read_cursor(&cfg.dir, name)?;
+            // Without a cursor the sink starts with a full resync at `levels`.
+            let hold = retention.hold(saved.unwrap_or(levels.lsn()).min(levels.lsn()));
+            let status = Arc::new(SinkStatus {
+                name,
+                durable: durable.clone(),
+                cursor: AtomicU64::new(saved.unwrap_or(0)),
+                lag_bytes: AtomicU64::new(0),
+                delivered: AtomicU64::new(0),
+                resyncs: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                connected: AtomicBool::new(false),
+            });
+            let mut runner = Runner {
+                cfg: cfg.clone(),
+                sink,
+                levels: levels.clone(),
+                durable: durable.clone(),
+                status: status.clone(),
+                hold,
+                retention: retention.clone(),
+                stop: stop.clone(),
+                saved,
+                last_save: Instant::now(),
+                unconfirmed: VecDeque::new(),
+                read_bytes: 0,
+                confirmed_bytes: 0,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("stockd-sink-{name}"))
+                .spawn(move || runner.run())
+                .map_err(|e| e.to_string())?;
+            runners.statuses.push(status);
+            runners.threads.push(thread);
+        }
+        Ok(runners)
+    }
+
+    /// Asks every sink to finish what it has (briefly), save its cursor and stop; waits for them.
+    pub fn stop(self) {
+        self.stop.store(true, Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn cursor_file(name: &str) -> String {
+    format!("sink-{name}.cursor")
+}
+
+/// The cursor a sink's runner saved in `dir` (`None`: never).
+pub fn read_cursor(dir: &Path, name: &str) -> Result<Option<u64>, String> {
+    let path = dir.join(cursor_file(name));
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map(Some).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+struct Runner {
+    cfg: RunnerConfig,
+    sink: Box<dyn Sink>,
+    /// Levels as of the last record read.
+    levels: Levels,
+    durable: Arc<Durable>,
+    status: Arc<SinkStatus>,
+    /// The saved cursor, as the retention mark.
+    hold: Arc<AtomicU64>,
+    retention: Arc<Retention>,
+    stop: Arc<AtomicBool>,
+    saved: Option<u64>,
+    last_save: Instant,
+    /// Per batch handed over and not yet confirmed: its last LSN and `read_bytes` after it.
+    unconfirmed: VecDeque<(u64, u64)>,
+    /// Bytes of records read since start, and of those confirmed.
+    read_bytes: u64,
+    confirmed_bytes: u64,
+}
+
+/// Waits between attempts to reach a failed downstream system.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn sleep(&mut self, stop: &AtomicBool) {
+        let until = Instant::now() + self.0;
+        while !stop.load(Relaxed) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.0 = (self.0 * 2).min(Self::MAX);
+    }
+}
+
+impl Runner {
+    fn run(&mut self) {
+        let name = self.sink.name();
+        let mut backoff = Backoff(Backoff::FIRST);
+        let mut last_complaint: Option<Instant> = None;
+        while !self.stop.load(Relaxed) {
+            match self.session(&mut backoff, &mut last_complaint) {
+                Ok(()) => break,
+                Err(e) => {
+                    self.status.connected.store(false, Relaxed);
+                    self.status.errors.fetch_add(1, Relaxed);
+                    tracing::warn!(sink = name, error = %e, retry_in_ms = backoff.0.as_millis() as u64, "sink failed; the log keeps its backlog");
+                    backoff.sleep(&self.stop);
+                }
+            }
+        }
+        // Give pending deliveries a moment, then keep what was confirmed.
+        let until = Instant::now() + Duration::from_secs(2);
+        while self.status.connected.load(Relaxed) && Instant::now() < until {
+            match self.sink.idle() {
+                Ok(c) if c >= self.levels.lsn() => {
+                    self.confirm(c);
+                    break;
+                }
+                Ok(c) => self.confirm(c),
+                Err(_) => break,
+            }
+        }
+        self.save_cursor(true);
+        tracing::info!(sink = name, cursor = self.status.cursor.load(Relaxed), "sink stopped");
+    }
+
+    /// Connects, finds the cursor, and streams until stopped (`Ok`) or until the sink fails.
+    fn session(&mut self, backoff: &mut Backoff, last_complaint: &mut Option<Instant>) -> Result<(), String> {
+        let name = self.sink.name();
+        let cursor = self.sink.connect(self.saved).map_err(|e| format!("connect: {e}"))?;
+        self.status.connected.store(true, Relaxed);
+        match cursor.map(|c| self.go_back_to(c)) {
+            Some(Ok(())) => {}
+            Some(Err(why)) => {
+                tracing::warn!(sink = name, "{why}: sending every row's level instead");
+                self.resync()?;
+            }
+            None => self.resync()?,
+        }
+        tracing::info!(sink = name, from_lsn = self.levels.lsn(), "sink streaming");
+        let mut tail = LogTail::new(&self.cfg.dir, self.levels.lsn());
+        let mut last_lag = Instant::now();
+        while !self.stop.load(Relaxed) {
+            let durable = self.durable.get();
+            let result = if tail.next_lsn() <= durable && self.sink.ready() {
+                let batch = self.read_batch(&mut tail, durable)?;
+                self.status.delivered.fetch_add(batch.changes.len() as u64, Relaxed);
+                self.sink.deliver(&batch)
+            } else {
+                let r = self.sink.idle();
+                if tail.next_lsn() > durable {
+                    self.durable.wait_past(durable, Duration::from_millis(20));
+                }
+                r
+            };
+            match result {
+                Ok(c) => self.confirm(c),
+                Err(SinkError::NeedsResync) => {
+                    tracing::warn!(sink = name, "the downstream copy is gone: sending every row's level");
+                    self.resync()?;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            *backoff = Backoff(Backoff::FIRST);
+            if last_lag.elapsed() >= Duration::from_millis(250) {
+                last_lag = Instant::now();
+                self.refresh_lag(&tail, last_complaint);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the records after `cursor` back out of the levels.
+    fn go_back_to(&mut self, cursor: u64) -> Result<(), String> {
+        let through = self.levels.lsn();
+        if cursor > through {
+            return Err(format!("the sink's cursor {cursor} is past this server's log ({through})"));
+        }
+        let mut tail = LogTail::new(&self.cfg.dir, cursor);
+        while tail.next_lsn() <= through {
+            let levels = &mut self.levels;
+            tail.read(through, 4096, |r| {
+                if let Ok(LogRecord::Mutation(m)) = LogRecord::decode(r.payload) {
+                    levels.unapply(&m);
+                }
+            })
+            .map_err(|e| format!("records after the sink's cursor {cursor} are gone ({e})"))?;
+        }
+        self.levels.set_lsn(cursor);
+        self.forget_unconfirmed();
+        Ok(())
+    }
+
+    fn resync(&mut self) -> Result<(), String> {
+        let t = Instant::now();
+        let cursor = self.sink.resync(&self.levels).map_err(|e| format!("resync: {e}"))?;
+        self.status.resyncs.fetch_add(1, Relaxed);
+        self.forget_unconfirmed();
+        tracing::info!(
+            sink = self.sink.name(),
+            lsn = cursor,
+            rows = self.levels.len(),
+            ms = t.elapsed().as_millis() as u64,
+            "sink resynced"
+        );
+        self.confirm(cursor);
+        Ok(())
+    }
+
+    /// Reads the next batch and moves the levels over it.
+    fn read_batch(&mut self, tail: &mut LogTail, durable: u64) -> Result<Batch, String> {
+        let mut batch = Batch { after_lsn: tail.next_lsn() - 1, ..Batch::default() };
+        let (levels, bytes) = (&mut self.levels, &mut self.read_bytes);
+        tail.read(durable, self.cfg.batch_records, |r| {
+            *bytes += (RECORD_HEADER + r.payload.len()) as u64;
+            match LogRecord::decode(r.payload) {
+                Ok(LogRecord::Mutation(mutation)) => {
+                    let lines = levels.apply(r.lsn, &mutation);
+                    batch.changes.push(Change { lsn: r.lsn, ts_ms: r.ts_ms, mutation, lines });
+                }
+                Ok(LogRecord::Layout { .. }) => levels.set_lsn(r.lsn),
+                Err(e) => {
+                    // The server wrote it and recovery read it: only a bug gets here.
+                    tracing::error!(lsn = r.lsn, error = %e, "a log record this build cannot decode; not delivered");
+                    levels.set_lsn(r.lsn);
+                }
+            }
+        })
+        .map_err(|e| format!("reading the log: {e}"))?;
+        batch.through_lsn = tail.next_lsn() - 1;
+        self.unconfirmed.push_back((batch.through_lsn, self.read_bytes));
+        Ok(batch)
+    }
+
+    /// The sink starts over from its cursor: what was read after it will be read again.
+    fn forget_unconfirmed(&mut self) {
+        self.unconfirmed.clear();
+        self.confirmed_bytes = self.read_bytes;
+    }
+
+    fn confirm(&mut self, cursor: u64) {
+        self.status.cursor.fetch_max(cursor, Relaxed);
+        self.save_cursor(false);
+    }
+
+    /// Writes the cursor file (at most every `cursor_save_every` unless `now`),
+    /// then lets the log go behind it.
+    fn save_cursor(&mut self, now: bool) {
+        let cursor = self.status.cursor.load(Relaxed);
+        if self.saved.is_some_and(|s| s >= cursor)
+            || (!now && self.last_save.elapsed() < self.cfg.cursor_save_every)
+        {
+            return;
+        }
+        let name = cursor_file(self.sink.name());
+        if let Err(e) = write_durably(&self.cfg.dir, &name, cursor.to_string().as_bytes()) {
+            tracing::error!(sink = self.sink.name(), error = %e, "cannot save the sink's cursor");
+            return;
+        }
+        self.saved = Some(cursor);
+        self.last_save = Instant::now();
+        self.hold.store(cursor, Relaxed);
+        if let Err(e) = self.retention.collect() {
+            tracing::error!(error = %e, "deleting log segments behind the sinks failed");
+        }
+    }
+
+    fn refresh_lag(&mut self, tail: &LogTail, last_complaint: &mut Option<Instant>) {
+        let cursor = self.status.cursor.load(Relaxed);
+        while let Some(&(lsn, bytes)) = self.unconfirmed.front() {
+            if lsn > cursor {
+                break;
+            }
+            self.confirmed_bytes = bytes;
+            self.unconfirmed.pop_front();
+        }
+        // Read and not confirmed (whole batches), plus not read yet.
+        let unconfirmed = self.read_bytes - self.confirmed_bytes;
+        let unread = unread_bytes(&self.cfg.dir, tail).unwrap_or(0);
+        self.status.lag_bytes.store(unconfirmed + unread, Relaxed);
+        let lag = self.status.lag_records();
+        if lag > self.cfg.lag_limit_records {
+            if last_complaint.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                *last_complaint = Some(Instant::now());
+                tracing::error!(
+                    sink = self.sink.name(),
+                    lag_records = lag,
+                    limit = self.cfg.lag_limit_records,
+                    "sink is far behind the log; stockd keeps serving and keeps the log for it"
+                );
+            }
+        } else if last_complaint.take().is_some() {
+            tracing::info!(sink = self.sink.name(), lag_records = lag, "sink is back within its lag limit");
+        }
+    }
+}
+
+/// Bytes of log after the reader's position.
+fn unread_bytes(dir: &Path, tail: &LogTail) -> Option<u64> {
+    let (first, offset) = tail.position()?;
+    let mut bytes = 0u64;
+    for (lsn, path) in list_segments(dir).ok()? {
+        if lsn >= first {
+            bytes += std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    Some(bytes.saturating_sub(offset))
+}
