@@ -18,4 +18,4 @@ pub mod server;
 pub mod shard;
 pub mod state;
 
-pub use server::{start, Config, Running};
+pub use server::{start, Config, Running, SinkConfig};

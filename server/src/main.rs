@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use stockd::state::IdLimits;
-use stockd::Config;
+use stockd::{Config, SinkConfig};
+use stockd_sinks::kafka::KafkaConfig;
 
 /// stockd: thread-per-core exact inventory server.
 #[derive(Parser, Debug)]
@@ -53,6 +54,24 @@ struct Args {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (off by default).
     #[arg(long, value_parser = resolve)]
     metrics_listen: Option<SocketAddr>,
+    /// Stream every committed mutation to these Kafka brokers (HOST:PORT[,...]).
+    #[arg(long, env = "STOCKD_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Kafka topics are PREFIX.events and PREFIX.levels.
+    #[arg(long, env = "STOCKD_KAFKA_TOPIC_PREFIX", default_value = "stock")]
+    kafka_topic_prefix: String,
+    /// Partitions of the Kafka topics stockd creates.
+    #[arg(long, env = "STOCKD_KAFKA_PARTITIONS", default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..))]
+    kafka_partitions: i32,
+    /// Replication factor of the Kafka topics stockd creates.
+    #[arg(long, env = "STOCKD_KAFKA_REPLICATION", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..))]
+    kafka_replication: i32,
+    /// Keep a read model in this Redis: redis://HOST:PORT[/DB].
+    #[arg(long, env = "STOCKD_REDIS_URL")]
+    redis_url: Option<String>,
+    /// A sink more log records behind than this is logged loudly (stockd keeps serving).
+    #[arg(long, env = "STOCKD_SINK_LAG_LIMIT", default_value_t = 1_000_000)]
+    sink_lag_limit_records: u64,
 }
 
 /// HOST:PORT with HOST a name or an address, to the address to listen on:
@@ -87,6 +106,16 @@ fn main() {
     cfg.max_connections = args.max_connections.unwrap_or(cfg.max_connections);
     cfg.partial_frame_timeout = Duration::from_secs(args.partial_frame_timeout_secs);
     cfg.metrics_listen = args.metrics_listen;
+    cfg.sinks = SinkConfig {
+        kafka: args.kafka_brokers.map(|brokers| KafkaConfig {
+            brokers,
+            topic_prefix: args.kafka_topic_prefix,
+            partitions: args.kafka_partitions,
+            replication: args.kafka_replication,
+        }),
+        redis_url: args.redis_url,
+        lag_limit_records: args.sink_lag_limit_records,
+    };
     cfg.ids = IdLimits {
         window_ms: args.id_window_hours * 3_600_000,
         min_window_ms: args.id_min_window_secs * 1000,

@@ -8,9 +8,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use stockd_persistence::retention::Retention;
 use stockd_persistence::snapshot::{self, Manifest};
 use stockd_persistence::wal::{self, Wal, WalConfig};
 use stockd_protocol::{HelloInfo, HASH_FMIX64_MOD, MAX_BATCH_KEYS, MAX_BODY, MAX_LINES};
+use stockd_sinks::kafka::{KafkaConfig, KafkaSink};
+use stockd_sinks::redis::RedisSink;
+use stockd_sinks::{Level, Levels, RunnerConfig, Runners, Sink};
 
 use crate::conn::ConnCtx;
 use crate::event_loop::shard_main;
@@ -43,6 +47,24 @@ pub struct Config {
     pub partial_frame_timeout: Duration,
     /// Serve Prometheus metrics (`GET /metrics`) here.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the log streams to (none by default).
+    pub sinks: SinkConfig,
+}
+
+/// The downstream systems the log streams to.
+#[derive(Clone, Debug)]
+pub struct SinkConfig {
+    pub kafka: Option<KafkaConfig>,
+    /// `redis://host:port/db` of the Redis read model.
+    pub redis_url: Option<String>,
+    /// A sink more records behind than this is logged loudly.
+    pub lag_limit_records: u64,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig { kafka: None, redis_url: None, lag_limit_records: 1_000_000 }
+    }
 }
 
 /// File descriptors kept for the log, snapshots, listeners and the like.
@@ -76,6 +98,7 @@ impl Config {
             max_connections: default_max_connections(),
             partial_frame_timeout: Duration::from_secs(10),
             metrics_listen: None,
+            sinks: SinkConfig::default(),
         }
     }
 }
@@ -91,6 +114,7 @@ pub struct Running {
     shard_threads: Vec<JoinHandle<()>>,
     wal_thread: JoinHandle<()>,
     snapshot_thread: JoinHandle<()>,
+    sinks: Runners,
     _lock: File,
     _port_claim: Option<File>,
 }
@@ -125,6 +149,15 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     let id = server_id(dir)?;
     let (stores, rec) = recover_and_log_layout(dir, n, cfg.ids)?;
     let (addr, shard_ports) = (listeners.addr, listeners.shard_ports.clone());
+    let sinks = make_sinks(&cfg.sinks, id)?;
+    // Every row as the log's durable end leaves it: where the sinks' readers start.
+    let levels = if sinks.is_empty() {
+        Levels::default()
+    } else {
+        let rows = stores.iter().flat_map(Store::rows).map(|(k, on_hand, held)| (k, Level { on_hand, held }));
+        Levels::new(rec.next_lsn - 1, rows)
+    };
+    let retention = Arc::new(Retention::new(dir, rec.snapshot_lsn));
 
     let mailboxes: Arc<Vec<Mailbox>> = Arc::new((0..n).map(|_| Mailbox::new()).collect());
     let (snap_tx, snap_rx) = crossbeam::channel::unbounded();
@@ -134,9 +167,10 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     let snapshot_thread = {
         let dir = dir.clone();
         let observed_by_snapshots = observed.clone();
+        let retention = retention.clone();
         std::thread::Builder::new()
             .name("stockd-snapshot".into())
-            .spawn(move || snapshot_loop(&dir, n, snap_rx, &observed_by_snapshots))
+            .spawn(move || snapshot_loop(&dir, n, snap_rx, &retention, &observed_by_snapshots))
             .map_err(|e| e.to_string())?
     };
     let stats: Arc<Vec<ShardStats>> = Arc::new((0..n).map(|_| ShardStats::default()).collect());
@@ -150,9 +184,14 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         route_commits(&mb, batch, |lsn| policy.due(lsn))
     })
     .map_err(|e| e.to_string())?;
+    let mut sink_cfg = RunnerConfig::new(dir);
+    sink_cfg.lag_limit_records = cfg.sinks.lag_limit_records;
+    let sinks = Runners::start(sink_cfg, sinks, &levels, wal.durable.clone(), &retention)?;
+    drop(levels);
     let shared = Arc::new(Shared {
         mailboxes,
         stats,
+        sinks: sinks.statuses.clone(),
         wal,
         stop: AtomicBool::new(false),
         snapshots: snap_tx,
@@ -181,9 +220,22 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         shard_threads,
         wal_thread,
         snapshot_thread,
+        sinks,
         _lock: lock,
         _port_claim: port_claim,
     })
+}
+
+/// The sinks the configuration asks for.
+fn make_sinks(cfg: &SinkConfig, server_id: u64) -> Result<Vec<Box<dyn Sink>>, String> {
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(k) = &cfg.kafka {
+        sinks.push(Box::new(KafkaSink::new(k.clone())));
+    }
+    if let Some(url) = &cfg.redis_url {
+        sinks.push(Box::new(RedisSink::new(url, server_id)?));
+    }
+    Ok(sinks)
 }
 
 /// Recovers the stores; logs the layout first if this start changes it.
@@ -249,11 +301,13 @@ fn spawn_shards(
 }
 
 /// Writes each shard's part of a snapshot set; when all parts of one LSN are
-/// in, makes the set current and deletes the log segments it covers.
+/// in, makes the set current and deletes the log segments it covers that no
+/// sink still needs.
 fn snapshot_loop(
     dir: &Path,
     shards: usize,
     rx: crossbeam::channel::Receiver<SnapshotPart>,
+    retention: &Retention,
     observed: &Observed,
 ) {
     // Per LSN: parts written, and when the first one arrived.
@@ -273,8 +327,11 @@ fn snapshot_loop(
         }
         done.retain(|l, _| *l > lsn);
         let t = Instant::now();
-        let res = snapshot::commit_manifest(dir, Manifest { lsn, shard_count: shards as u32 })
-            .and_then(|_| wal::delete_segments_through(dir, lsn));
+        let res =
+            snapshot::commit_manifest(dir, Manifest { lsn, shard_count: shards as u32 }).and_then(|_| {
+                retention.snapshot_taken(lsn);
+                retention.collect()
+            });
         match res {
             Ok(deleted) => {
                 observed.snapshot_ms.observe(first_seen.elapsed().as_millis() as u64);
@@ -294,7 +351,7 @@ impl Running {
     /// Stops accepting, drops connections, lets the log writer finish what
     /// it was given, and waits for every thread.
     pub fn shutdown(self) {
-        let Running { shared, shard_threads, wal_thread, snapshot_thread, metrics_thread, .. } = self;
+        let Running { shared, shard_threads, wal_thread, snapshot_thread, metrics_thread, sinks, .. } = self;
         shared.stop.store(true, Relaxed);
         for mb in shared.mailboxes.iter() {
             mb.notify.notify_one();
@@ -308,6 +365,8 @@ impl Running {
         for h in [wal_thread, snapshot_thread].into_iter().chain(metrics_thread) {
             let _ = h.join();
         }
+        // Last: the sinks get what the writer made durable before it stopped.
+        sinks.stop();
         tracing::info!("stockd stopped");
     }
 }

@@ -151,6 +151,13 @@ impl Store {
         self.row_count
     }
 
+    /// Every row this store owns: its key, on hand and held.
+    pub fn rows(&self) -> impl Iterator<Item = (Key, u64, u64)> + '_ {
+        self.rows
+            .iter()
+            .flat_map(|(item, v)| v.iter().map(|(fc, r)| (Key { item: *item, fc: *fc }, r.on_hand, r.held)))
+    }
+
     /// Centers the item has rows in.
     fn centers(&self, item: u64) -> usize {
         self.rows.get(&item).map_or(0, Vec::len)

@@ -5,7 +5,7 @@
 //! each change. Levels are sums of changes, so a reader that starts from the
 //! server's state at LSN `E` can also go back to any earlier LSN `C` whose
 //! later records are still in the log, by taking those records' changes back
-//! out ([`Levels::unapply`]).
+//! out ([`Levels::rewind`]).
 
 use std::collections::HashMap;
 
@@ -99,21 +99,39 @@ impl Levels {
             .collect()
     }
 
-    /// Moves back over a record: the levels become those before it. Records
-    /// must be taken back from the newest down to `lsn` + 1; any order of
-    /// them gives the same levels, since levels are sums.
-    pub fn unapply(&mut self, m: &Mutation) {
-        for d in m.deltas() {
-            let row = self.rows.entry(d.key).or_default();
-            row.on_hand = add(row.on_hand, -d.on_hand);
-            row.held = add(row.held, -d.held);
+    /// Goes back to the levels as of `lsn`, taking out the records after it
+    /// (through [`Levels::lsn`]), summed in `back`.
+    pub fn rewind(&mut self, lsn: u64, back: Rewind) {
+        for (key, (on_hand, held)) in back.0 {
+            let row = self.rows.entry(key).or_default();
+            row.on_hand = add(row.on_hand, -on_hand);
+            row.held = add(row.held, -held);
         }
+        self.lsn = lsn;
     }
 
-    /// Marks the levels as of `lsn` (after [`Levels::unapply`] went back to it,
-    /// or after records without changes such as layout records).
+    /// Marks the levels as of `lsn` (after records without changes, such as layout records).
     pub fn set_lsn(&mut self, lsn: u64) {
         self.lsn = lsn;
+    }
+}
+
+/// The changes of records to take back out of levels, summed per row.
+///
+/// They are summed first and taken out at once because a row's level is a
+/// valid one (nothing below 0) only between records in the order they were
+/// applied: taking a reserve back before the confirm that followed it would
+/// take held below 0.
+#[derive(Default)]
+pub struct Rewind(HashMap<Key, (i64, i64)>);
+
+impl Rewind {
+    pub fn add(&mut self, m: &Mutation) {
+        for d in m.deltas() {
+            let row = self.0.entry(d.key).or_default();
+            row.0 += d.on_hand;
+            row.1 += d.held;
+        }
     }
 }
 
@@ -140,7 +158,7 @@ mod tests {
     }
 
     #[test]
-    fn apply_says_each_line_and_unapply_goes_back_exactly() {
+    fn apply_says_each_line_and_rewind_goes_back_exactly() {
         let key = Key { item: 7, fc: 1 };
         let mut levels = Levels::new(10, [(key, Level { on_hand: 10, held: 0 })]);
         let records = [
@@ -160,9 +178,13 @@ mod tests {
         assert_eq!(rows_changed(&seen[3]), vec![(key, Level::default(), Level { on_hand: 6, held: 0 })]);
         assert_eq!(levels.get(key), Level { on_hand: 2, held: 0 });
         assert_eq!(levels.lsn(), 15);
-        for r in records.iter().rev() {
-            levels.unapply(r);
+        // In log order, as a reader finds them: the reserve before the confirm.
+        let mut back = Rewind::default();
+        for r in &records {
+            back.add(r);
         }
+        levels.rewind(10, back);
+        assert_eq!(levels.lsn(), 10);
         assert_eq!(levels.get(key), Level { on_hand: 10, held: 0 });
         assert_eq!(levels.get(Key { item: 8, fc: 2 }), Level::default());
     }

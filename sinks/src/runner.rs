@@ -19,7 +19,7 @@ use stockd_persistence::tail::{Durable, LogTail};
 use stockd_persistence::wal::{list_segments, RECORD_HEADER};
 use stockd_record::LogRecord;
 
-use crate::levels::Levels;
+use crate::levels::{Levels, Rewind};
 use crate::sink::{Batch, Change, Sink, SinkError};
 
 /// How a runner behaves; the defaults suit production.
@@ -276,16 +276,16 @@ impl Runner {
             return Err(format!("the sink's cursor {cursor} is past this server's log ({through})"));
         }
         let mut tail = LogTail::new(&self.cfg.dir, cursor);
+        let mut back = Rewind::default();
         while tail.next_lsn() <= through {
-            let levels = &mut self.levels;
             tail.read(through, 4096, |r| {
                 if let Ok(LogRecord::Mutation(m)) = LogRecord::decode(r.payload) {
-                    levels.unapply(&m);
+                    back.add(&m);
                 }
             })
             .map_err(|e| format!("records after the sink's cursor {cursor} are gone ({e})"))?;
         }
-        self.levels.set_lsn(cursor);
+        self.levels.rewind(cursor, back);
         self.forget_unconfirmed();
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use stockd_persistence::wal::Wal;
+use stockd_sinks::SinkStatus;
 
 use super::mailbox::{Mailbox, WalToken};
 
@@ -34,6 +35,8 @@ pub type SnapshotPart = (u64, usize, Vec<u8>);
 pub struct Shared {
     pub mailboxes: Arc<Vec<Mailbox>>,
     pub stats: Arc<Vec<ShardStats>>,
+    /// The sinks the log streams to.
+    pub sinks: Vec<Arc<SinkStatus>>,
     pub wal: Wal<WalToken>,
     pub stop: AtomicBool,
     pub snapshots: crossbeam::channel::Sender<SnapshotPart>,
@@ -76,6 +79,16 @@ impl Shared {
         out.push(("wal_fsyncs".into(), w.fsyncs.load(Relaxed)));
         out.push(("wal_bytes".into(), w.bytes.load(Relaxed)));
         out.push(("wal_sync_micros".into(), w.sync_micros.load(Relaxed)));
+        for s in &self.sinks {
+            let name = s.name;
+            out.push((format!("sink_{name}_cursor"), s.cursor.load(Relaxed)));
+            out.push((format!("sink_{name}_lag_records"), s.lag_records()));
+            out.push((format!("sink_{name}_lag_bytes"), s.lag_bytes.load(Relaxed)));
+            out.push((format!("sink_{name}_delivered"), s.delivered.load(Relaxed)));
+            out.push((format!("sink_{name}_resyncs"), s.resyncs.load(Relaxed)));
+            out.push((format!("sink_{name}_errors"), s.errors.load(Relaxed)));
+            out.push((format!("sink_{name}_connected"), s.connected.load(Relaxed) as u64));
+        }
         out
     }
 }

