@@ -17,9 +17,11 @@ use std::time::Duration;
 use crate::wal::{list_segments, parse_record, segment_name, Record};
 use crate::Error;
 
-/// The highest LSN the writer has made durable. Readers wait on it.
+/// The highest LSN the writer has made durable, and the log bytes it has
+/// made durable since it started. Readers wait on it.
 pub struct Durable {
     lsn: AtomicU64,
+    bytes: AtomicU64,
     waiters: AtomicUsize,
     lock: Mutex<()>,
     moved: Condvar,
@@ -29,6 +31,7 @@ impl Durable {
     pub fn new(lsn: u64) -> Durable {
         Durable {
             lsn: AtomicU64::new(lsn),
+            bytes: AtomicU64::new(0),
             waiters: AtomicUsize::new(0),
             lock: Mutex::new(()),
             moved: Condvar::new(),
@@ -39,8 +42,15 @@ impl Durable {
         self.lsn.load(Ordering::Acquire)
     }
 
-    /// Publishes `lsn` as durable and wakes the readers waiting for it.
-    pub fn advance(&self, lsn: u64) {
+    /// Log bytes made durable since the writer started (records through [`Durable::get`]).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Publishes `lsn` as durable, `bytes` more log bytes with it, and wakes
+    /// the readers waiting for it.
+    pub fn advance(&self, lsn: u64, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
         self.lsn.fetch_max(lsn, Ordering::AcqRel);
         // SeqCst pairs with the waiter's: either it sees the new LSN before
         // sleeping, or this sees it waiting and wakes it.

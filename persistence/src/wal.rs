@@ -465,7 +465,7 @@ impl Writer {
             self.stats.records.fetch_add(done.len() as u64, Ordering::Relaxed);
             self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
             self.written += buf.len() as u64;
-            self.durable.advance(self.next_lsn - 1);
+            self.durable.advance(self.next_lsn - 1, buf.len() as u64);
             on_commit(done);
             if self.written >= self.cfg.segment_bytes {
                 match create_segment(&self.cfg.dir, self.next_lsn) {

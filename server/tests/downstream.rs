@@ -100,10 +100,14 @@ fn stat(stats: &[(String, u64)], name: &str) -> u64 {
 
 /// Waits until both sinks have confirmed everything durable (at most `limit`).
 async fn caught_up(c: &Client, limit: Duration) {
+    caught_up_on(c, &["kafka", "redis"], limit).await
+}
+
+async fn caught_up_on(c: &Client, sinks: &[&str], limit: Duration) {
     let t = Instant::now();
     loop {
         let s = c.stats().await.unwrap();
-        if stat(&s, "sink_kafka_lag_records") == 0 && stat(&s, "sink_redis_lag_records") == 0 {
+        if sinks.iter().all(|n| stat(&s, &format!("sink_{n}_lag_records")) == 0) {
             return;
         }
         assert!(t.elapsed() < limit, "sinks did not catch up: {s:?}");
@@ -151,7 +155,11 @@ fn is_derived(v: &Value) -> bool {
 
 /// Checks the events topic against the log; returns how many LSNs came more than once.
 fn check_events(kafka: &Kafka, log: &BTreeMap<u64, Mutation>, duplicates_above: u64) -> usize {
-    let events = kafka.read_all("stock.events", Duration::from_secs(2));
+    let events = kafka.read_until("stock.events", Duration::from_millis(500), |got| {
+        let lsns: std::collections::HashSet<u64> =
+            got.iter().filter(|(_, _, v)| !is_derived(v)).filter_map(|(_, _, v)| v["lsn"].as_u64()).collect();
+        log.keys().all(|l| lsns.contains(l))
+    });
     let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
     let mut last_per_key: HashMap<String, u64> = HashMap::new();
     for (_, key, v) in &events {
@@ -220,7 +228,7 @@ fn levels_after(log: &BTreeMap<u64, Mutation>) -> HashMap<(String, u64), (u64, u
 fn check_levels_exact(kafka: &Kafka, log: &BTreeMap<u64, Mutation>) {
     let want = levels_after(log);
     let mut checked = 0;
-    for (_, key, v) in kafka.read_all("stock.levels", Duration::from_secs(2)) {
+    for (_, key, v) in read_levels(kafka, log) {
         let lsn = v["lsn"].as_u64().unwrap();
         if let Some(&(on_hand, held)) = want.get(&(key.clone(), lsn)) {
             assert_eq!(
@@ -234,10 +242,28 @@ fn check_levels_exact(kafka: &Kafka, log: &BTreeMap<u64, Mutation>) {
     assert!(checked > 0);
 }
 
+/// The levels topic, read until every row's last change in the log is in.
+fn read_levels(kafka: &Kafka, log: &BTreeMap<u64, Mutation>) -> Vec<(i32, String, Value)> {
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for (lsn, m) in log {
+        for l in &m.lines {
+            last.insert(format!("{}:{}", l.key.item, l.key.fc), *lsn);
+        }
+    }
+    kafka.read_until("stock.levels", Duration::from_millis(300), |got| {
+        let mut seen: HashMap<&str, u64> = HashMap::new();
+        for (_, k, v) in got {
+            let e = seen.entry(k.as_str()).or_default();
+            *e = (*e).max(v["lsn"].as_u64().unwrap_or(0));
+        }
+        last.iter().all(|(k, lsn)| seen.get(k.as_str()).is_some_and(|s| s >= lsn))
+    })
+}
+
 /// The last level per row in the levels topic, by LSN.
-fn kafka_levels(kafka: &Kafka) -> BTreeMap<(u64, u32), u64> {
+fn kafka_levels(kafka: &Kafka, log: &BTreeMap<u64, Mutation>) -> BTreeMap<(u64, u32), u64> {
     let mut latest: HashMap<String, (u64, u64, u64, u32)> = HashMap::new();
-    for (_, key, v) in kafka.read_all("stock.levels", Duration::from_secs(2)) {
+    for (_, key, v) in read_levels(kafka, log) {
         let lsn = v["lsn"].as_u64().unwrap();
         let entry = (
             lsn,
@@ -277,10 +303,10 @@ async fn every_committed_mutation_reaches_kafka_once_and_redis_matches_row_for_r
     caught_up(&c, Duration::from_secs(30)).await;
     let want = state(&c).await;
     same_rows("redis", &redis_state(&redis), &want);
-    same_rows("kafka levels", &kafka_levels(&kafka), &want);
     drop(c);
     d.terminate();
     let log = logged(dir.path());
+    same_rows("kafka levels", &kafka_levels(&kafka, &log), &want);
     assert!(log.len() > 1_000, "the workload commits most of its mutations: {}", log.len());
     assert!(
         log.values().any(|m| matches!(m.op, Op::Release { expired: true, .. })),
@@ -319,7 +345,115 @@ async fn kill_9_under_load_leaves_no_gap_and_duplicates_only_above_the_cursor() 
     d.terminate();
     let log = logged(dir.path());
     check_levels_exact(&kafka, &log);
-    same_rows("kafka levels", &kafka_levels(&kafka), &want);
+    same_rows("kafka levels", &kafka_levels(&kafka, &log), &want);
     let dups = check_events(&kafka, &log, saved);
     println!("kill -9: {} mutations logged, kafka cursor saved at {saved}, {dups} LSNs delivered twice (all above it)", log.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_or_redis_away_for_10_s_only_grows_the_backlog_and_a_flushed_redis_is_resynced() {
+    let (kafka, redis) = (Kafka::start(), Redis::start());
+    let dir = tempfile::tempdir().unwrap();
+    let args = sink_args(&kafka, &redis);
+    let d = spawn(dir.path(), free_port(), &args, &["--shards", "2"]);
+    let c = d.client().await;
+    workload(&c, 1_000, 300).await;
+    caught_up(&c, Duration::from_secs(30)).await;
+
+    kafka.pause();
+    redis.pause();
+    let t = Instant::now();
+    let mut round = 0;
+    let mut slowest = Duration::ZERO;
+    while t.elapsed() < Duration::from_secs(10) {
+        let r = Instant::now();
+        workload(&c, 10_000 + round * 1_000, 100).await;
+        slowest = slowest.max(r.elapsed());
+        round += 1;
+    }
+    let s = c.stats().await.unwrap();
+    let (kafka_lag, redis_lag) = (stat(&s, "sink_kafka_lag_records"), stat(&s, "sink_redis_lag_records"));
+    println!("10 s without broker and redis: {round} rounds of 100 mutations (slowest {slowest:?}), lag kafka {kafka_lag} redis {redis_lag} records, {} / {} bytes",
+        stat(&s, "sink_kafka_lag_bytes"), stat(&s, "sink_redis_lag_bytes"));
+    assert!(round >= 10, "shards kept answering: {round} rounds in 10 s");
+    assert!(kafka_lag > 500 && redis_lag > 500, "the backlog grew: {s:?}");
+    assert!(
+        stat(&s, "sink_kafka_lag_bytes") > 500 * 24 && stat(&s, "sink_redis_lag_bytes") > 500 * 24,
+        "{s:?}"
+    );
+    kafka.resume();
+    redis.resume();
+    caught_up(&c, Duration::from_secs(60)).await;
+    let want = state(&c).await;
+    same_rows("redis after the pause", &redis_state(&redis), &want);
+
+    // Our own redis-server: flushing it is ours to do.
+    let resyncs = stat(&c.stats().await.unwrap(), "sink_redis_resyncs");
+    redis::cmd("FLUSHALL").query::<()>(&mut redis.conn()).unwrap();
+    let t = Instant::now();
+    while stat(&c.stats().await.unwrap(), "sink_redis_resyncs") == resyncs {
+        assert!(t.elapsed() < Duration::from_secs(20), "a flushed redis is noticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    workload(&c, 50_000, 200).await;
+    caught_up(&c, Duration::from_secs(30)).await;
+    let want = state(&c).await;
+    same_rows("redis after FLUSHALL", &redis_state(&redis), &want);
+    drop(c);
+    d.terminate();
+    let log = logged(dir.path());
+    assert_eq!(check_events(&kafka, &log, u64::MAX), 0, "a broker that was away gets every LSN once");
+    check_levels_exact(&kafka, &log);
+    same_rows("kafka levels", &kafka_levels(&kafka, &log), &want);
+}
+
+/// Segments wholly at or below `lsn`: those a snapshot at `lsn` alone would let go.
+fn segments_covered_by(dir: &Path, lsn: u64) -> usize {
+    let segs = wal::list_segments(dir).unwrap();
+    segs.windows(2).filter(|w| w[1].0 <= lsn + 1).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_stay_while_a_sink_is_behind_and_go_once_it_has_caught_up() {
+    let redis = Redis::start();
+    let redis_port = redis.port;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = vec!["--redis-url".to_string(), redis.url(), "--snapshot-interval-secs".into(), "1".into()];
+    let mut d = spawn(dir.path(), port, &args, &["--shards", "2"]);
+    let c = d.client().await;
+    workload(&c, 1_000, 200).await;
+    caught_up_on(&c, &["redis"], Duration::from_secs(30)).await;
+    drop(c);
+    drop(redis); // away: the sink's cursor stops
+    let manifest_lsn =
+        || stockd_persistence::snapshot::read_manifest(dir.path()).unwrap().map_or(0, |m| m.lsn);
+    for round in 0..3u64 {
+        let before = manifest_lsn();
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let c = d.client().await;
+        workload(&c, 10_000 + round * 1_000, 150).await; // a snapshot falls due
+        let t = Instant::now();
+        while manifest_lsn() == before {
+            assert!(t.elapsed() < Duration::from_secs(10), "a snapshot is taken");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(c);
+        d.terminate(); // every start begins a segment
+        d = spawn(dir.path(), port, &args, &["--shards", "2"]);
+    }
+    let snap = stockd_persistence::snapshot::read_manifest(dir.path()).unwrap().unwrap().lsn;
+    let kept = segments_covered_by(dir.path(), snap);
+    println!("redis away: snapshot at LSN {snap}, {kept} segments behind it kept for the sink");
+    assert!(kept >= 2, "segments the snapshot covers stay while the sink needs them");
+
+    let redis = Redis::start_on(redis_port); // an empty redis: the sink resyncs
+    let c = d.client().await;
+    caught_up_on(&c, &["redis"], Duration::from_secs(30)).await;
+    let t = Instant::now();
+    while segments_covered_by(dir.path(), snap) > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "segments go once the sink has caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    same_rows("redis", &redis_state(&redis), &state(&c).await);
 }

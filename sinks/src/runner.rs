@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use stockd_persistence::retention::Retention;
 use stockd_persistence::snapshot::write_durably;
 use stockd_persistence::tail::{Durable, LogTail};
-use stockd_persistence::wal::{list_segments, RECORD_HEADER};
+use stockd_persistence::wal::RECORD_HEADER;
 use stockd_record::LogRecord;
 
 use crate::levels::{Levels, Rewind};
@@ -52,8 +52,9 @@ pub struct SinkStatus {
     durable: Arc<Durable>,
     /// The highest LSN the sink has confirmed.
     pub cursor: AtomicU64,
-    /// Bytes of log records the sink has not confirmed (refreshed a few times a second).
-    pub lag_bytes: AtomicU64,
+    /// Where the cursor is in the log, in bytes since the writer started
+    /// (below 0: before it started).
+    confirmed_at_byte: AtomicI64,
     /// Mutations handed to the sink (again after a reconnect: at least once).
     pub delivered: AtomicU64,
     /// Full resyncs: a downstream copy without a usable cursor.
@@ -67,6 +68,11 @@ impl SinkStatus {
     /// Records made durable that the sink has not confirmed.
     pub fn lag_records(&self) -> u64 {
         self.durable.get().saturating_sub(self.cursor.load(Relaxed))
+    }
+
+    /// Bytes of durable log records the sink has not confirmed.
+    pub fn lag_bytes(&self) -> u64 {
+        (self.durable.bytes() as i64).saturating_sub(self.confirmed_at_byte.load(Relaxed)).max(0) as u64
     }
 }
 
@@ -101,7 +107,7 @@ impl Runners {
                 name,
                 durable: durable.clone(),
                 cursor: AtomicU64::new(saved.unwrap_or(0)),
-                lag_bytes: AtomicU64::new(0),
+                confirmed_at_byte: AtomicI64::new(0),
                 delivered: AtomicU64::new(0),
                 resyncs: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
@@ -119,8 +125,7 @@ impl Runners {
                 saved,
                 last_save: Instant::now(),
                 unconfirmed: VecDeque::new(),
-                read_bytes: 0,
-                confirmed_bytes: 0,
+                read_at_byte: 0,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("stockd-sink-{name}"))
@@ -168,11 +173,11 @@ struct Runner {
     stop: Arc<AtomicBool>,
     saved: Option<u64>,
     last_save: Instant,
-    /// Per batch handed over and not yet confirmed: its last LSN and `read_bytes` after it.
-    unconfirmed: VecDeque<(u64, u64)>,
-    /// Bytes of records read since start, and of those confirmed.
-    read_bytes: u64,
-    confirmed_bytes: u64,
+    /// Per batch handed over and not yet confirmed: its last LSN and the byte after it.
+    unconfirmed: VecDeque<(u64, i64)>,
+    /// Where the reader is (the record after `levels.lsn()`), in bytes since
+    /// the writer started: the levels start at the writer's first record, 0.
+    read_at_byte: i64,
 }
 
 /// Waits between attempts to reach a failed downstream system.
@@ -263,7 +268,7 @@ impl Runner {
             *backoff = Backoff(Backoff::FIRST);
             if last_lag.elapsed() >= Duration::from_millis(250) {
                 last_lag = Instant::now();
-                self.refresh_lag(&tail, last_complaint);
+                self.check_lag(last_complaint);
             }
         }
         Ok(())
@@ -277,8 +282,10 @@ impl Runner {
         }
         let mut tail = LogTail::new(&self.cfg.dir, cursor);
         let mut back = Rewind::default();
+        let mut bytes = 0i64;
         while tail.next_lsn() <= through {
             tail.read(through, 4096, |r| {
+                bytes += (RECORD_HEADER + r.payload.len()) as i64;
                 if let Ok(LogRecord::Mutation(m)) = LogRecord::decode(r.payload) {
                     back.add(&m);
                 }
@@ -286,6 +293,7 @@ impl Runner {
             .map_err(|e| format!("records after the sink's cursor {cursor} are gone ({e})"))?;
         }
         self.levels.rewind(cursor, back);
+        self.read_at_byte -= bytes;
         self.forget_unconfirmed();
         Ok(())
     }
@@ -309,9 +317,9 @@ impl Runner {
     /// Reads the next batch and moves the levels over it.
     fn read_batch(&mut self, tail: &mut LogTail, durable: u64) -> Result<Batch, String> {
         let mut batch = Batch { after_lsn: tail.next_lsn() - 1, ..Batch::default() };
-        let (levels, bytes) = (&mut self.levels, &mut self.read_bytes);
+        let (levels, at) = (&mut self.levels, &mut self.read_at_byte);
         tail.read(durable, self.cfg.batch_records, |r| {
-            *bytes += (RECORD_HEADER + r.payload.len()) as u64;
+            *at += (RECORD_HEADER + r.payload.len()) as i64;
             match LogRecord::decode(r.payload) {
                 Ok(LogRecord::Mutation(mutation)) => {
                     let lines = levels.apply(r.lsn, &mutation);
@@ -327,17 +335,24 @@ impl Runner {
         })
         .map_err(|e| format!("reading the log: {e}"))?;
         batch.through_lsn = tail.next_lsn() - 1;
-        self.unconfirmed.push_back((batch.through_lsn, self.read_bytes));
+        self.unconfirmed.push_back((batch.through_lsn, self.read_at_byte));
         Ok(batch)
     }
 
-    /// The sink starts over from its cursor: what was read after it will be read again.
+    /// The sink starts over from its cursor, where the reader now is.
     fn forget_unconfirmed(&mut self) {
         self.unconfirmed.clear();
-        self.confirmed_bytes = self.read_bytes;
+        self.status.confirmed_at_byte.store(self.read_at_byte, Relaxed);
     }
 
     fn confirm(&mut self, cursor: u64) {
+        while let Some(&(lsn, at)) = self.unconfirmed.front() {
+            if lsn > cursor {
+                break;
+            }
+            self.status.confirmed_at_byte.store(at, Relaxed);
+            self.unconfirmed.pop_front();
+        }
         self.status.cursor.fetch_max(cursor, Relaxed);
         self.save_cursor(false);
     }
@@ -364,19 +379,8 @@ impl Runner {
         }
     }
 
-    fn refresh_lag(&mut self, tail: &LogTail, last_complaint: &mut Option<Instant>) {
-        let cursor = self.status.cursor.load(Relaxed);
-        while let Some(&(lsn, bytes)) = self.unconfirmed.front() {
-            if lsn > cursor {
-                break;
-            }
-            self.confirmed_bytes = bytes;
-            self.unconfirmed.pop_front();
-        }
-        // Read and not confirmed (whole batches), plus not read yet.
-        let unconfirmed = self.read_bytes - self.confirmed_bytes;
-        let unread = unread_bytes(&self.cfg.dir, tail).unwrap_or(0);
-        self.status.lag_bytes.store(unconfirmed + unread, Relaxed);
+    /// Logs loudly while the sink is more than its limit behind.
+    fn check_lag(&self, last_complaint: &mut Option<Instant>) {
         let lag = self.status.lag_records();
         if lag > self.cfg.lag_limit_records {
             if last_complaint.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
@@ -392,16 +396,4 @@ impl Runner {
             tracing::info!(sink = self.sink.name(), lag_records = lag, "sink is back within its lag limit");
         }
     }
-}
-
-/// Bytes of log after the reader's position.
-fn unread_bytes(dir: &Path, tail: &LogTail) -> Option<u64> {
-    let (first, offset) = tail.position()?;
-    let mut bytes = 0u64;
-    for (lsn, path) in list_segments(dir).ok()? {
-        if lsn >= first {
-            bytes += std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        }
-    }
-    Some(bytes.saturating_sub(offset))
 }

@@ -83,7 +83,7 @@ impl Shared {
             let name = s.name;
             out.push((format!("sink_{name}_cursor"), s.cursor.load(Relaxed)));
             out.push((format!("sink_{name}_lag_records"), s.lag_records()));
-            out.push((format!("sink_{name}_lag_bytes"), s.lag_bytes.load(Relaxed)));
+            out.push((format!("sink_{name}_lag_bytes"), s.lag_bytes()));
             out.push((format!("sink_{name}_delivered"), s.delivered.load(Relaxed)));
             out.push((format!("sink_{name}_resyncs"), s.resyncs.load(Relaxed)));
             out.push((format!("sink_{name}_errors"), s.errors.load(Relaxed)));

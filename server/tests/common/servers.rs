@@ -120,9 +120,18 @@ impl Kafka {
         signal(&self.child, "-CONT");
     }
 
-    /// Every message of `topic` (all partitions, from the start) as
-    /// (partition, key, value), read until none came for `quiet`.
-    pub fn read_all(&self, topic: &str, quiet: Duration) -> Vec<(i32, String, serde_json::Value)> {
+    /// Messages of `topic` (all partitions, from the start) as (partition,
+    /// key, value): read until `complete` says the ones read are all that
+    /// is expected, then for another `quiet` (to catch extra ones); at most 60 s.
+    ///
+    /// Not until the partitions' high watermarks: tansu's in-memory storage
+    /// was seen reporting watermarks below messages it had acknowledged.
+    pub fn read_until(
+        &self,
+        topic: &str,
+        quiet: Duration,
+        mut complete: impl FnMut(&[(i32, String, serde_json::Value)]) -> bool,
+    ) -> Vec<(i32, String, serde_json::Value)> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::{Message, Offset, TopicPartitionList};
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -141,17 +150,23 @@ impl Kafka {
         }
         consumer.assign(&tpl).unwrap();
         let mut out = Vec::new();
-        let mut last = Instant::now();
-        while last.elapsed() < quiet {
-            match consumer.poll(Duration::from_millis(50)) {
+        let t = Instant::now();
+        let (mut last_check, mut last_message) = (Instant::now(), Instant::now());
+        let mut done = false;
+        while t.elapsed() < Duration::from_secs(60) && !(done && last_message.elapsed() >= quiet) {
+            match consumer.poll(Duration::from_millis(20)) {
                 Some(Ok(m)) => {
                     let key = String::from_utf8(m.key().unwrap_or_default().to_vec()).unwrap();
                     let value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
                     out.push((m.partition(), key, value));
-                    last = Instant::now();
+                    last_message = Instant::now();
                 }
                 Some(Err(e)) => panic!("reading {topic}: {e}"),
                 None => {}
+            }
+            if !done && last_check.elapsed() >= Duration::from_millis(200) {
+                last_check = Instant::now();
+                done = complete(&out);
             }
         }
         out
