@@ -465,6 +465,11 @@ async fn healthz(State(g): G) -> ApiResult {
 }
 
 async fn metrics_text(State(g): G) -> Response {
+    // stockd's sinks and their backlog come from its STATS; without stockd
+    // the gateway's own figures are still served.
+    if let Ok(stats) = g.read(|c| async move { c.stats().await }).await {
+        g.metrics.stockd_stats(&stats);
+    }
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         g.metrics.render(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -33,6 +34,11 @@ struct ErrorLabels {
     code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: String,
+}
+
 #[derive(Clone)]
 struct Buckets;
 
@@ -48,7 +54,17 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     latency: Family<RouteLabels, Histogram, Buckets>,
     upstream: Histogram,
+    /// stockd's sinks, as its STATS said at the last scrape: (STATS field, family).
+    sinks: Vec<(&'static str, Family<SinkLabels, Gauge>)>,
 }
+
+/// The per-sink STATS fields the gateway passes on: field, metric name, help.
+const SINK_FIELDS: [(&str, &str, &str); 4] = [
+    ("lag_records", "stockd_sink_lag_records", "Durable stockd log records the sink has not confirmed"),
+    ("lag_bytes", "stockd_sink_lag_bytes", "Durable stockd log bytes the sink has not confirmed"),
+    ("cursor", "stockd_sink_cursor", "Highest LSN the sink has confirmed"),
+    ("connected", "stockd_sink_connected", "1 while the sink reaches its downstream system"),
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -71,7 +87,15 @@ impl Default for Metrics {
             Unit::Seconds,
             upstream.clone(),
         );
-        Metrics { registry, requests, errors, latency, upstream }
+        let sinks = SINK_FIELDS
+            .iter()
+            .map(|(field, name, help)| {
+                let family = Family::<SinkLabels, Gauge>::default();
+                registry.register(*name, *help, family.clone());
+                (*field, family)
+            })
+            .collect();
+        Metrics { registry, requests, errors, latency, upstream, sinks }
     }
 }
 
@@ -91,11 +115,53 @@ impl Metrics {
         self.upstream.observe(d.as_secs_f64());
     }
 
+    /// Takes the sink figures from stockd's STATS (`sink_{name}_{field}`).
+    pub fn stockd_stats(&self, stats: &[(String, u64)]) {
+        for (name, value) in stats {
+            let Some((sink, field)) = name.strip_prefix("sink_").and_then(|r| r.split_once('_')) else {
+                continue;
+            };
+            if let Some((_, family)) = self.sinks.iter().find(|(f, _)| *f == field) {
+                family.get_or_create(&SinkLabels { sink: sink.to_string() }).set(*value as i64);
+            }
+        }
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("text encoding into a String");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stockd_sink_figures_become_gauges_per_sink() {
+        let m = Metrics::default();
+        let stats = [
+            ("rows", 12),
+            ("sink_kafka_lag_records", 7),
+            ("sink_kafka_lag_bytes", 700),
+            ("sink_redis_cursor", 42),
+            ("sink_redis_connected", 1),
+            ("sink_redis_errors", 3),
+        ]
+        .map(|(k, v)| (k.to_string(), v));
+        m.stockd_stats(&stats);
+        let text = m.render();
+        for line in [
+            "stock_gateway_stockd_sink_lag_records{sink=\"kafka\"} 7",
+            "stock_gateway_stockd_sink_lag_bytes{sink=\"kafka\"} 700",
+            "stock_gateway_stockd_sink_cursor{sink=\"redis\"} 42",
+            "stock_gateway_stockd_sink_connected{sink=\"redis\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("errors{sink"), "only the fields the gateway passes on");
     }
 }

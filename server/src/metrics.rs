@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use stockd_persistence::histogram::{AtomicHistogram, HistogramSnapshot};
+use stockd_sinks::SinkStatus;
 
 use crate::shard::{ShardStats, Shared};
 
@@ -80,6 +81,11 @@ struct ShardLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabel {
+    sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     shard: String,
     outcome: String,
@@ -89,6 +95,7 @@ struct OutcomeLabel {
 pub fn render(shared: &Shared, observed: &Observed) -> String {
     let mut registry = Registry::with_prefix("stockd");
     register_shards(&mut registry, shared);
+    register_sinks(&mut registry, shared);
     let w = &shared.wal.stats;
     let histogram = |h: &AtomicHistogram, scale: f64| HistogramRead(h.snapshot(), scale);
     registry.register_with_unit(
@@ -186,6 +193,41 @@ fn register_shards(registry: &mut Registry, shared: &Shared) {
         let family = Family::<ShardLabel, Gauge>::default();
         for (i, s) in shared.stats.iter().enumerate() {
             family.get_or_create(&ShardLabel { shard: i.to_string() }).set(value(i, s) as i64);
+        }
+        registry.register(name, help, family);
+    }
+}
+
+/// Per sink: where it is and how far behind the log.
+fn register_sinks(registry: &mut Registry, shared: &Shared) {
+    type SinkGauge = (&'static str, &'static str, fn(&SinkStatus) -> u64);
+    let gauges: [SinkGauge; 4] = [
+        ("sink_cursor", "Highest LSN the sink has confirmed", |s| s.cursor.load(Relaxed)),
+        ("sink_lag_records", "Durable log records the sink has not confirmed", SinkStatus::lag_records),
+        ("sink_lag_bytes", "Durable log bytes the sink has not confirmed", SinkStatus::lag_bytes),
+        ("sink_connected", "1 while the sink reaches its downstream system", |s| {
+            s.connected.load(Relaxed) as u64
+        }),
+    ];
+    for (name, help, value) in gauges {
+        let family = Family::<SinkLabel, Gauge>::default();
+        for s in &shared.sinks {
+            family.get_or_create(&SinkLabel { sink: s.name.to_string() }).set(value(s) as i64);
+        }
+        registry.register(name, help, family);
+    }
+    type SinkCounter = (&'static str, &'static str, fn(&SinkStatus) -> u64);
+    let counters: [SinkCounter; 3] = [
+        ("sink_delivered", "Mutations handed to the sink (again after a reconnect)", |s| {
+            s.delivered.load(Relaxed)
+        }),
+        ("sink_resyncs", "Full resyncs of every row's level", |s| s.resyncs.load(Relaxed)),
+        ("sink_errors", "Failed connects and deliveries", |s| s.errors.load(Relaxed)),
+    ];
+    for (name, help, value) in counters {
+        let family = Family::<SinkLabel, Counter>::default();
+        for s in &shared.sinks {
+            family.get_or_create(&SinkLabel { sink: s.name.to_string() }).inc_by(value(s));
         }
         registry.register(name, help, family);
     }

@@ -57,3 +57,36 @@ async fn metrics_count_what_the_server_did() {
     drop(c);
     srv.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_each_sink_and_its_backlog() {
+    let redis = common::servers::Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 2);
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.sinks.redis_url = Some(redis.url());
+    let srv = stockd::start(cfg).unwrap();
+    let addr = srv.metrics_addr.expect("metrics are served");
+    let c = client(&srv).await;
+    let a = c.inbound(1, &[Line::new(1, 1, 5)]).await.unwrap();
+    let caught_up = eventually(std::time::Duration::from_secs(10), || async {
+        let (_, body) = get(addr, "/metrics");
+        sample(&body, "stockd_sink_lag_records{sink=\"redis\"}") == 0.0
+            && sample(&body, "stockd_sink_cursor{sink=\"redis\"}") == a.lsn() as f64
+    })
+    .await;
+    let (_, body) = get(addr, "/metrics");
+    assert!(caught_up, "the redis sink confirms LSN {}:\n{body}", a.lsn());
+    assert_eq!(sample(&body, "stockd_sink_lag_bytes{sink=\"redis\"}"), 0.0);
+    assert_eq!(sample(&body, "stockd_sink_connected{sink=\"redis\"}"), 1.0);
+    assert_eq!(sample(&body, "stockd_sink_delivered_total{sink=\"redis\"}"), 1.0);
+    assert_eq!(
+        sample(&body, "stockd_sink_resyncs_total{sink=\"redis\"}"),
+        1.0,
+        "a fresh redis starts with a resync"
+    );
+    let stats = c.stats().await.unwrap();
+    assert!(stats.contains(&("sink_redis_cursor".to_string(), a.lsn())), "{stats:?}");
+    drop(c);
+    srv.shutdown();
+}
