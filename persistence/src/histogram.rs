@@ -30,6 +30,26 @@ impl AtomicHistogram {
         self.sum.fetch_add(value, Relaxed);
     }
 
+    /// The upper bound of the bucket that holds the `q` quantile (0..=1) of
+    /// what was observed: the quantile is at most this (`u64::MAX`: above
+    /// every bound); `None` before any observation.
+    pub fn quantile_bound(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(self.bounds.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        Some(u64::MAX)
+    }
+
     /// The counts now (not one atomic moment: good enough for monitoring).
     pub fn snapshot(&self) -> HistogramSnapshot {
         let buckets: Vec<(f64, u64)> = self
@@ -56,5 +76,9 @@ mod tests {
         let (sum, count, buckets) = h.snapshot();
         assert_eq!((sum, count), (5_222, 6));
         assert_eq!(buckets, vec![(10.0, 2), (100.0, 2), (f64::INFINITY, 2)]);
+        assert_eq!(h.quantile_bound(0.3), Some(10));
+        assert_eq!(h.quantile_bound(0.5), Some(100));
+        assert_eq!(h.quantile_bound(0.99), Some(u64::MAX));
+        assert_eq!(AtomicHistogram::new(&[1]).quantile_bound(0.5), None);
     }
 }

@@ -216,6 +216,15 @@ fn register_sinks(registry: &mut Registry, shared: &Shared) {
         }
         registry.register(name, help, family);
     }
+    for s in &shared.sinks {
+        let labelled = registry.sub_registry_with_label(("sink".into(), s.name.into()));
+        labelled.register_with_unit(
+            "sink_delivery",
+            "Per batch, from its oldest record's commit to the sink's confirmation",
+            Unit::Seconds,
+            HistogramRead(s.delivery_ms.snapshot(), 1e-3),
+        );
+    }
     type SinkCounter = (&'static str, &'static str, fn(&SinkStatus) -> u64);
     let counters: [SinkCounter; 3] = [
         ("sink_delivered", "Mutations handed to the sink (again after a reconnect)", |s| {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use stockd_persistence::histogram::AtomicHistogram;
 use stockd_persistence::retention::Retention;
 use stockd_persistence::snapshot::write_durably;
 use stockd_persistence::tail::{Durable, LogTail};
@@ -62,7 +63,14 @@ pub struct SinkStatus {
     /// Failed connects and deliveries.
     pub errors: AtomicU64,
     pub connected: AtomicBool,
+    /// Per batch, milliseconds from its oldest record's commit to the sink's
+    /// confirmation (Kafka acknowledged it, Redis shows it).
+    pub delivery_ms: AtomicHistogram,
 }
+
+/// Bucket bounds of [`SinkStatus::delivery_ms`].
+pub const DELIVERY_MS_BUCKETS: &[u64] =
+    &[1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 60_000];
 
 impl SinkStatus {
     /// Records made durable that the sink has not confirmed.
@@ -112,6 +120,7 @@ impl Runners {
                 resyncs: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
                 connected: AtomicBool::new(false),
+                delivery_ms: AtomicHistogram::new(DELIVERY_MS_BUCKETS),
             });
             let mut runner = Runner {
                 cfg: cfg.clone(),
@@ -146,6 +155,10 @@ impl Runners {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 fn cursor_file(name: &str) -> String {
     format!("sink-{name}.cursor")
 }
@@ -173,8 +186,9 @@ struct Runner {
     stop: Arc<AtomicBool>,
     saved: Option<u64>,
     last_save: Instant,
-    /// Per batch handed over and not yet confirmed: its last LSN and the byte after it.
-    unconfirmed: VecDeque<(u64, i64)>,
+    /// Per batch handed over and not yet confirmed: its last LSN, the byte
+    /// after it, and its first record's commit time.
+    unconfirmed: VecDeque<(u64, i64, u64)>,
     /// Where the reader is (the record after `levels.lsn()`), in bytes since
     /// the writer started: the levels start at the writer's first record, 0.
     read_at_byte: i64,
@@ -236,7 +250,10 @@ impl Runner {
         match cursor.map(|c| self.go_back_to(c)) {
             Some(Ok(())) => {}
             Some(Err(why)) => {
-                tracing::warn!(sink = name, "{why}: sending every row's level instead");
+                tracing::error!(
+                    sink = name,
+                    "{why}: sending every row's level instead; the events in between are not published"
+                );
                 self.resync()?;
             }
             None => self.resync()?,
@@ -318,8 +335,10 @@ impl Runner {
     fn read_batch(&mut self, tail: &mut LogTail, durable: u64) -> Result<Batch, String> {
         let mut batch = Batch { after_lsn: tail.next_lsn() - 1, ..Batch::default() };
         let (levels, at) = (&mut self.levels, &mut self.read_at_byte);
+        let mut first_ts_ms = None;
         tail.read(durable, self.cfg.batch_records, |r| {
             *at += (RECORD_HEADER + r.payload.len()) as i64;
+            first_ts_ms.get_or_insert(r.ts_ms);
             match LogRecord::decode(r.payload) {
                 Ok(LogRecord::Mutation(mutation)) => {
                     let lines = levels.apply(r.lsn, &mutation);
@@ -335,7 +354,11 @@ impl Runner {
         })
         .map_err(|e| format!("reading the log: {e}"))?;
         batch.through_lsn = tail.next_lsn() - 1;
-        self.unconfirmed.push_back((batch.through_lsn, self.read_at_byte));
+        self.unconfirmed.push_back((
+            batch.through_lsn,
+            self.read_at_byte,
+            first_ts_ms.unwrap_or_else(now_ms),
+        ));
         Ok(batch)
     }
 
@@ -346,11 +369,12 @@ impl Runner {
     }
 
     fn confirm(&mut self, cursor: u64) {
-        while let Some(&(lsn, at)) = self.unconfirmed.front() {
+        while let Some(&(lsn, at, committed_ms)) = self.unconfirmed.front() {
             if lsn > cursor {
                 break;
             }
             self.status.confirmed_at_byte.store(at, Relaxed);
+            self.status.delivery_ms.observe(now_ms().saturating_sub(committed_ms));
             self.unconfirmed.pop_front();
         }
         self.status.cursor.fetch_max(cursor, Relaxed);

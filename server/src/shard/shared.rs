@@ -88,6 +88,11 @@ impl Shared {
             out.push((format!("sink_{name}_resyncs"), s.resyncs.load(Relaxed)));
             out.push((format!("sink_{name}_errors"), s.errors.load(Relaxed)));
             out.push((format!("sink_{name}_connected"), s.connected.load(Relaxed) as u64));
+            // Bucket bounds: the quantile is at most this many ms (0: nothing delivered yet).
+            for (q, label) in [(0.5, "p50"), (0.99, "p99")] {
+                let bound = s.delivery_ms.quantile_bound(q).unwrap_or(0);
+                out.push((format!("sink_{name}_delivery_{label}_ms_at_most"), bound));
+            }
         }
         out
     }
