@@ -200,20 +200,11 @@ impl LogTail {
     fn fill(&mut self) -> Result<usize, Error> {
         self.buf.drain(..self.start);
         self.start = 0;
-        let have = self.buf.len();
-        self.buf.resize(have + READ_CHUNK, 0);
         let (file, first) = self.segment.as_mut().expect("invariant: fill runs with a segment open");
-        let got = file.read(&mut self.buf[have..]);
-        let got = match got {
-            Ok(n) => n,
-            Err(e) => {
-                let path = self.dir.join(segment_name(*first));
-                self.buf.truncate(have);
-                return Err(Error::io(&path, e));
-            }
-        };
-        self.buf.truncate(have + got);
-        Ok(got)
+        // Appends without zeroing the room first.
+        file.take(READ_CHUNK as u64)
+            .read_to_end(&mut self.buf)
+            .map_err(|e| Error::io(&self.dir.join(segment_name(*first)), e))
     }
 
     /// At the end of the open segment while `next_lsn` is durable: the writer

@@ -98,12 +98,15 @@ fn stat(stats: &[(String, u64)], name: &str) -> u64 {
     stats.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or_else(|| panic!("STATS has no {name}"))
 }
 
-/// Waits until both sinks have confirmed everything durable (at most `limit`).
+/// Waits until both sinks have confirmed everything durable (at most
+/// `limit`), after the workload's short holds (30 ms) have expired: their
+/// expiry records come from the server, after the workload is done.
 async fn caught_up(c: &Client, limit: Duration) {
     caught_up_on(c, &["kafka", "redis"], limit).await
 }
 
 async fn caught_up_on(c: &Client, sinks: &[&str], limit: Duration) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let t = Instant::now();
     loop {
         let s = c.stats().await.unwrap();
@@ -298,8 +301,9 @@ async fn every_committed_mutation_reaches_kafka_once_and_redis_matches_row_for_r
     let args = sink_args(&kafka, &redis);
     let d = spawn(dir.path(), free_port(), &args, &["--shards", "2"]);
     let c = d.client().await;
+    c.inbound(1, &[Line::new(1, 0, 1)]).await.unwrap();
+    c.reserve(2, 1, &[Line::new(1, 0, 1)]).await.unwrap(); // expires: a record the server makes
     workload(&c, 1_000, 1_500).await;
-    tokio::time::sleep(Duration::from_millis(100)).await; // short holds expire: server-made records
     caught_up(&c, Duration::from_secs(30)).await;
     let want = state(&c).await;
     same_rows("redis", &redis_state(&redis), &want);

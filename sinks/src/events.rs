@@ -7,7 +7,8 @@
 //! - A level per changed row, keyed `item:center`: the latest one per key is
 //!   the row's current level (fit for a compacted topic).
 
-use serde_json::{json, Value};
+use std::io::Write;
+
 use stockd_protocol::Key;
 use stockd_record::Op;
 
@@ -20,8 +21,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// A message: key and JSON value.
 pub type Message = (String, Vec<u8>);
 
-pub fn row_key(key: Key) -> String {
-    format!("{}:{}", key.item, key.fc)
+pub fn row_key(row: Key) -> String {
+    let mut key = String::new();
+    write_row_key(row, &mut key);
+    key
 }
 
 /// The type name of a mutation's event.
@@ -38,98 +41,168 @@ pub fn event_type(op: &Op) -> &'static str {
     }
 }
 
+// The JSON is written directly: every value is an integer or one of the
+// fixed type names above, so nothing needs escaping, and a Value tree per
+// message (a map allocation per field) was the sink's largest cost.
+
+/// Which topic a message goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topic {
+    Events,
+    Levels,
+}
+
+/// Every message of one mutation, in order: its event, its derived events,
+/// then its rows' levels. `key` and `value` are scratch buffers reused for
+/// each message.
+pub fn messages(c: &Change, key: &mut String, value: &mut Vec<u8>, mut each: impl FnMut(Topic, &str, &[u8])) {
+    write_event(c, key, value);
+    each(Topic::Events, key, value);
+    let rows = rows_changed(&c.lines);
+    for &(row, before, after) in &rows {
+        if write_derived(c, row, before, after, key, value) {
+            each(Topic::Events, key, value);
+        }
+    }
+    for &(row, _, after) in &rows {
+        write_level(row, after, c.lsn, key, value);
+        each(Topic::Levels, key, value);
+    }
+}
+
 /// The event of one committed mutation.
 pub fn event(c: &Change) -> Message {
-    let lines: Vec<Value> = c
-        .lines
-        .iter()
-        .map(|l| {
-            json!({
-                "vendor_item_id": l.key.item,
-                "fulfillment_center_id": l.key.fc,
-                "quantity": l.qty,
-                "delta": l.after.available() as i64 - l.before.available() as i64,
-                "available_after": l.after.available(),
-            })
-        })
-        .collect();
-    let mut v = json!({
-        "schema_version": SCHEMA_VERSION,
-        "lsn": c.lsn,
-        "type": event_type(&c.mutation.op),
-        "committed_at_ms": c.ts_ms,
-        "lines": lines,
-    });
-    let key = match c.mutation.op {
+    let (mut key, mut value) = (String::new(), Vec::new());
+    write_event(c, &mut key, &mut value);
+    (key, value)
+}
+
+/// `sold_out` and `restocked` events of one mutation, one per row whose available reached or left 0.
+pub fn derived_events(c: &Change) -> Vec<Message> {
+    let mut out = Vec::new();
+    for (row, before, after) in rows_changed(&c.lines) {
+        let (mut key, mut value) = (String::new(), Vec::new());
+        if write_derived(c, row, before, after, &mut key, &mut value) {
+            out.push((key, value));
+        }
+    }
+    out
+}
+
+/// A row's level as of `lsn`.
+pub fn level(row: Key, l: Level, lsn: u64) -> Message {
+    let (mut key, mut value) = (String::new(), Vec::new());
+    write_level(row, l, lsn, &mut key, &mut value);
+    (key, value)
+}
+
+/// The levels of the rows one mutation changed.
+pub fn levels(c: &Change) -> Vec<Message> {
+    rows_changed(&c.lines).into_iter().map(|(row, _, after)| level(row, after, c.lsn)).collect()
+}
+
+// The JSON is written directly: every value is an integer or one of the
+// fixed type names above, so nothing needs escaping, and a Value tree per
+// message (a map allocation per field) was the sink's largest cost.
+
+fn write_event(c: &Change, key: &mut String, v: &mut Vec<u8>) {
+    key.clear();
+    v.clear();
+    let kind = event_type(&c.mutation.op);
+    let _ = write!(
+        v,
+        r#"{{"schema_version":{SCHEMA_VERSION},"lsn":{},"type":"{kind}","committed_at_ms":{}"#,
+        c.lsn, c.ts_ms
+    );
+    match c.mutation.op {
         Op::Order { id }
         | Op::Inbound { id }
         | Op::Cancel { id }
         | Op::Reserve { id, .. }
         | Op::Confirm { id }
         | Op::Release { id, .. } => {
-            v["id"] = json!(id);
+            let _ = write!(v, r#","id":{id}"#);
             if let Op::Reserve { ttl_ms, .. } = c.mutation.op {
-                v["ttl_ms"] = json!(ttl_ms);
+                let _ = write!(v, r#","ttl_ms":{ttl_ms}"#);
             }
-            id.to_string()
+            let _ = std::fmt::Write::write_fmt(key, format_args!("{id}"));
         }
         Op::Adjust { before, after, reason } => {
-            v["before"] = json!(before);
-            v["after"] = json!(after);
-            v["reason"] = json!(reason);
-            c.lines.first().map_or_else(String::new, |l| row_key(l.key))
+            let _ = write!(v, r#","before":{before},"after":{after},"reason":{reason}"#);
+            if let Some(l) = c.lines.first() {
+                write_row_key(l.key, key);
+            }
         }
+    }
+    v.extend_from_slice(br#","lines":["#);
+    for (i, l) in c.lines.iter().enumerate() {
+        let delta = l.after.available() as i128 - l.before.available() as i128;
+        let _ = write!(
+            v,
+            r#"{}{{"vendor_item_id":{},"fulfillment_center_id":{},"quantity":{},"delta":{delta},"available_after":{}}}"#,
+            if i == 0 { "" } else { "," },
+            l.key.item,
+            l.key.fc,
+            l.qty,
+            l.after.available()
+        );
+    }
+    v.extend_from_slice(b"]}");
+}
+
+/// Writes the derived event of a row the mutation took to 0 or lifted from
+/// 0; false (nothing written) for any other row.
+fn write_derived(
+    c: &Change,
+    row: Key,
+    before: Level,
+    after: Level,
+    key: &mut String,
+    v: &mut Vec<u8>,
+) -> bool {
+    let kind = match (before.available(), after.available()) {
+        (b, 0) if b > 0 => "sold_out",
+        (0, a) if a > 0 => "restocked",
+        _ => return false,
     };
-    (key, v.to_string().into_bytes())
+    write_row_key(row, key);
+    v.clear();
+    let _ = write!(
+        v,
+        r#"{{"schema_version":{SCHEMA_VERSION},"lsn":{},"type":"{kind}","committed_at_ms":{},"vendor_item_id":{},"fulfillment_center_id":{},"available_after":{}}}"#,
+        c.lsn,
+        c.ts_ms,
+        row.item,
+        row.fc,
+        after.available()
+    );
+    true
 }
 
-/// `sold_out` and `restocked` events of one mutation, one per row whose available reached or left 0.
-pub fn derived_events(c: &Change) -> Vec<Message> {
-    rows_changed(&c.lines)
-        .into_iter()
-        .filter_map(|(key, before, after)| {
-            let kind = match (before.available(), after.available()) {
-                (b, 0) if b > 0 => "sold_out",
-                (0, a) if a > 0 => "restocked",
-                _ => return None,
-            };
-            let v = json!({
-                "schema_version": SCHEMA_VERSION,
-                "lsn": c.lsn,
-                "type": kind,
-                "committed_at_ms": c.ts_ms,
-                "vendor_item_id": key.item,
-                "fulfillment_center_id": key.fc,
-                "available_after": after.available(),
-            });
-            Some((row_key(key), v.to_string().into_bytes()))
-        })
-        .collect()
+fn write_level(row: Key, l: Level, lsn: u64, key: &mut String, v: &mut Vec<u8>) {
+    write_row_key(row, key);
+    v.clear();
+    let _ = write!(
+        v,
+        r#"{{"schema_version":{SCHEMA_VERSION},"vendor_item_id":{},"fulfillment_center_id":{},"available":{},"on_hand":{},"held":{},"lsn":{lsn}}}"#,
+        row.item,
+        row.fc,
+        l.available(),
+        l.on_hand,
+        l.held
+    );
 }
 
-/// A row's level as of `lsn`.
-pub fn level(key: Key, l: Level, lsn: u64) -> Message {
-    let v = json!({
-        "schema_version": SCHEMA_VERSION,
-        "vendor_item_id": key.item,
-        "fulfillment_center_id": key.fc,
-        "available": l.available(),
-        "on_hand": l.on_hand,
-        "held": l.held,
-        "lsn": lsn,
-    });
-    (row_key(key), v.to_string().into_bytes())
-}
-
-/// The levels of the rows one mutation changed.
-pub fn levels(c: &Change) -> Vec<Message> {
-    rows_changed(&c.lines).into_iter().map(|(key, _, after)| level(key, after, c.lsn)).collect()
+fn write_row_key(row: Key, key: &mut String) {
+    key.clear();
+    let _ = std::fmt::Write::write_fmt(key, format_args!("{}:{}", row.item, row.fc));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::levels::Levels;
+    use serde_json::{json, Value};
     use stockd_protocol::Line;
     use stockd_record::Mutation;
 
@@ -163,6 +236,17 @@ mod tests {
             json(&super::levels(&order)[0]),
             json!({"schema_version": 1, "vendor_item_id": 42, "fulfillment_center_id": 7, "available": 0, "on_hand": 0, "held": 0, "lsn": 1})
         );
+
+        let mut all = Vec::new();
+        messages(&order, &mut String::new(), &mut Vec::new(), |t, k, v| {
+            all.push((t, k.to_string(), v.to_vec()))
+        });
+        let want = [
+            (Topic::Events, event(&order)),
+            (Topic::Events, derived[0].clone()),
+            (Topic::Levels, super::levels(&order)[0].clone()),
+        ];
+        assert_eq!(all, want.map(|(t, (k, v))| (t, k, v)).to_vec(), "event, derived, levels, in that order");
 
         let receipt = change(&mut levels, 2, Op::Inbound { id: 5 }, &[(42, 7, 3)]);
         assert_eq!(json(&derived_events(&receipt)[0])["type"], "restocked");

@@ -17,7 +17,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
-use crate::events::{self, Message};
+use crate::events::{self, Message, Topic};
 use crate::levels::Levels;
 use crate::sink::{Batch, Sink, SinkError};
 
@@ -62,11 +62,6 @@ impl ProducerContext for Reports {
     }
 }
 
-enum Topic {
-    Events,
-    Levels,
-}
-
 pub struct KafkaSink {
     cfg: KafkaConfig,
     events_topic: String,
@@ -80,6 +75,8 @@ pub struct KafkaSink {
     handed_through: u64,
     confirmed: Option<u64>,
     failed: Option<String>,
+    /// Scratch buffers for one message's key and value.
+    scratch: (String, Vec<u8>),
 }
 
 impl KafkaSink {
@@ -94,6 +91,7 @@ impl KafkaSink {
             handed_through: 0,
             confirmed: None,
             failed: None,
+            scratch: Default::default(),
         }
     }
 
@@ -126,9 +124,27 @@ impl KafkaSink {
         Ok(())
     }
 
-    fn queue(&mut self, lsn: u64, topic: Topic, m: Message) {
+    /// Hands one message to the producer, or queues a copy while the
+    /// producer's queue is full (or earlier messages still wait: order).
+    fn offer(&mut self, lsn: u64, topic: Topic, key: &str, value: &[u8]) -> Result<(), SinkError> {
         *self.outstanding.entry(lsn).or_insert(0) += 1;
-        self.waiting.push_back((lsn, topic, m));
+        if self.waiting.is_empty() {
+            let producer = self
+                .producer
+                .as_ref()
+                .ok_or_else(|| SinkError::Unavailable("kafka: not connected".into()))?;
+            let name = match topic {
+                Topic::Events => &self.events_topic,
+                Topic::Levels => &self.levels_topic,
+            };
+            match producer.send(BaseRecord::with_opaque_to(name, lsn as usize).key(key).payload(value)) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {}
+                Err((e, _)) => return Err(SinkError::Unavailable(format!("kafka produce: {e}"))),
+            }
+        }
+        self.waiting.push_back((lsn, topic, (key.to_string(), value.to_vec())));
+        Ok(())
     }
 
     /// Hands waiting messages to the producer until its queue is full, then
@@ -213,9 +229,9 @@ impl Sink for KafkaSink {
 
     fn resync(&mut self, levels: &Levels) -> Result<u64, SinkError> {
         let lsn = levels.lsn();
-        let rows: Vec<_> = levels.iter().collect();
-        for (key, level) in rows {
-            self.queue(lsn, Topic::Levels, events::level(key, level, lsn));
+        for (row, level) in levels.iter() {
+            let (key, value) = events::level(row, level, lsn);
+            self.offer(lsn, Topic::Levels, &key, &value)?;
         }
         self.handed_through = lsn;
         // Nothing counts as delivered until every level is.
@@ -232,15 +248,17 @@ impl Sink for KafkaSink {
     }
 
     fn deliver(&mut self, batch: &Batch) -> Result<u64, SinkError> {
+        let (mut key, mut value) = std::mem::take(&mut self.scratch);
+        let mut result = Ok(());
         for c in &batch.changes {
-            self.queue(c.lsn, Topic::Events, events::event(c));
-            for m in events::derived_events(c) {
-                self.queue(c.lsn, Topic::Events, m);
-            }
-            for m in events::levels(c) {
-                self.queue(c.lsn, Topic::Levels, m);
-            }
+            events::messages(c, &mut key, &mut value, |topic, k, v| {
+                if result.is_ok() {
+                    result = self.offer(c.lsn, topic, k, v);
+                }
+            });
         }
+        self.scratch = (key, value);
+        result?;
         self.handed_through = batch.through_lsn;
         let delivered = self.pump(Duration::ZERO);
         self.confirm(delivered)

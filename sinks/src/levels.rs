@@ -8,9 +8,36 @@
 //! out ([`Levels::rewind`]).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
-use stockd_protocol::Key;
+use stockd_protocol::{fmix64, Key};
 use stockd_record::Mutation;
+
+/// A hasher for row keys (two integers): one multiply-xorshift finish
+/// instead of SipHash; the keys come from stockd's own log, not from an
+/// attacker choosing collisions.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        fmix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8)) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = fmix64(self.0 ^ v);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 ^= u64::from(v).rotate_left(32);
+    }
+}
+
+/// A map keyed by rows.
+pub type KeyMap<V> = HashMap<Key, V, BuildHasherDefault<KeyHasher>>;
 
 /// One row's level.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,7 +66,7 @@ pub struct LineChange {
 /// Every row's level as of [`Levels::lsn`].
 #[derive(Clone, Debug, Default)]
 pub struct Levels {
-    rows: HashMap<Key, Level>,
+    rows: KeyMap<Level>,
     lsn: u64,
 }
 
@@ -123,7 +150,7 @@ impl Levels {
 /// applied: taking a reserve back before the confirm that followed it would
 /// take held below 0.
 #[derive(Default)]
-pub struct Rewind(HashMap<Key, (i64, i64)>);
+pub struct Rewind(KeyMap<(i64, i64)>);
 
 impl Rewind {
     pub fn add(&mut self, m: &Mutation) {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use redis::{Client, Connection, Script};
 
-use crate::levels::{rows_changed, Levels};
+use crate::levels::{rows_changed, KeyMap, Levels};
 use crate::sink::{Batch, Sink, SinkError};
 
 /// Rows per script call.
@@ -121,7 +121,7 @@ impl Sink for RedisSink {
 
     fn deliver(&mut self, batch: &Batch) -> Result<u64, SinkError> {
         // Each row once, at its last level in the batch.
-        let mut last: std::collections::HashMap<stockd_protocol::Key, (u64, u64)> = Default::default();
+        let mut last: KeyMap<(u64, u64)> = KeyMap::default();
         let mut order = Vec::new();
         for c in &batch.changes {
             for (key, _, after) in rows_changed(&c.lines) {

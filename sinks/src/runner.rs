@@ -34,6 +34,11 @@ pub struct RunnerConfig {
     pub lag_limit_records: u64,
     /// The cursor file is rewritten at most this often.
     pub cursor_save_every: Duration,
+    /// Fewer than `linger_records` records wait up to `linger` after the
+    /// previous batch for more: at low rates a batch per group commit would
+    /// spend more on each call to the downstream system than on its records.
+    pub linger: Duration,
+    pub linger_records: u64,
 }
 
 impl RunnerConfig {
@@ -43,6 +48,8 @@ impl RunnerConfig {
             batch_records: 4096,
             lag_limit_records: 1_000_000,
             cursor_save_every: Duration::from_millis(200),
+            linger: Duration::from_millis(5),
+            linger_records: 1024,
         }
     }
 }
@@ -261,9 +268,18 @@ impl Runner {
         tracing::info!(sink = name, from_lsn = self.levels.lsn(), "sink streaming");
         let mut tail = LogTail::new(&self.cfg.dir, self.levels.lsn());
         let mut last_lag = Instant::now();
+        let mut last_batch = Instant::now() - self.cfg.linger;
         while !self.stop.load(Relaxed) {
             let durable = self.durable.get();
-            let result = if tail.next_lsn() <= durable && self.sink.ready() {
+            let waiting = (durable + 1).saturating_sub(tail.next_lsn());
+            // A few records wait a little for more: fewer, larger batches.
+            let lingering = waiting < self.cfg.linger_records && last_batch.elapsed() < self.cfg.linger;
+            if waiting > 0 && lingering {
+                std::thread::sleep(self.cfg.linger.saturating_sub(last_batch.elapsed()));
+                continue;
+            }
+            let result = if waiting > 0 && self.sink.ready() {
+                last_batch = Instant::now();
                 let batch = self.read_batch(&mut tail, durable)?;
                 self.status.delivered.fetch_add(batch.changes.len() as u64, Relaxed);
                 self.sink.deliver(&batch)
