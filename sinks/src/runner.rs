@@ -48,7 +48,7 @@ impl RunnerConfig {
             batch_records: 4096,
             lag_limit_records: 1_000_000,
             cursor_save_every: Duration::from_millis(200),
-            linger: Duration::from_millis(5),
+            linger: Duration::from_millis(2),
             linger_records: 1024,
         }
     }
@@ -286,7 +286,9 @@ impl Runner {
             } else {
                 let r = self.sink.idle();
                 if tail.next_lsn() > durable {
-                    self.durable.wait_past(durable, Duration::from_millis(20));
+                    // Deliveries still unconfirmed: come back soon to collect them.
+                    let pending = matches!(r, Ok(c) if c < self.levels.lsn());
+                    self.durable.wait_past(durable, Duration::from_millis(if pending { 1 } else { 20 }));
                 }
                 r
             };
