@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Durable 1-line orders with the sinks (Kafka via tansu, Redis) on and off,
-in one run, plus the commit-to-delivery lag at half the load.
+in one run, plus the commit-to-delivery lag at half the load, and where the
+CPU went (microseconds per order per process and per stockd thread).
 
     python3 scripts/sinks_bench.py [--reps 3] [--duration 8s] [--out results.json]
 
@@ -112,6 +113,21 @@ class Stockd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def cpu_seconds(pid):
+    """CPU seconds (user + system) of a process, and per thread name."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def read(path):
+        f = open(path).read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / tick
+
+    threads = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        name = open(f"/proc/{pid}/task/{t}/comm").read().strip()
+        threads[name] = threads.get(name, 0) + read(f"/proc/{pid}/task/{t}/stat")
+    return read(f"/proc/{pid}/stat"), threads
+
+
 def loadgen(port, workload, duration, extra=()):
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         subprocess.run([os.path.join(BIN, "stock-loadgen"), "--target", f"stockd://127.0.0.1:{port}",
@@ -154,12 +170,22 @@ def main():
                 try:
                     loadgen(s.port, "query", "1s", ["--preload"])
                     s.wait_caught_up()
+                    pids = {"stockd": s.proc.pid, "tansu": tansu.pid, "redis-server": redis.pid}
+                    before = {k: cpu_seconds(p) for k, p in pids.items()}
                     r = loadgen(s.port, "order", a.duration)
+                    after = {k: cpu_seconds(p) for k, p in pids.items()}
                     drain = s.wait_caught_up()
                     p99 = r["latency_us"].get("p99") if isinstance(r["latency_us"], dict) else None
-                    runs[mode].append({"ops_s": r["throughput_ops_s"], "p99_us": p99, "drain_s": drain})
+                    # CPU microseconds per order in the run, per process and per stockd thread.
+                    per_order = lambda secs: round(secs * 1e6 / max(r["ops"], 1), 2)
+                    cpu = {k: per_order(after[k][0] - before[k][0]) for k in pids}
+                    threads = {n: per_order(v - before["stockd"][1].get(n, 0)) for n, v in after["stockd"][1].items()
+                               if v - before["stockd"][1].get(n, 0) > 0.01}
+                    runs[mode].append({"ops_s": r["throughput_ops_s"], "p99_us": p99, "drain_s": drain,
+                                       "cpu_us_per_order": cpu, "stockd_threads_us_per_order": threads})
                     print(f"rep {rep} sinks {mode:>3}: {r['throughput_ops_s']:>9.0f} orders/s, p99 {p99} us, "
-                          f"sinks caught up {drain:.2f} s after the run", flush=True)
+                          f"sinks caught up {drain:.2f} s after the run; CPU us/order {cpu}; stockd threads {threads}",
+                          flush=True)
                 finally:
                     s.stop()
         off = statistics.median(r["ops_s"] for r in runs["off"])
