@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 use stockd::state::IdLimits;
 use stockd::{Config, SinkConfig};
+use stockd_sinks::cassandra::CassandraConfig;
 use stockd_sinks::kafka::KafkaConfig;
 
 /// stockd: thread-per-core exact inventory server.
@@ -69,6 +70,12 @@ struct Args {
     /// Keep a read model in this Redis: redis://HOST:PORT[/DB].
     #[arg(long, env = "STOCKD_REDIS_URL")]
     redis_url: Option<String>,
+    /// Write every row and its movements to these Cassandra/ScyllaDB nodes (HOST:PORT[,...]).
+    #[arg(long, env = "STOCKD_CASSANDRA_NODES", value_delimiter = ',')]
+    cassandra_nodes: Vec<String>,
+    /// An existing keyspace; stockd creates its tables there (docs/cassandra.cql).
+    #[arg(long, env = "STOCKD_CASSANDRA_KEYSPACE", default_value = "stockd")]
+    cassandra_keyspace: String,
     /// A sink more log records behind than this is logged loudly (stockd keeps serving).
     #[arg(long, env = "STOCKD_SINK_LAG_LIMIT", default_value_t = 1_000_000)]
     sink_lag_limit_records: u64,
@@ -114,6 +121,8 @@ fn main() {
             replication: args.kafka_replication,
         }),
         redis_url: args.redis_url,
+        cassandra: (!args.cassandra_nodes.is_empty())
+            .then_some(CassandraConfig { nodes: args.cassandra_nodes, keyspace: args.cassandra_keyspace }),
         lag_limit_records: args.sink_lag_limit_records,
     };
     cfg.ids = IdLimits {

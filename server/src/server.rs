@@ -12,6 +12,7 @@ use stockd_persistence::retention::Retention;
 use stockd_persistence::snapshot::{self, Manifest};
 use stockd_persistence::wal::{self, Wal, WalConfig};
 use stockd_protocol::{HelloInfo, HASH_FMIX64_MOD, MAX_BATCH_KEYS, MAX_BODY, MAX_LINES};
+use stockd_sinks::cassandra::{CassandraConfig, CassandraSink};
 use stockd_sinks::kafka::{KafkaConfig, KafkaSink};
 use stockd_sinks::redis::RedisSink;
 use stockd_sinks::{Level, Levels, RunnerConfig, Runners, Sink};
@@ -57,13 +58,27 @@ pub struct SinkConfig {
     pub kafka: Option<KafkaConfig>,
     /// `redis://host:port/db` of the Redis read model.
     pub redis_url: Option<String>,
+    pub cassandra: Option<CassandraConfig>,
     /// A sink more records behind than this is logged loudly.
     pub lag_limit_records: u64,
 }
 
+impl SinkConfig {
+    /// Refuses what no downstream system could accept, before anything starts.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(url) = &self.redis_url {
+            stockd_sinks::redis::check_url(url)?;
+        }
+        if let Some(c) = &self.cassandra {
+            c.check()?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for SinkConfig {
     fn default() -> Self {
-        SinkConfig { kafka: None, redis_url: None, lag_limit_records: 1_000_000 }
+        SinkConfig { kafka: None, redis_url: None, cassandra: None, lag_limit_records: 1_000_000 }
     }
 }
 
@@ -137,6 +152,7 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     if n == 0 || n > MAX_SHARDS {
         return Err(format!("--shards must be between 1 and {MAX_SHARDS}, not {n}"));
     }
+    cfg.sinks.check()?;
     // Ports first: a server that cannot have its ports leaves no trace.
     let mut listeners = Listeners::bind(cfg.listen, n, cfg.shard_port_base)?;
     let dir = &cfg.data_dir;
@@ -234,6 +250,9 @@ fn make_sinks(cfg: &SinkConfig, server_id: u64) -> Result<Vec<Box<dyn Sink>>, St
     }
     if let Some(url) = &cfg.redis_url {
         sinks.push(Box::new(RedisSink::new(url, server_id)?));
+    }
+    if let Some(c) = &cfg.cassandra {
+        sinks.push(Box::new(CassandraSink::new(c.clone(), server_id)?));
     }
     Ok(sinks)
 }

@@ -461,3 +461,41 @@ async fn segments_stay_while_a_sink_is_behind_and_go_once_it_has_caught_up() {
     }
     same_rows("redis", &redis_state(&redis), &state(&c).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cassandra_is_retried_loudly_and_stockd_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = format!("127.0.0.1:{}", free_port()); // nothing listens there
+    let d = Daemon::spawn(dir.path(), free_port(), &["--cassandra-nodes", &nowhere, "--shards", "1"]);
+    let c = d.client().await;
+    c.inbound(1, &[Line::new(1, 1, 5)]).await.unwrap();
+    c.order(2, &[Line::new(1, 1, 2)]).await.unwrap();
+    let t = Instant::now();
+    loop {
+        let s = c.stats().await.unwrap();
+        if stat(&s, "sink_cassandra_errors") >= 2 {
+            assert_eq!(stat(&s, "sink_cassandra_connected"), 0);
+            assert!(stat(&s, "sink_cassandra_lag_records") >= 2, "the backlog waits in the log: {s:?}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "connect failures are counted: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.query(1, 1).await.unwrap(), 3, "stockd keeps serving");
+}
+
+#[test]
+fn a_bad_cassandra_keyspace_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--shard-port-base", "0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--cassandra-nodes", "127.0.0.1:9042", "--cassandra-keyspace", "stock;drop"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cassandra-keyspace \"stock;drop\": letters, digits and _ only"), "{err}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing written to the data dir");
+}

@@ -8,6 +8,7 @@
 //! absent downstream system never slows a shard or an acknowledgement.
 //! Delivery is at least once, in LSN order; the LSN is the event id.
 
+pub mod cassandra;
 pub mod events;
 pub mod kafka;
 pub mod levels;

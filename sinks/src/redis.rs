@@ -58,13 +58,18 @@ fn unavailable(what: &str, e: redis::RedisError) -> SinkError {
 impl RedisSink {
     /// A sink for the Redis at `url` (`redis://host:port/db`), fed by the server `server_id`.
     pub fn new(url: &str, server_id: u64) -> Result<RedisSink, String> {
-        let client = Client::open(url).map_err(|e| format!("--redis-url {url}: {e}"))?;
+        let client = check_url(url)?;
         Ok(RedisSink { client, conn: None, cursor_key: cursor_key(server_id), script: Script::new(APPLY) })
     }
 
     fn conn(&mut self) -> Result<&mut Connection, SinkError> {
         self.conn.as_mut().ok_or_else(|| SinkError::Unavailable("redis: not connected".into()))
     }
+}
+
+/// A clear error for a URL the redis crate cannot use.
+pub fn check_url(url: &str) -> Result<Client, String> {
+    Client::open(url).map_err(|e| format!("--redis-url {url}: {e}"))
 }
 
 /// The key holding the last LSN applied to Redis by server `server_id`.
