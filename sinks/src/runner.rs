@@ -153,7 +153,8 @@ impl Runners {
         Ok(runners)
     }
 
-    /// Asks every sink to finish what it has (briefly), save its cursor and stop; waits for them.
+    /// Asks every sink to deliver what is durable (for up to 3 s, then 2 s
+    /// for confirmations), save its cursor and stop; waits for them.
     pub fn stop(self) {
         self.stop.store(true, Relaxed);
         for t in self.threads {
@@ -161,6 +162,9 @@ impl Runners {
         }
     }
 }
+
+/// How long a stopping sink goes on delivering what is durable.
+const STOP_DRAIN: Duration = Duration::from_secs(3);
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -269,23 +273,35 @@ impl Runner {
         let mut tail = LogTail::new(&self.cfg.dir, self.levels.lsn());
         let mut last_lag = Instant::now();
         let mut last_batch = Instant::now() - self.cfg.linger;
-        while !self.stop.load(Relaxed) {
+        // Once asked to stop, the sink still gets what is durable, for a while.
+        let mut drain_until: Option<Instant> = None;
+        loop {
             let durable = self.durable.get();
             let waiting = (durable + 1).saturating_sub(tail.next_lsn());
+            if self.stop.load(Relaxed) {
+                let until = *drain_until.get_or_insert_with(|| Instant::now() + STOP_DRAIN);
+                if waiting == 0 || Instant::now() >= until {
+                    break;
+                }
+            }
             // A few records wait a little for more: fewer, larger batches.
             let lingering = waiting < self.cfg.linger_records && last_batch.elapsed() < self.cfg.linger;
-            if waiting > 0 && lingering {
+            if waiting > 0 && lingering && drain_until.is_none() {
                 std::thread::sleep(self.cfg.linger.saturating_sub(last_batch.elapsed()));
                 continue;
             }
-            let result = if waiting > 0 && self.sink.ready() {
+            let ready = self.sink.ready();
+            let result = if waiting > 0 && ready {
                 last_batch = Instant::now();
                 let batch = self.read_batch(&mut tail, durable)?;
                 self.status.delivered.fetch_add(batch.changes.len() as u64, Relaxed);
                 self.sink.deliver(&batch)
             } else {
                 let r = self.sink.idle();
-                if tail.next_lsn() > durable {
+                if waiting > 0 {
+                    // The sink takes nothing more until earlier deliveries are confirmed.
+                    std::thread::sleep(Duration::from_millis(1));
+                } else {
                     // Deliveries still unconfirmed: come back soon to collect them.
                     let pending = matches!(r, Ok(c) if c < self.levels.lsn());
                     self.durable.wait_past(durable, Duration::from_millis(if pending { 1 } else { 20 }));
@@ -437,5 +453,79 @@ impl Runner {
         } else if last_complaint.take().is_some() {
             tracing::info!(sink = self.sink.name(), lag_records = lag, "sink is back within its lag limit");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use stockd_persistence::wal::{Committed, Wal, WalConfig};
+    use stockd_protocol::{Key, Line};
+    use stockd_record::{Mutation, Op};
+
+    use crate::levels::Level;
+
+    /// A sink whose downstream system is a vector in memory: for the runner's own logic.
+    struct Recorder(Arc<Mutex<Vec<u64>>>);
+
+    impl Sink for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        fn connect(&mut self, local: Option<u64>) -> Result<Option<u64>, SinkError> {
+            Ok(local)
+        }
+        fn resync(&mut self, levels: &Levels) -> Result<u64, SinkError> {
+            Ok(levels.lsn())
+        }
+        fn deliver(&mut self, batch: &Batch) -> Result<u64, SinkError> {
+            self.0.lock().unwrap().extend(batch.changes.iter().map(|c| c.lsn));
+            Ok(batch.through_lsn)
+        }
+        fn idle(&mut self) -> Result<u64, SinkError> {
+            Ok(self.0.lock().unwrap().last().copied().unwrap_or(0))
+        }
+    }
+
+    #[test]
+    fn a_stopping_runner_delivers_everything_durable_and_saves_its_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, writer) = Wal::start(WalConfig::new(dir.path()), 1, 0, |_: Vec<Committed<()>>| {}).unwrap();
+        let retention = Arc::new(Retention::new(dir.path(), 0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let key = Key { item: 1, fc: 1 };
+        let levels = Levels::new(0, [(key, Level { on_hand: 1_000, held: 0 })]);
+        let mut cfg = RunnerConfig::new(dir.path());
+        cfg.linger = Duration::from_millis(50); // records are still lingering when the stop comes
+        let sinks: Vec<Box<dyn Sink>> = vec![Box::new(Recorder(seen.clone()))];
+        let runners = Runners::start(cfg, sinks, &levels, wal.durable.clone(), &retention).unwrap();
+        let order = |id: u64| {
+            let mut payload = Vec::new();
+            Mutation { op: Op::Order { id }, lines: vec![Line::new(1, 1, 1)] }.encode(&mut payload);
+            payload
+        };
+        // The first record is delivered at once; the runner then lingers.
+        wal.submit(order(1), ()).unwrap();
+        let t = Instant::now();
+        while seen.lock().unwrap().is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for id in 2..=300u64 {
+            wal.submit(order(id), ()).unwrap();
+        }
+        let durable = wal.durable.clone();
+        drop(wal);
+        writer.join().unwrap();
+        assert_eq!(durable.get(), 300);
+        runners.stop();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            (1..=300).collect::<Vec<u64>>(),
+            "every durable record, once, in order"
+        );
+        assert_eq!(read_cursor(dir.path(), "recorder").unwrap(), Some(300));
     }
 }
