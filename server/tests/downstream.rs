@@ -33,6 +33,23 @@ fn sink_args(kafka: &Kafka, redis: &Redis) -> Vec<String> {
     ]
 }
 
+/// A broker, a Redis and a data directory, and stockd's flags for them.
+fn downstream() -> (Kafka, Redis, tempfile::TempDir, Vec<String>) {
+    let (kafka, redis) = (Kafka::start(), Redis::start());
+    let args = sink_args(&kafka, &redis);
+    (kafka, redis, tempfile::tempdir().unwrap(), args)
+}
+
+/// Everything Kafka holds, against the log of the stopped server and its
+/// final state `want`; returns how many LSNs came twice (only above `cursor`).
+fn check_kafka(kafka: &Kafka, dir: &Path, want: &BTreeMap<(u64, u32), u64>, cursor: u64) -> (usize, usize) {
+    let log = logged(dir);
+    let dups = check_events(kafka, &log, cursor);
+    check_levels_exact(kafka, &log);
+    same_rows("kafka levels", &kafka_levels(kafka, &log), want);
+    (log.len(), dups)
+}
+
 fn spawn(dir: &Path, port: u16, args: &[String], more: &[&str]) -> Daemon {
     let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
     all.extend_from_slice(more);
@@ -296,9 +313,7 @@ fn same_rows(name: &str, got: &BTreeMap<(u64, u32), u64>, want: &BTreeMap<(u64, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_committed_mutation_reaches_kafka_once_and_redis_matches_row_for_row() {
-    let (kafka, redis) = (Kafka::start(), Redis::start());
-    let dir = tempfile::tempdir().unwrap();
-    let args = sink_args(&kafka, &redis);
+    let (kafka, redis, dir, args) = downstream();
     let d = spawn(dir.path(), free_port(), &args, &["--shards", "2"]);
     let c = d.client().await;
     c.inbound(1, &[Line::new(1, 0, 1)]).await.unwrap();
@@ -310,21 +325,18 @@ async fn every_committed_mutation_reaches_kafka_once_and_redis_matches_row_for_r
     drop(c);
     d.terminate();
     let log = logged(dir.path());
-    same_rows("kafka levels", &kafka_levels(&kafka, &log), &want);
     assert!(log.len() > 1_000, "the workload commits most of its mutations: {}", log.len());
     assert!(
         log.values().any(|m| matches!(m.op, Op::Release { expired: true, .. })),
         "an expiry is in the mix"
     );
-    assert_eq!(check_events(&kafka, &log, u64::MAX), 0, "without a crash every LSN arrives exactly once");
-    check_levels_exact(&kafka, &log);
+    let (_, dups) = check_kafka(&kafka, dir.path(), &want, u64::MAX);
+    assert_eq!(dups, 0, "without a crash every LSN arrives exactly once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_leaves_no_gap_and_duplicates_only_above_the_cursor() {
-    let (kafka, redis) = (Kafka::start(), Redis::start());
-    let dir = tempfile::tempdir().unwrap();
-    let args = sink_args(&kafka, &redis);
+    let (kafka, redis, dir, args) = downstream();
     let port = free_port();
     let d = spawn(dir.path(), port, &args, &["--shards", "2"]);
     let c = d.client().await;
@@ -347,18 +359,13 @@ async fn kill_9_under_load_leaves_no_gap_and_duplicates_only_above_the_cursor() 
     same_rows("redis", &redis_state(&redis), &want);
     drop(c);
     d.terminate();
-    let log = logged(dir.path());
-    check_levels_exact(&kafka, &log);
-    same_rows("kafka levels", &kafka_levels(&kafka, &log), &want);
-    let dups = check_events(&kafka, &log, saved);
-    println!("kill -9: {} mutations logged, kafka cursor saved at {saved}, {dups} LSNs delivered twice (all above it)", log.len());
+    let (logged, dups) = check_kafka(&kafka, dir.path(), &want, saved);
+    println!("kill -9: {logged} mutations logged, kafka cursor saved at {saved}, {dups} LSNs delivered twice (all above it)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_or_redis_away_for_10_s_only_grows_the_backlog_and_a_flushed_redis_is_resynced() {
-    let (kafka, redis) = (Kafka::start(), Redis::start());
-    let dir = tempfile::tempdir().unwrap();
-    let args = sink_args(&kafka, &redis);
+    let (kafka, redis, dir, args) = downstream();
     let d = spawn(dir.path(), free_port(), &args, &["--shards", "2"]);
     let c = d.client().await;
     workload(&c, 1_000, 300).await;
@@ -405,10 +412,8 @@ async fn a_broker_or_redis_away_for_10_s_only_grows_the_backlog_and_a_flushed_re
     same_rows("redis after FLUSHALL", &redis_state(&redis), &want);
     drop(c);
     d.terminate();
-    let log = logged(dir.path());
-    assert_eq!(check_events(&kafka, &log, u64::MAX), 0, "a broker that was away gets every LSN once");
-    check_levels_exact(&kafka, &log);
-    same_rows("kafka levels", &kafka_levels(&kafka, &log), &want);
+    let (_, dups) = check_kafka(&kafka, dir.path(), &want, u64::MAX);
+    assert_eq!(dups, 0, "a broker that was away gets every LSN once");
 }
 
 /// Segments wholly at or below `lsn`: those a snapshot at `lsn` alone would let go.
