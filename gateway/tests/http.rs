@@ -267,7 +267,7 @@ async fn bad_input_gets_json_errors_and_changes_nothing() {
             422,
             "invalid_quantity",
         ),
-        ("POST", "/v1/orders", vec![b' '; 300 * 1024], 413, "payload_too_large"),
+        ("POST", "/v1/orders", vec![b' '; stock_gateway::MAX_BODY_BYTES + 1], 413, "payload_too_large"),
         ("GET", "/v1/stock/abc/1", vec![], 400, "invalid_path"),
         ("GET", "/v1/stock/1/99999999999", vec![], 400, "invalid_path"),
         ("POST", "/v1/orders/x/cancel", vec![], 400, "invalid_path"),
@@ -362,5 +362,41 @@ async fn survives_stockd_restarting_underneath() {
     assert!(ok, "the gateway reconnected by itself");
     assert_eq!(api.post("/v1/orders", json!({"order_id": 5, "lines": [line(3, 1, 1)]})).await.0, 201);
     assert_eq!(api.get("/healthz").await.0, 200);
+    srv.shutdown();
+}
+
+/// The schemathesis CLI that `.ci/run` installs into `.venv`.
+fn schemathesis() -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/schemathesis");
+    assert!(
+        p.exists(),
+        "schemathesis is needed: python3 -m venv .venv && .venv/bin/pip install schemathesis (.ci/run does it)"
+    );
+    p
+}
+
+/// A schema-driven tester, with all its checks, against the gateway's own
+/// /openapi.json and a real stockd: what the document allows is accepted,
+/// what it forbids is refused with a status it documents, every answer fits
+/// its schema, and the links reach confirm, release and cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_what_the_gateway_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = stockd_at(dir.path(), "127.0.0.1:0");
+    let (addr, _) = gateway(srv.addr, vec![], false).await;
+    let tester = schemathesis();
+    let run = move || {
+        std::process::Command::new("timeout")
+            .arg("300")
+            .arg(tester)
+            .args(["run", &format!("http://{addr}/openapi.json"), "--checks", "all"])
+            .args(["--max-examples", "25", "--seed", "20261126", "--no-color"])
+            .output()
+    };
+    // Off the runtime's threads: the gateway answers on them meanwhile.
+    let out = tokio::task::spawn_blocking(run).await.unwrap().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "schemathesis found mismatches:\n{report}");
+    assert!(report.contains("Stateful"), "the stateful phase ran (links):\n{report}");
     srv.shutdown();
 }
