@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{lookup_host, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use stockd_protocol::{constant_time_eq, fmix64, HelloInfo, Key, Line, Reply, Request, Response, Status};
 use stockd_protocol::{parse_frame, shard_of, HASH_FMIX64_MOD, HEADER_LEN, MAX_BATCH_KEYS};
@@ -114,11 +114,20 @@ pub struct Options {
 
 type Waiter = oneshot::Sender<Result<(u8, Vec<u8>), Error>>;
 
+/// Requests one connection has in flight at most; more callers wait for a
+/// slot, so a server that stops reading (overloaded, or stopped) makes
+/// callers wait instead of growing this client's queues without bound.
+/// Four times the server's own per-connection bound: the server pauses
+/// reading a connection at 1,024, and the rest wait in the socket.
+pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 4096;
+
 /// One pipelined connection.
 struct Conn {
     next_id: AtomicU64,
     pending: Arc<Mutex<Option<HashMap<u64, Waiter>>>>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// One permit per request in flight: bounds `pending` and the write queue.
+    slots: Arc<Semaphore>,
 }
 
 impl Conn {
@@ -195,10 +204,13 @@ impl Conn {
                 let _ = w.send(Err(protocol_error.clone().map_or(Error::Disconnected, Error::Protocol)));
             }
         });
-        Ok(Conn { next_id: AtomicU64::new(1), pending, tx })
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+        Ok(Conn { next_id: AtomicU64::new(1), pending, tx, slots })
     }
 
     async fn call(&self, req: &Request) -> Result<Response, Error> {
+        // Held until the answer came (or the call was dropped).
+        let _slot = self.slots.acquire().await.map_err(|_| Error::Disconnected)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::with_capacity(64);
         req.encode(id, &mut frame);
@@ -433,4 +445,33 @@ async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output
     })
     .await;
     out.into_iter().map(|o| o.expect("polled to completion")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_stops_reading_makes_callers_wait_instead_of_queues_grow() {
+        // A peer that accepts and never reads nor answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let conn = Arc::new(Conn::open(listener.local_addr().unwrap()).await.unwrap());
+        let (_silent_peer, _) = listener.accept().await.unwrap();
+        let callers: Vec<_> = (0..MAX_IN_FLIGHT_PER_CONNECTION + 3_000)
+            .map(|i| {
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    conn.call(&Request::Query { key: Key { item: i as u64, fc: 1 } }).await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let in_flight = conn.pending.lock().unwrap().as_ref().map_or(0, HashMap::len);
+        assert_eq!(in_flight, MAX_IN_FLIGHT_PER_CONNECTION, "the rest wait for a slot");
+        assert_eq!(conn.slots.available_permits(), 0);
+        for c in callers {
+            c.abort();
+        }
+    }
 }
