@@ -249,7 +249,22 @@ pub struct Report {
     pub duration_s: f64,
     pub throughput_ops_s: f64,
     pub keys_per_s: f64,
+    /// The load generator's own CPU (user + system, all its threads) per
+    /// operation during the measured run: a benchmark whose client is the
+    /// bottleneck measures the client.
+    pub client_cpu_us_per_op: f64,
     pub latency_us: Latency,
+}
+
+/// CPU seconds (user + system) this process has used so far.
+pub fn process_cpu_seconds() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes the struct we pass and nothing else.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -524,6 +539,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     let hists: Vec<Arc<Mutex<Histogram<u64>>>> =
         (0..workers).map(|_| Arc::new(Mutex::new(new_histogram()))).collect();
     let start = Instant::now();
+    let cpu_at_start = process_cpu_seconds();
     let id_base = receipt_base(cfg.seed);
     let mut tasks = Vec::new();
     for w in 0..workers {
@@ -631,6 +647,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         histogram.add(&*h.lock().unwrap()).map_err(|e| e.to_string())?;
     }
     let ops = counters.ops.load(Relaxed);
+    let client_cpu_us_per_op = (process_cpu_seconds() - cpu_at_start) * 1e6 / ops.max(1) as f64;
     let errors_by_kind = counters.errors.lock().unwrap().clone();
     let errors = errors_by_kind.values().sum();
     let report = Report {
@@ -641,6 +658,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         duration_s: elapsed,
         throughput_ops_s: ops as f64 / elapsed,
         keys_per_s: counters.keys.load(Relaxed) as f64 / elapsed,
+        client_cpu_us_per_op,
         latency_us: Latency::of(&histogram),
     };
     Ok(Outcome {

@@ -176,6 +176,7 @@ fn main() -> ExitCode {
         r.target, r.workload, r.ops, r.duration_s, r.throughput_ops_s, r.keys_per_s
     );
     println!("latency us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
+    println!("load generator CPU: {:.2} us per operation", r.client_cpu_us_per_op);
     println!(
         "refused for lack of stock: {}; units ordered {}, units received {}",
         out.insufficient, out.order_units, out.inbound_units

@@ -95,6 +95,7 @@ fn report_json_has_exactly_the_documented_fields() {
         duration_s: 1.0,
         throughput_ops_s: 1000.0,
         keys_per_s: 1000.0,
+        client_cpu_us_per_op: 2.5,
         latency_us: Latency::of(&h),
     };
     let v: serde_json::Value = serde_json::to_value(&r).unwrap();
@@ -102,7 +103,17 @@ fn report_json_has_exactly_the_documented_fields() {
     keys.sort();
     assert_eq!(
         keys,
-        ["duration_s", "errors", "keys_per_s", "latency_us", "ops", "target", "throughput_ops_s", "workload"]
+        [
+            "client_cpu_us_per_op",
+            "duration_s",
+            "errors",
+            "keys_per_s",
+            "latency_us",
+            "ops",
+            "target",
+            "throughput_ops_s",
+            "workload"
+        ]
     );
     let mut lat: Vec<&str> = v["latency_us"].as_object().unwrap().keys().map(String::as_str).collect();
     lat.sort();

