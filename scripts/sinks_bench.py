@@ -5,7 +5,7 @@ CPU went (microseconds per order per process and per stockd thread).
 
     python3 scripts/sinks_bench.py [--reps 3] [--duration 8s] [--out results.json]
 
-Default stockd configuration (no --shards: one shard per core). Each rep
+Default stockd configuration (no --shards). Each rep
 runs stockd without sinks and with both, in alternating order, on a fresh
 data directory: preload 100,000 items x 4 centers through stockd, wait
 until the sinks have caught up, then 1-line orders (zipf 0.99, 8
