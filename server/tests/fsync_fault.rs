@@ -36,6 +36,16 @@ int fdatasync(int fd) {
 }
 "#;
 
+/// A child process killed when dropped, also when the test fails half way.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn build_shim(dir: &Path) -> std::path::PathBuf {
     let src = dir.join("fail_fdatasync.c");
     let lib = dir.join("libfail_fdatasync.so");
@@ -69,7 +79,7 @@ async fn a_failed_fdatasync_acknowledges_nothing_stops_stockd_and_loses_nothing_
         if preload {
             cmd.env("LD_PRELOAD", &shim).env("STOCKD_TEST_FAIL_FDATASYNC", &flag);
         }
-        cmd.spawn().unwrap()
+        Reaped(cmd.spawn().unwrap())
     };
 
     let mut child = stockd(true);
@@ -85,7 +95,7 @@ async fn a_failed_fdatasync_acknowledges_nothing_stops_stockd_and_loses_nothing_
     );
     let t = Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(t.elapsed() < Duration::from_secs(10), "stockd stops after a failed fdatasync");
@@ -94,12 +104,12 @@ async fn a_failed_fdatasync_acknowledges_nothing_stops_stockd_and_loses_nothing_
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGABRT), "stockd aborts: {status}");
     let mut said = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut said).unwrap();
+    std::io::Read::read_to_string(child.0.stdout.as_mut().unwrap(), &mut said).unwrap();
     assert!(said.contains("fdatasync failed; aborting"), "it says why: {said}");
 
     // The disk is healthy again: every acknowledged receipt is there.
     std::fs::remove_file(&flag).unwrap();
-    let mut child = stockd(false);
+    let _child = stockd(false);
     let c = client_at(port).await;
     for id in 1..=50u64 {
         let again = c.inbound(id, &[Line::new(id % 5, 1, 10)]).await.unwrap();
@@ -115,6 +125,4 @@ async fn a_failed_fdatasync_acknowledges_nothing_stops_stockd_and_loses_nothing_
     // The failed group commit's bytes may still be in the page cache and be
     // replayed: a mutation never acknowledged may be applied or not.
     assert!(total == 500 || total == 510, "50 receipts of 10, and the unacknowledged one at most: {total}");
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
