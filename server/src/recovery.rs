@@ -30,6 +30,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// ...looking at the clock once per this many records.
 const PROGRESS_CHECK_RECORDS: u64 = 65_536;
 
+/// Bytes of log a record that creates an id takes at least (a 1-line order).
+const SMALLEST_ID_RECORD: u64 = 52;
+
 /// Stores being rebuilt, in the layout of the records being replayed, each
 /// applying its records on a thread of its own (see [`appliers`]).
 pub struct Rebuild {
@@ -38,11 +41,14 @@ pub struct Rebuild {
     /// The layout the log says the stores are in; None before the first
     /// snapshot or `Layout` record (an empty data directory).
     layout: Option<usize>,
+    /// About how many ids the log to replay may create: each store gets room
+    /// for its share at once instead of re-hashing as they come.
+    expected_ids: usize,
 }
 
 impl Rebuild {
-    pub fn new(limits: IdLimits) -> Rebuild {
-        Rebuild { limits, appliers: Appliers::start(Vec::new()), layout: None }
+    pub fn new(limits: IdLimits, expected_ids: usize) -> Rebuild {
+        Rebuild { limits, appliers: Appliers::start(Vec::new()), layout: None, expected_ids }
     }
 
     /// Starts from a snapshot set: one payload per shard of `shard_count`.
@@ -50,6 +56,7 @@ impl Rebuild {
         limits: IdLimits,
         shard_count: usize,
         payloads: impl IntoIterator<Item = Vec<u8>>,
+        expected_ids: usize,
     ) -> Result<Rebuild, String> {
         check_layout(shard_count)?;
         let mut stores: Vec<Store> = (0..shard_count).map(|i| Store::new(i, shard_count, limits)).collect();
@@ -61,7 +68,10 @@ impl Rebuild {
         if read != shard_count {
             return Err(format!("snapshot set has {read} parts, its manifest says {shard_count}"));
         }
-        Ok(Rebuild { limits, appliers: Appliers::start(stores), layout: Some(shard_count) })
+        for s in stores.iter_mut() {
+            s.reserve_ids(expected_ids / shard_count);
+        }
+        Ok(Rebuild { limits, appliers: Appliers::start(stores), layout: Some(shard_count), expected_ids })
     }
 
     /// Replays one log record.
@@ -100,7 +110,11 @@ impl Rebuild {
     /// starts those.
     fn regroup(&mut self, shards: usize) {
         let stores = std::mem::replace(&mut self.appliers, Appliers::start(Vec::new())).finish();
-        self.appliers = Appliers::start(Store::regroup(stores, shards, self.limits));
+        let mut stores = Store::regroup(stores, shards, self.limits);
+        for s in stores.iter_mut() {
+            s.reserve_ids(self.expected_ids / shards);
+        }
+        self.appliers = Appliers::start(stores);
     }
 
     /// The stores of `shards` shards, and whether the server must log a
@@ -129,6 +143,8 @@ fn check_layout(shards: usize) -> Result<(), String> {
 pub struct Recovered {
     pub snapshot_lsn: u64,
     pub replayed: u64,
+    /// Time spent reading and applying the log after the snapshot.
+    pub replay_ms: u64,
     pub next_lsn: u64,
     pub last_ts_ms: u64,
     pub torn_bytes: u64,
@@ -138,10 +154,32 @@ pub struct Recovered {
     pub recovery_ms: u64,
 }
 
+/// At most about how many ids the records after `after_lsn` create: a
+/// 1-line order, the smallest record that makes one, takes 52 bytes of log.
+/// Of a segment that starts at or below `after_lsn`, only the share of its
+/// records after it counts (none, for one a sink still keeps).
+fn ids_the_log_may_create(dir: &Path, after_lsn: u64) -> Result<usize, String> {
+    let segs = wal::list_segments(dir).map_err(|e| e.to_string())?;
+    let mut bytes = 0u64;
+    for (i, (first, path)) in segs.iter().enumerate() {
+        let size = std::fs::metadata(path).map_or(0, |m| m.len());
+        bytes += match segs.get(i + 1) {
+            // The segment the snapshot cuts: the share of its records after it.
+            Some((next, _)) if *first <= after_lsn => {
+                let (all, after) = (next - first, next.saturating_sub(after_lsn + 1));
+                size * after / all.max(1)
+            }
+            _ => size,
+        };
+    }
+    Ok((bytes / SMALLEST_ID_RECORD) as usize)
+}
+
 /// Rebuilds the stores of `shards` shards from the snapshot set and the log tail.
 pub fn recover(dir: &Path, shards: usize, limits: IdLimits) -> Result<(Vec<Store>, Recovered), String> {
     let started = Instant::now();
     let manifest = snapshot::read_manifest(dir).map_err(|e| e.to_string())?;
+    let expected_ids = ids_the_log_may_create(dir, manifest.map_or(0, |m| m.lsn))?;
     let mut rec = Recovered::default();
     let mut rebuild = match manifest {
         Some(Manifest { lsn, shard_count }) => {
@@ -150,12 +188,19 @@ pub fn recover(dir: &Path, shards: usize, limits: IdLimits) -> Result<(Vec<Store
                 .collect::<Result<Vec<_>, _>>()?;
             rec.snapshot_lsn = lsn;
             tracing::debug!(lsn, shard_count, "recovery: loading the snapshot set");
-            Rebuild::from_snapshot(limits, shard_count as usize, payloads)
-                .map_err(|e| format!("snapshot {lsn}: {e}"))?
+            let rebuild = Rebuild::from_snapshot(limits, shard_count as usize, payloads, expected_ids)
+                .map_err(|e| format!("snapshot {lsn}: {e}"))?;
+            tracing::info!(
+                lsn,
+                ms = started.elapsed().as_millis() as u64,
+                "recovery: snapshot set loaded; replaying the log after it"
+            );
+            rebuild
         }
-        None => Rebuild::new(limits),
+        None => Rebuild::new(limits, expected_ids),
     };
     let mut bad: Option<String> = None;
+    let replay_started = Instant::now();
     let (mut reported, mut replayed) = (Instant::now(), 0u64);
     let end = wal::replay(dir, rec.snapshot_lsn, |r| {
         if bad.is_none() {
@@ -164,7 +209,7 @@ pub fn recover(dir: &Path, shards: usize, limits: IdLimits) -> Result<(Vec<Store
         replayed += 1;
         if replayed % PROGRESS_CHECK_RECORDS == 0 && reported.elapsed() >= PROGRESS_EVERY {
             reported = Instant::now();
-            let per_s = replayed as f64 / started.elapsed().as_secs_f64();
+            let per_s = replayed as f64 / replay_started.elapsed().as_secs_f64();
             tracing::info!(replayed, lsn = r.lsn, records_per_s = per_s as u64, "replaying the log");
         }
     })
@@ -177,6 +222,7 @@ pub fn recover(dir: &Path, shards: usize, limits: IdLimits) -> Result<(Vec<Store
     rec.last_ts_ms = end.last_ts_ms;
     rec.torn_bytes = end.torn_bytes;
     let (stores, needs_layout_record) = rebuild.finish(shards, end.next_lsn - 1);
+    rec.replay_ms = replay_started.elapsed().as_millis() as u64;
     rec.needs_layout_record = needs_layout_record;
     rec.recovery_ms = started.elapsed().as_millis() as u64;
     Ok((stores, rec))

@@ -275,6 +275,7 @@ fn recover_and_log_layout(dir: &Path, n: usize, ids: IdLimits) -> Result<(Vec<St
     tracing::info!(
         snapshot_lsn = rec.snapshot_lsn,
         replayed = rec.replayed,
+        replay_ms = rec.replay_ms,
         next_lsn = rec.next_lsn,
         torn_bytes = rec.torn_bytes,
         rows,

@@ -151,6 +151,13 @@ impl Store {
         self.row_count
     }
 
+    /// Room for about `ids` more remembered ids (at most the per-shard cap),
+    /// so that a replay that creates them does not re-hash the table again
+    /// and again.
+    pub fn reserve_ids(&mut self, ids: usize) {
+        self.ids.reserve(ids.min(self.limits.max_ids));
+    }
+
     /// Every row this store owns: its key, on hand and held.
     pub fn rows(&self) -> impl Iterator<Item = (Key, u64, u64)> + '_ {
         self.rows

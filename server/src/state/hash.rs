@@ -103,6 +103,17 @@ impl<V> SplitMap<V> {
     pub fn part(&self, i: usize) -> &IdMap<V> {
         &self.parts[i]
     }
+    /// Room for `additional` more entries in part `i`, without re-hashing as they come.
+    pub fn reserve_part(&mut self, i: usize, additional: usize) {
+        self.parts[i].reserve(additional);
+    }
+    /// Room for about `additional` more entries, spread over the parts.
+    pub fn reserve(&mut self, additional: usize) {
+        let each = additional.div_ceil(SPLIT_PARTS);
+        for p in self.parts.iter_mut() {
+            p.reserve(each);
+        }
+    }
     /// The part an id lives in (also the snapshot step that writes it).
     pub fn part_index(id: u64) -> usize {
         Self::part_of(id)

@@ -194,15 +194,20 @@ impl Store {
                 *self.row_mut(key) = Row { on_hand, held, ..Row::default() };
             }
         }
-        for _ in 0..SPLIT_PARTS {
-            for _ in 0..r.u64("receipts").map_err(e)? {
+        for part in 0..SPLIT_PARTS {
+            // Counts come first: room for them at once, not a re-hash per doubling.
+            let receipts = r.u64("receipts").map_err(e)?;
+            self.receipts.reserve_part(part, (receipts as usize).min(r.remaining() / 24));
+            for _ in 0..receipts {
                 let id = r.u64("id").map_err(e)?;
                 let stamp = LogStamp { lsn: r.u64("lsn").map_err(e)?, ts_ms: r.u64("ts").map_err(e)? };
                 if shard_of(id, self.shards) == self.shard {
                     self.receipts.insert(id, stamp);
                 }
             }
-            for _ in 0..r.u64("ids").map_err(e)? {
+            let ids = r.u64("ids").map_err(e)?;
+            self.ids.reserve_part(part, (ids as usize).min(r.remaining() / 40));
+            for _ in 0..ids {
                 let (id, entry) = read_id_entry(&mut r).map_err(e)?;
                 if shard_of(id, self.shards) == self.shard {
                     self.insert_entry(id, entry);
