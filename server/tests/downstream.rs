@@ -496,7 +496,13 @@ fn a_bad_cassandra_keyspace_is_refused_at_start() {
         .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--shard-port-base", "0"])
         .arg("--data-dir")
         .arg(dir.path())
-        .args(["--cassandra-nodes", "127.0.0.1:9042", "--cassandra-keyspace", "stock;drop"])
+        // A free port: the flags are refused before anything would connect anyway.
+        .args([
+            "--cassandra-nodes",
+            &format!("127.0.0.1:{}", free_port()),
+            "--cassandra-keyspace",
+            "stock;drop",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -124,6 +124,13 @@ impl KafkaSink {
         Ok(())
     }
 
+    fn topic_name(&self, topic: Topic) -> &str {
+        match topic {
+            Topic::Events => &self.events_topic,
+            Topic::Levels => &self.levels_topic,
+        }
+    }
+
     /// Hands one message to the producer, or queues a copy while the
     /// producer's queue is full (or earlier messages still wait: order).
     fn offer(&mut self, lsn: u64, topic: Topic, key: &str, value: &[u8]) -> Result<(), SinkError> {
@@ -133,10 +140,7 @@ impl KafkaSink {
                 .producer
                 .as_ref()
                 .ok_or_else(|| SinkError::Unavailable("kafka: not connected".into()))?;
-            let name = match topic {
-                Topic::Events => &self.events_topic,
-                Topic::Levels => &self.levels_topic,
-            };
+            let name = self.topic_name(topic);
             match producer.send(BaseRecord::with_opaque_to(name, lsn as usize).key(key).payload(value)) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {}
@@ -154,11 +158,8 @@ impl KafkaSink {
         let producer =
             self.producer.as_ref().ok_or_else(|| SinkError::Unavailable("kafka: not connected".into()))?;
         while let Some((lsn, topic, (key, value))) = self.waiting.front() {
-            let topic = match topic {
-                Topic::Events => &self.events_topic,
-                Topic::Levels => &self.levels_topic,
-            };
-            let record = BaseRecord::with_opaque_to(topic, *lsn as usize).key(key).payload(value);
+            let record =
+                BaseRecord::with_opaque_to(self.topic_name(*topic), *lsn as usize).key(key).payload(value);
             match producer.send(record) {
                 Ok(()) => {
                     self.waiting.pop_front();
