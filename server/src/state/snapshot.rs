@@ -113,13 +113,11 @@ impl Store {
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&lsn.to_le_bytes());
         out.extend_from_slice(&(self.row_count() as u64).to_le_bytes());
-        for (item, v) in &self.rows {
-            for (fc, r) in v {
-                out.extend_from_slice(&item.to_le_bytes());
-                out.extend_from_slice(&fc.to_le_bytes());
-                out.extend_from_slice(&r.on_hand.to_le_bytes());
-                out.extend_from_slice(&r.held.to_le_bytes());
-            }
+        for (key, r) in self.rows.iter() {
+            out.extend_from_slice(&key.item.to_le_bytes());
+            out.extend_from_slice(&key.fc.to_le_bytes());
+            out.extend_from_slice(&r.on_hand.to_le_bytes());
+            out.extend_from_slice(&r.held.to_le_bytes());
         }
     }
 
@@ -191,7 +189,7 @@ impl Store {
                 return Err(format!("row {key:?}: held {held} > on_hand {on_hand} or above max"));
             }
             if self.owns_item(key.item) {
-                *self.row_mut(key) = Row { on_hand, held, ..Row::default() };
+                *self.row_mut(key) = Row { on_hand, held };
             }
         }
         for part in 0..SPLIT_PARTS {

@@ -365,7 +365,7 @@ proptest! {
                 for k in KEYS {
                     if let Some(r) = s.row(k) {
                         prop_assert!(r.held <= r.on_hand && r.on_hand <= STOCK_MAX);
-                        prop_assert!(r.pend_take <= r.available(), "{:?}", r);
+                        prop_assert!(s.pending_on(k).take <= r.available(), "{:?}", r);
                     }
                 }
             }
@@ -384,7 +384,7 @@ proptest! {
         }
         for k in KEYS {
             let s = &stores[shard_of(k.item, 2)];
-            let live = s.row(k).map_or((0, 0, 0), |r| (r.on_hand, r.held, r.pend_n));
+            let live = s.row(k).map_or((0, 0, 0), |r| (r.on_hand, r.held, s.pending_on(k).n));
             prop_assert_eq!(live, replayed.row(k).map_or((0, 0, 0), |r| (r.on_hand, r.held, 0)));
         }
     }

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Memory per resident row, stockd against Redis, in one run.
+
+    cargo build --release -p stockd -p stock-loadgen
+    python3 scripts/memory.py [--rows 1000000 10000000] [--redis redis-server]
+
+For each row count: starts stockd (1 shard, a fresh data dir, a free
+127.0.0.1 port), reads its RSS from /proc, preloads rows/4 items x 4
+centers through the load generator (stockd: 256-line INBOUND receipts, so
+remembered receipt ids are 1/256 of the rows), waits for the RSS to settle,
+and reports (RSS after - RSS before) / rows. Then the same for
+redis-server (no persistence), which the load generator fills with one
+string key per row. Prints a Markdown table. Everything it starts it stops.
+"""
+import argparse, os, shutil, socket, subprocess, tempfile, time
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def rss_bytes(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit(f"no VmRSS for pid {pid}")
+
+
+def wait_port(port, proc):
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def settled_rss(pid):
+    """RSS once it stops changing (a snapshot may be written after the preload)."""
+    last = rss_bytes(pid)
+    for _ in range(60):
+        time.sleep(0.5)
+        now = rss_bytes(pid)
+        if abs(now - last) < 256 * 1024:
+            return now
+        last = now
+    return last
+
+
+def measure(name, cmd, target, rows, loadgen):
+    port = free_port()
+    data = tempfile.mkdtemp(prefix="stockd-mem-")
+    cmd = [c.format(port=port, data=data) for c in cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        before = settled_rss(proc.pid)
+        t = time.monotonic()
+        subprocess.run([loadgen, "--target", target.format(port=port), "--keys", str(rows // 4), "--centers", "4",
+                        "--threads", "1", "--connections", "1", "--duration", "1s", "--workload", "query",
+                        "--preload", "--quiet"], check=True, stdout=subprocess.DEVNULL)
+        load_s = time.monotonic() - t
+        after = settled_rss(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
+    per_row = (after - before) / rows
+    print(f"| {name} | {rows:,} | {before / 2**20:.1f} | {after / 2**20:.1f} | {per_row:.1f} | {load_s:.1f} |", flush=True)
+    return per_row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--stockd", default="target/release/stockd")
+    ap.add_argument("--loadgen", default="target/release/stock-loadgen")
+    ap.add_argument("--redis", default=shutil.which("redis-server") or "redis-server")
+    a = ap.parse_args()
+    print("| server | rows | RSS before MB | RSS after MB | bytes per row | preload s |")
+    print("|---|---|---|---|---|---|")
+    results = []
+    for rows in a.rows:
+        s = measure("stockd --shards 1", [a.stockd, "--listen", "127.0.0.1:{port}", "--shards", "1",
+                                          "--shard-port-base", "0", "--data-dir", "{data}"],
+                    "stockd://127.0.0.1:{port}", rows, a.loadgen)
+        r = measure("redis-server (string keys)", [a.redis, "--port", "{port}", "--bind", "127.0.0.1",
+                                                   "--save", "", "--appendonly", "no"],
+                    "redis://127.0.0.1:{port}", rows, a.loadgen)
+        results.append((rows, s, r))
+    print()
+    for rows, s, r in results:
+        print(f"{rows:,} rows: stockd {s:.1f} B/row, Redis {r:.1f} B/row, ratio {s / r:.2f}")
+
+
+if __name__ == "__main__":
+    main()

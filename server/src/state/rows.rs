@@ -1,0 +1,193 @@
+//! The rows of one store, packed for memory. Every row is one 24-byte slot
+//! in a single vector; the rows of an item form a chain through it, and a
+//! table maps each item to the head of its chain (12 bytes an entry). With
+//! a few centers per item that is about 30 bytes of memory a row, where a
+//! table of per-item vectors took 72 (docs/benchmarks.md, "Memory per row").
+//! What in-flight mutations reserve on a row is kept beside it, in the
+//! store, only while they are in flight.
+//!
+//! Rows are never removed one by one (a row, once it exists, stays: empty
+//! rows too); regrouping moves them all.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use stockd_protocol::Key;
+
+use super::IdHashBuilder;
+
+/// Durable quantities of one row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Row {
+    pub on_hand: u64,
+    pub held: u64,
+}
+
+impl Row {
+    /// What a query answers: durable on hand minus durable holds.
+    pub fn available(&self) -> u64 {
+        self.on_hand.checked_sub(self.held).expect("invariant: held never exceeds on hand")
+    }
+}
+
+/// An item id kept as two halves, so that a table entry (item, head) is 12
+/// bytes instead of the 16 that a u64's alignment would make it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Item([u32; 2]);
+
+impl Item {
+    fn new(item: u64) -> Item {
+        Item([item as u32, (item >> 32) as u32])
+    }
+    fn get(self) -> u64 {
+        self.0[0] as u64 | (self.0[1] as u64) << 32
+    }
+}
+
+impl Hash for Item {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.get());
+    }
+}
+
+/// The end of a chain.
+const END: u32 = u32::MAX;
+
+#[derive(Clone, Copy)]
+struct Slot {
+    fc: u32,
+    /// The item's next row, or [`END`].
+    next: u32,
+    row: Row,
+}
+
+#[derive(Default)]
+pub struct Rows {
+    heads: HashMap<Item, u32, IdHashBuilder>,
+    slots: Vec<Slot>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    fn find(&self, key: Key) -> Option<usize> {
+        let mut at = *self.heads.get(&Item::new(key.item))?;
+        loop {
+            let slot = &self.slots[at as usize];
+            if slot.fc == key.fc {
+                return Some(at as usize);
+            }
+            if slot.next == END {
+                return None;
+            }
+            at = slot.next;
+        }
+    }
+
+    pub fn get(&self, key: Key) -> Option<&Row> {
+        self.find(key).map(|at| &self.slots[at].row)
+    }
+
+    /// The row of `key`, created empty if it does not exist.
+    pub fn get_or_insert(&mut self, key: Key) -> &mut Row {
+        let at = match self.find(key) {
+            Some(at) => at,
+            None => {
+                let at = self.slots.len();
+                assert!(at < END as usize, "invariant: fewer than 2^32 - 1 rows in one store");
+                let head = self.heads.entry(Item::new(key.item)).or_insert(END);
+                self.slots.push(Slot { fc: key.fc, next: *head, row: Row::default() });
+                *head = at as u32;
+                at
+            }
+        };
+        &mut self.slots[at].row
+    }
+
+    /// The rows of one item: (center, row), in no particular order.
+    pub fn of_item(&self, item: u64) -> impl Iterator<Item = (u32, &Row)> + '_ {
+        let mut at = self.heads.get(&Item::new(item)).copied().unwrap_or(END);
+        std::iter::from_fn(move || {
+            let slot = self.slots.get(at as usize)?;
+            at = slot.next;
+            Some((slot.fc, &slot.row))
+        })
+    }
+
+    /// Every row: its key and quantities.
+    pub fn iter(&self) -> impl Iterator<Item = (Key, &Row)> + '_ {
+        self.heads.keys().flat_map(move |item| {
+            let item = item.get();
+            self.of_item(item).map(move |(fc, row)| (Key { item, fc }, row))
+        })
+    }
+}
+
+/// What prepared, not yet durable mutations may do to one row.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// Units they may take from `available`.
+    pub take: u64,
+    /// Units they may add to `on_hand`.
+    pub add: u64,
+    /// How many of them touch the row.
+    pub n: u32,
+}
+
+/// A row's key for the table of [`Pending`] rows: one u64 to hash.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RowKey(pub Key);
+
+impl Hash for RowKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64(self.0.item ^ (self.0.fc as u64).rotate_left(40));
+    }
+}
+
+pub type PendingRows = HashMap<RowKey, Pending, IdHashBuilder>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(item: u64, fc: u32) -> Key {
+        Key { item, fc }
+    }
+
+    #[test]
+    fn rows_of_an_item_chain_and_every_row_is_found() {
+        let mut rows = Rows::default();
+        for item in [1u64, u64::MAX, 1 << 32] {
+            for fc in [7u32, 0, u32::MAX] {
+                rows.get_or_insert(key(item, fc)).on_hand = item.wrapping_add(fc as u64);
+            }
+        }
+        assert_eq!(rows.len(), 9);
+        rows.get_or_insert(key(1, 7)).held = 3; // an existing row: no new slot
+        assert_eq!(rows.len(), 9);
+        assert_eq!(rows.get(key(1, 7)), Some(&Row { on_hand: 8, held: 3 }));
+        assert_eq!(rows.get(key(1, 8)), None);
+        assert_eq!(rows.get(key(2, 7)), None);
+        let mut centers: Vec<u32> = rows.of_item(1 << 32).map(|(fc, _)| fc).collect();
+        centers.sort_unstable();
+        assert_eq!(centers, [0, 7, u32::MAX]);
+        assert_eq!(rows.of_item(5).count(), 0);
+        let mut all: Vec<(u64, u32, u64)> = rows.iter().map(|(k, r)| (k.item, k.fc, r.on_hand)).collect();
+        all.sort_unstable();
+        assert_eq!(all.len(), 9);
+        assert_eq!(all[0], (1, 0, 1));
+        assert_eq!(all[8], (u64::MAX, u32::MAX, u64::MAX.wrapping_add(u32::MAX as u64)));
+    }
+
+    #[test]
+    fn a_slot_and_a_head_entry_are_as_small_as_the_memory_figures_assume() {
+        assert_eq!(std::mem::size_of::<Slot>(), 24);
+        assert_eq!(std::mem::size_of::<(Item, u32)>(), 12);
+    }
+}
