@@ -179,39 +179,65 @@ impl Rng {
 /// Draws keys: Zipf over items (rank 1 = item 1 hottest), uniform over centers.
 #[derive(Clone, Debug)]
 pub struct KeyGen {
-    /// cdf[i] = P(item <= i + 1); empty for the uniform case.
-    cdf: Arc<Vec<f64>>,
+    /// Walker's alias table over items; empty for the uniform case.
+    alias: Arc<Vec<AliasEntry>>,
     keys: u64,
     centers: u32,
+}
+
+/// One column of an alias table: keep the column's own item with
+/// probability `keep / 2^32`, else draw `other`.
+#[derive(Clone, Copy, Debug)]
+struct AliasEntry {
+    keep: u32,
+    other: u32,
+}
+
+/// Walker's alias method (Vose's construction): one uniform column and one
+/// coin per draw, where a binary search of the CDF took 17 dependent,
+/// mostly cache-missing steps for 100,000 items (the load generator's
+/// largest cost in its profile).
+fn alias_table(weights: &[f64]) -> Vec<AliasEntry> {
+    let n = weights.len();
+    let total: f64 = weights.iter().sum();
+    let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
+    let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| scaled[i] < 1.0);
+    let mut table: Vec<AliasEntry> = (0..n).map(|i| AliasEntry { keep: u32::MAX, other: i as u32 }).collect();
+    while let (Some(&s), Some(&l)) = (small.last(), large.last()) {
+        small.pop();
+        table[s] = AliasEntry { keep: (scaled[s] * 4_294_967_296.0) as u32, other: l as u32 };
+        scaled[l] -= 1.0 - scaled[s];
+        if scaled[l] < 1.0 {
+            large.pop();
+            small.push(l);
+        }
+    }
+    // What is left has probability 1 up to rounding: keep it always.
+    table
 }
 
 impl KeyGen {
     pub fn new(keys: u64, centers: u32, zipf: f64) -> KeyGen {
         assert!(keys > 0 && centers > 0, "keys and centers must be positive");
-        let cdf = if zipf == 0.0 {
+        assert!(keys <= u32::MAX as u64 || zipf == 0.0, "a Zipf key space has at most 2^32 - 1 items");
+        let alias = if zipf == 0.0 {
             Vec::new()
         } else {
-            let mut acc = 0.0;
-            let mut v: Vec<f64> = (1..=keys)
-                .map(|k| {
-                    acc += 1.0 / (k as f64).powf(zipf);
-                    acc
-                })
-                .collect();
-            for x in &mut v {
-                *x /= acc;
-            }
-            v
+            let weights: Vec<f64> = (1..=keys).map(|k| 1.0 / (k as f64).powf(zipf)).collect();
+            alias_table(&weights)
         };
-        KeyGen { cdf: Arc::new(cdf), keys, centers }
+        KeyGen { alias: Arc::new(alias), keys, centers }
     }
 
     pub fn item(&self, rng: &mut Rng) -> u64 {
-        if self.cdf.is_empty() {
+        if self.alias.is_empty() {
             return 1 + rng.below(self.keys);
         }
-        let u = rng.next_f64();
-        1 + self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1) as u64
+        let r = rng.next_u64();
+        // High bits pick the column (multiply-shift, no division), low bits flip the coin.
+        let column = ((r >> 32) * self.alias.len() as u64) >> 32;
+        let e = self.alias[column as usize];
+        1 + if (r as u32) < e.keep { column } else { e.other as u64 }
     }
 
     pub fn key(&self, rng: &mut Rng) -> Key {
@@ -301,22 +327,87 @@ pub struct Outcome {
     pub inbound_units: u64,
 }
 
-#[derive(Default)]
-struct Counters {
-    ops: AtomicU64,
-    keys: AtomicU64,
-    insufficient: AtomicU64,
-    order_units: AtomicU64,
-    inbound_units: AtomicU64,
-    errors: Mutex<BTreeMap<String, u64>>,
+/// What the workers count and time, kept per OS thread: a worker adds to
+/// the tally of the thread it runs on, so no cache line is shared between
+/// threads and there is one histogram per thread, not one per worker (a
+/// histogram is ~130 KB: one per worker put the load generator's recording
+/// among its largest costs). Readers sum the tallies.
+#[derive(Clone)]
+struct Tally {
+    hist: Histogram<u64>,
+    ops: u64,
+    keys: u64,
+    insufficient: u64,
+    order_units: u64,
+    inbound_units: u64,
+    errors: BTreeMap<String, u64>,
 }
 
-impl Counters {
-    fn error(&self, kind: String) {
-        *self.errors.lock().unwrap().entry(kind).or_default() += 1;
+impl Default for Tally {
+    fn default() -> Tally {
+        Tally {
+            hist: new_histogram(),
+            ops: 0,
+            keys: 0,
+            insufficient: 0,
+            order_units: 0,
+            inbound_units: 0,
+            errors: BTreeMap::new(),
+        }
     }
-    fn error_count(&self) -> u64 {
-        self.errors.lock().unwrap().values().sum()
+}
+
+impl Tally {
+    fn add(&mut self, o: &Tally) {
+        self.hist.add(&o.hist).expect("histograms of the same bounds");
+        self.ops += o.ops;
+        self.keys += o.keys;
+        self.insufficient += o.insufficient;
+        self.order_units += o.order_units;
+        self.inbound_units += o.inbound_units;
+        for (k, n) in &o.errors {
+            *self.errors.entry(k.clone()).or_default() += n;
+        }
+    }
+}
+
+/// The tallies of one run, one per thread that recorded.
+struct Recorder {
+    id: u64,
+    tallies: Mutex<Vec<Arc<Mutex<Tally>>>>,
+}
+
+thread_local! {
+    /// This thread's tally, and the run (recorder id) it belongs to.
+    static TALLY: std::cell::RefCell<Option<(u64, Arc<Mutex<Tally>>)>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Recorder {
+    fn new() -> Recorder {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Recorder { id: NEXT.fetch_add(1, Relaxed), tallies: Mutex::new(Vec::new()) }
+    }
+
+    /// Adds to the calling thread's tally (registered on first use).
+    fn record(&self, f: impl FnOnce(&mut Tally)) {
+        TALLY.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.as_ref().is_none_or(|(id, _)| *id != self.id) {
+                let t = Arc::new(Mutex::new(Tally::default()));
+                self.tallies.lock().unwrap().push(t.clone());
+                *cell = Some((self.id, t));
+            }
+            let (_, t) = cell.as_ref().expect("registered above");
+            f(&mut t.lock().unwrap());
+        })
+    }
+
+    fn sum(&self) -> Tally {
+        let mut all = Tally::default();
+        for t in self.tallies.lock().unwrap().iter() {
+            all.add(&t.lock().unwrap());
+        }
+        all
     }
 }
 
@@ -532,19 +623,17 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
             );
         }
     }
-    let counters = Arc::new(Counters::default());
+    let recorder = Arc::new(Recorder::new());
     let stop = Arc::new(AtomicBool::new(false));
     let workers = cfg.connections * cfg.pipeline;
     let interval = cfg.rate.map(|r| Duration::from_secs_f64(workers as f64 / r.max(1e-9)));
-    let hists: Vec<Arc<Mutex<Histogram<u64>>>> =
-        (0..workers).map(|_| Arc::new(Mutex::new(new_histogram()))).collect();
     let start = Instant::now();
     let cpu_at_start = process_cpu_seconds();
     let id_base = receipt_base(cfg.seed);
     let mut tasks = Vec::new();
     for w in 0..workers {
         let mut conn = conns[w % cfg.connections].clone();
-        let (keys, counters, stop, hist) = (keys.clone(), counters.clone(), stop.clone(), hists[w].clone());
+        let (keys, recorder, stop) = (keys.clone(), recorder.clone(), stop.clone());
         let cfg = cfg.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng::new(cfg.seed.wrapping_add(w as u64 * 7919));
@@ -589,22 +678,22 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
                 };
                 let done = Instant::now();
                 let us = done.saturating_duration_since(sent_at).as_micros().max(1) as u64;
-                hist.lock().unwrap().saturating_record(us);
-                counters.ops.fetch_add(1, Relaxed);
-                match res {
-                    Res::Ok => {
-                        counters.keys.fetch_add(nkeys, Relaxed);
-                        match kind {
-                            Kind::Order => counters.order_units.fetch_add(units, Relaxed),
-                            Kind::Inbound => counters.inbound_units.fetch_add(units, Relaxed),
-                            _ => 0,
-                        };
+                recorder.record(|t| {
+                    t.hist.saturating_record(us);
+                    t.ops += 1;
+                    match res {
+                        Res::Ok => {
+                            t.keys += nkeys;
+                            match kind {
+                                Kind::Order => t.order_units += units,
+                                Kind::Inbound => t.inbound_units += units,
+                                _ => {}
+                            }
+                        }
+                        Res::Insufficient => t.insufficient += 1,
+                        Res::Err(kind) => *t.errors.entry(kind).or_default() += 1,
                     }
-                    Res::Insufficient => {
-                        counters.insufficient.fetch_add(1, Relaxed);
-                    }
-                    Res::Err(kind) => counters.error(kind),
-                }
+                });
                 if let (Some(t), Some(i)) = (intended.as_mut(), interval) {
                     *t += i;
                 }
@@ -621,20 +710,16 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
             _ = tokio::time::sleep(left) => break,
         }
         if cfg.progress {
-            let ops = counters.ops.load(Relaxed);
-            let mut merged = new_histogram();
-            for h in &hists {
-                merged.add(&*h.lock().unwrap()).ok();
-            }
+            let now = recorder.sum();
             eprintln!(
                 "[{:>3.0}s] {:>10} ops/s  errors {}  insufficient {}  p99 so far {} us",
                 start.elapsed().as_secs_f64(),
-                ops - last_ops,
-                counters.error_count(),
-                counters.insufficient.load(Relaxed),
-                merged.value_at_quantile(0.99)
+                now.ops - last_ops,
+                now.errors.values().sum::<u64>(),
+                now.insufficient,
+                now.hist.value_at_quantile(0.99)
             );
-            last_ops = ops;
+            last_ops = now.ops;
         }
     }
     stop.store(true, Relaxed);
@@ -642,13 +727,17 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     for t in tasks {
         t.await.map_err(|e| e.to_string())?;
     }
-    let mut histogram = new_histogram();
-    for h in &hists {
-        histogram.add(&*h.lock().unwrap()).map_err(|e| e.to_string())?;
-    }
-    let ops = counters.ops.load(Relaxed);
-    let client_cpu_us_per_op = (process_cpu_seconds() - cpu_at_start) * 1e6 / ops.max(1) as f64;
-    let errors_by_kind = counters.errors.lock().unwrap().clone();
+    let client_cpu_s = process_cpu_seconds() - cpu_at_start;
+    let Tally {
+        hist: histogram,
+        ops,
+        keys,
+        insufficient,
+        order_units,
+        inbound_units,
+        errors: errors_by_kind,
+    } = recorder.sum();
+    let client_cpu_us_per_op = client_cpu_s * 1e6 / ops.max(1) as f64;
     let errors = errors_by_kind.values().sum();
     let report = Report {
         target: cfg.target.to_string(),
@@ -657,18 +746,11 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         errors,
         duration_s: elapsed,
         throughput_ops_s: ops as f64 / elapsed,
-        keys_per_s: counters.keys.load(Relaxed) as f64 / elapsed,
+        keys_per_s: keys as f64 / elapsed,
         client_cpu_us_per_op,
         latency_us: Latency::of(&histogram),
     };
-    Ok(Outcome {
-        report,
-        histogram,
-        insufficient: counters.insufficient.load(Relaxed),
-        errors_by_kind,
-        order_units: counters.order_units.load(Relaxed),
-        inbound_units: counters.inbound_units.load(Relaxed),
-    })
+    Ok(Outcome { report, histogram, insufficient, errors_by_kind, order_units, inbound_units })
 }
 
 /// The HdrHistogram percentile distribution (".hgrm" text), values in microseconds.

@@ -35,6 +35,23 @@ fn keys_stay_in_range() {
 }
 
 #[test]
+fn the_alias_table_gives_every_item_its_exact_probability() {
+    let weights: Vec<f64> = (1..=1000u64).map(|k| 1.0 / (k as f64).powf(0.99)).collect();
+    let total: f64 = weights.iter().sum();
+    let table = alias_table(&weights);
+    let n = table.len() as f64;
+    let mut p = vec![0.0f64; table.len()];
+    for (i, e) in table.iter().enumerate() {
+        let keep = e.keep as f64 / 4_294_967_296.0;
+        p[i] += keep / n;
+        p[e.other as usize] += (1.0 - keep) / n;
+    }
+    for (i, (p, w)) in p.iter().zip(&weights).enumerate() {
+        assert!((p - w / total).abs() < 1e-9, "item {}: {p} vs {}", i + 1, w / total);
+    }
+}
+
+#[test]
 fn zipf_shape() {
     let n = 1000u64;
     let draws = 400_000;
