@@ -13,7 +13,6 @@
 //! property tests; [`recover`] feeds it from the data directory.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stockd_persistence::snapshot::{self, Manifest};
@@ -100,7 +99,7 @@ impl Rebuild {
                 if !matches!(m.op, Op::Adjust { .. }) {
                     participants |= 1 << shard_of(m.owner_id(), n);
                 }
-                self.appliers.push(participants, lsn, ts_ms, Arc::new(m));
+                self.appliers.push(participants, lsn, ts_ms, payload);
             }
         }
         Ok(())

@@ -227,6 +227,30 @@ impl Store {
     /// Step 3: a durable record. `txn` names the reservation it settles (None in replay).
     /// Applies the rows this shard owns and, if it owns the id, the id's new state.
     pub fn apply(&mut self, txn: Option<u64>, lsn: u64, ts_ms: u64, m: &Mutation) {
+        self.apply_rows(txn, lsn, m);
+        if self.takes_id(m) {
+            self.apply_id(LogStamp { lsn, ts_ms }, m, None);
+            self.evict(ts_ms);
+        }
+    }
+
+    /// [`Store::apply`] for replay, where the record is the caller's to
+    /// give: a new id keeps the record's lines instead of a copy of them.
+    pub fn apply_replayed(&mut self, lsn: u64, ts_ms: u64, mut m: Mutation) {
+        self.apply_rows(None, lsn, &m);
+        if self.takes_id(&m) {
+            let lines = std::mem::take(&mut m.lines);
+            self.apply_id(LogStamp { lsn, ts_ms }, &m, Some(lines));
+            self.evict(ts_ms);
+        }
+    }
+
+    /// Whether this store keeps the id of `m` (adjustments have none).
+    fn takes_id(&self, m: &Mutation) -> bool {
+        !matches!(m.op, Op::Adjust { .. }) && self.owns_id(m.owner_id())
+    }
+
+    fn apply_rows(&mut self, txn: Option<u64>, lsn: u64, m: &Mutation) {
         assert!(
             lsn > self.applied_lsn,
             "invariant: a shard applies LSNs in increasing order ({lsn} after {})",
@@ -248,10 +272,6 @@ impl Store {
         if let Some((txn, reserved)) = reserved {
             let settled = reserved.is_some();
             assert_eq!(settled, owns_a_row, "invariant: a commit settles its reservation once ({txn})");
-        }
-        if !matches!(m.op, Op::Adjust { .. }) && self.owns_id(m.owner_id()) {
-            self.apply_id(LogStamp { lsn, ts_ms }, m);
-            self.evict(ts_ms);
         }
     }
 

@@ -151,7 +151,9 @@ impl Store {
     }
 
     /// The id's new state after a durable record, on the shard that owns the id.
-    pub(super) fn apply_id(&mut self, stamp: LogStamp, m: &Mutation) {
+    /// `lines`: the record's lines when the caller gives them up (replay), so
+    /// that a new id takes them instead of a copy.
+    pub(super) fn apply_id(&mut self, stamp: LogStamp, m: &Mutation, lines: Option<Vec<Line>>) {
         let id = m.owner_id();
         match m.op {
             Op::Order { .. } | Op::Reserve { .. } => {
@@ -169,7 +171,7 @@ impl Store {
                     lsn: stamp.lsn,
                     ts_ms: stamp.ts_ms,
                     is_hold,
-                    lines: m.lines.clone(),
+                    lines: lines.unwrap_or_else(|| m.lines.clone()),
                     state,
                     aging_from,
                 };
