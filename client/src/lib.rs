@@ -23,15 +23,14 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{lookup_host, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 pub use stockd_protocol::{constant_time_eq, fmix64, HelloInfo, Key, Line, Reply, Request, Response, Status};
 use stockd_protocol::{parse_frame, shard_of, HASH_FMIX64_MOD, HEADER_LEN, MAX_BATCH_KEYS};
@@ -112,8 +111,6 @@ pub struct Options {
     pub single_connection: bool,
 }
 
-type Waiter = oneshot::Sender<Result<(u8, Vec<u8>), Error>>;
-
 /// Requests one connection has in flight at most; more callers wait for a
 /// slot, so a server that stops reading (overloaded, or stopped) makes
 /// callers wait instead of growing this client's queues without bound.
@@ -121,13 +118,79 @@ type Waiter = oneshot::Sender<Result<(u8, Vec<u8>), Error>>;
 /// reading a connection at 1,024, and the rest wait in the socket.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 4096;
 
-/// One pipelined connection.
+/// Request ids are (generation << 16) | slot: an answer finds its caller's
+/// slot without a lookup, and a late answer for a slot that has been given
+/// to another request since (its caller gave up) does not match it.
+const SLOT_BITS: u32 = 16;
+const _: () = assert!(MAX_IN_FLIGHT_PER_CONNECTION <= 1 << SLOT_BITS);
+
+/// A caller's place in a connection's table.
+enum Slot {
+    Free,
+    /// Sent, no answer yet: the request id, and who to wake.
+    Waiting {
+        id: u64,
+        waker: Option<Waker>,
+    },
+    Answered(Result<Response, Error>),
+}
+
+/// What the callers, the writer task and the reader task of one connection share.
+struct ConnState {
+    /// Frames encoded by callers, not yet taken by the writer.
+    out: Vec<u8>,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    generation: u64,
+    /// Set once the connection is gone: what every later call fails with.
+    closed: Option<Option<String>>,
+    /// The `Conn` was dropped: the writer ends (closing the socket's write side).
+    dropped: bool,
+}
+
+impl ConnState {
+    /// Fails every waiting caller and every later call.
+    fn close(&mut self, protocol_error: Option<String>) -> Vec<Waker> {
+        let mut wake = Vec::new();
+        for slot in self.slots.iter_mut() {
+            if let Slot::Waiting { waker, .. } = slot {
+                wake.extend(waker.take());
+                *slot = Slot::Answered(Err(closed_error(&protocol_error)));
+            }
+        }
+        self.closed.get_or_insert(protocol_error);
+        wake
+    }
+}
+
+fn closed_error(protocol_error: &Option<String>) -> Error {
+    protocol_error.clone().map_or(Error::Disconnected, Error::Protocol)
+}
+
+struct ConnShared {
+    state: Mutex<ConnState>,
+    /// Wakes the writer: frames are waiting in `out`, or the `Conn` was dropped.
+    writer: Notify,
+}
+
+/// One pipelined connection. A caller encodes its frame straight into the
+/// connection's output buffer and waits in a slot of a fixed table; one
+/// writer task sends whatever frames have collected in one write, one
+/// reader task decodes the answers of a whole read and wakes their callers.
+/// Per request: no allocation (but for answers that carry vectors), no
+/// channel and no hashing, one lock by the caller and a share of the
+/// reader's one lock per read.
 struct Conn {
-    next_id: AtomicU64,
-    pending: Arc<Mutex<Option<HashMap<u64, Waiter>>>>,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
-    /// One permit per request in flight: bounds `pending` and the write queue.
-    slots: Arc<Semaphore>,
+    shared: Arc<ConnShared>,
+    /// One permit per slot: callers beyond the table wait here.
+    permits: Arc<Semaphore>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap().dropped = true;
+        self.shared.writer.notify_one();
+    }
 }
 
 impl Conn {
@@ -137,33 +200,51 @@ impl Conn {
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot connect to {addr}: {e}")))?;
         stream.set_nodelay(true)?;
         let (mut rd, mut wr) = stream.into_split();
-        let pending: Arc<Mutex<Option<HashMap<u64, Waiter>>>> = Arc::new(Mutex::new(Some(HashMap::new())));
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        // Writer: coalesces whatever is queued into one write.
+        let shared = Arc::new(ConnShared {
+            state: Mutex::new(ConnState {
+                out: Vec::with_capacity(64 << 10),
+                slots: (0..MAX_IN_FLIGHT_PER_CONNECTION).map(|_| Slot::Free).collect(),
+                free: (0..MAX_IN_FLIGHT_PER_CONNECTION as u16).rev().collect(),
+                generation: 0,
+                closed: None,
+                dropped: false,
+            }),
+            writer: Notify::new(),
+        });
+        // Writer: takes every frame that has collected and sends them in one write.
+        let sh = shared.clone();
         tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(64 << 10);
-            while let Some(first) = rx.recv().await {
-                buf.clear();
-                buf.extend_from_slice(&first);
-                // Let the other tasks of this runtime queue their requests
-                // too, so that one write carries many frames (fewer syscalls
-                // on both ends under pipelining; one scheduler pass of delay).
-                tokio::task::yield_now().await;
-                while buf.len() < (256 << 10) {
-                    match rx.try_recv() {
-                        Ok(f) => buf.extend_from_slice(&f),
-                        Err(_) => break,
+            let mut sending: Vec<u8> = Vec::with_capacity(64 << 10);
+            loop {
+                {
+                    let mut st = sh.state.lock().unwrap();
+                    if st.out.is_empty() && (st.dropped || st.closed.is_some()) {
+                        break;
                     }
+                    std::mem::swap(&mut st.out, &mut sending);
                 }
-                if wr.write_all(&buf).await.is_err() {
+                if sending.is_empty() {
+                    sh.writer.notified().await;
+                    // Let the other tasks of this runtime add their frames too,
+                    // so that one write carries many (fewer syscalls on both ends).
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                if wr.write_all(&sending).await.is_err() {
+                    let wake = sh.state.lock().unwrap().close(None);
+                    wake.into_iter().for_each(Waker::wake);
                     break;
                 }
+                sending.clear();
             }
         });
-        // Reader: matches answers to waiters by request id.
-        let p = pending.clone();
+        // Reader: decodes the answers of each read, then hands them to their
+        // callers under one lock.
+        let sh = shared.clone();
         tokio::spawn(async move {
             let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
+            let mut answers: Vec<(u64, Result<Response, Error>)> = Vec::new();
+            let mut wake: Vec<Waker> = Vec::new();
             // Ends with the framing error's text, or None when the connection closed.
             let protocol_error: Option<String> = loop {
                 let mut used = 0;
@@ -171,10 +252,8 @@ impl Conn {
                 loop {
                     match parse_frame(&buf[used..]) {
                         Ok(Some((h, body))) => {
-                            let w = p.lock().unwrap().as_mut().and_then(|m| m.remove(&h.request_id));
-                            if let Some(w) = w {
-                                let _ = w.send(Ok((h.opcode, body.to_vec())));
-                            }
+                            let answer = Response::decode(h.opcode, body).map_err(|e| Error::Protocol(e.0));
+                            answers.push((h.request_id, answer));
                             used += HEADER_LEN + h.body_len;
                         }
                         Ok(None) => break,
@@ -188,6 +267,19 @@ impl Conn {
                         }
                     }
                 }
+                if !answers.is_empty() {
+                    let mut st = sh.state.lock().unwrap();
+                    for (id, answer) in answers.drain(..) {
+                        let slot = &mut st.slots[(id & ((1 << SLOT_BITS) - 1)) as usize];
+                        if let Slot::Waiting { id: waiting, waker } = slot {
+                            if *waiting == id {
+                                wake.extend(waker.take());
+                                *slot = Slot::Answered(answer);
+                            }
+                        }
+                    }
+                }
+                wake.drain(..).for_each(Waker::wake);
                 buf.drain(..used);
                 if bad.is_some() {
                     break bad;
@@ -198,32 +290,67 @@ impl Conn {
                     Ok(_) => {}
                 }
             };
-            // Every request still waiting fails; later calls see `None` and fail at once.
-            let waiters = p.lock().unwrap().take().unwrap_or_default();
-            for (_, w) in waiters {
-                let _ = w.send(Err(protocol_error.clone().map_or(Error::Disconnected, Error::Protocol)));
-            }
+            let wake = sh.state.lock().unwrap().close(protocol_error);
+            wake.into_iter().for_each(Waker::wake);
+            sh.writer.notify_one();
         });
-        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
-        Ok(Conn { next_id: AtomicU64::new(1), pending, tx, slots })
+        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+        Ok(Conn { shared, permits })
     }
 
     async fn call(&self, req: &Request) -> Result<Response, Error> {
         // Held until the answer came (or the call was dropped).
-        let _slot = self.slots.acquire().await.map_err(|_| Error::Disconnected)?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut frame = Vec::with_capacity(64);
-        req.encode(id, &mut frame);
-        let (wtx, wrx) = oneshot::channel();
-        match self.pending.lock().unwrap().as_mut() {
-            Some(m) => m.insert(id, wtx),
-            None => return Err(Error::Disconnected),
+        let _permit = self.permits.acquire().await.map_err(|_| Error::Disconnected)?;
+        let index = {
+            let mut st = self.shared.state.lock().unwrap();
+            if let Some(e) = &st.closed {
+                return Err(closed_error(e));
+            }
+            let index = st.free.pop().expect("a permit means a free slot");
+            st.generation += 1;
+            let id = st.generation << SLOT_BITS | index as u64;
+            st.slots[index as usize] = Slot::Waiting { id, waker: None };
+            let first = st.out.is_empty();
+            req.encode(id, &mut st.out);
+            drop(st);
+            if first {
+                self.shared.writer.notify_one();
+            }
+            index as usize
         };
-        if self.tx.send(frame).is_err() {
-            return Err(Error::Disconnected);
-        }
-        let (op, body) = wrx.await.map_err(|_| Error::Disconnected)??;
-        Response::decode(op, &body).map_err(|e| Error::Protocol(e.0))
+        // Gives the slot back however the wait ends (answered, or the caller
+        // gave up: a late answer then matches no slot).
+        let _slot = SlotGuard { shared: &self.shared, index };
+        std::future::poll_fn(|cx| {
+            let mut st = self.shared.state.lock().unwrap();
+            match &mut st.slots[index] {
+                Slot::Answered(_) => match std::mem::replace(&mut st.slots[index], Slot::Free) {
+                    Slot::Answered(answer) => Poll::Ready(answer),
+                    _ => unreachable!("matched above"),
+                },
+                Slot::Waiting { waker, .. } => {
+                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *waker = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+                Slot::Free => unreachable!("a slot is freed only by its own caller"),
+            }
+        })
+        .await
+    }
+}
+
+struct SlotGuard<'a> {
+    shared: &'a ConnShared,
+    index: usize,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock().unwrap();
+        st.slots[self.index] = Slot::Free;
+        st.free.push(self.index as u16);
     }
 }
 
@@ -453,6 +580,56 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_answer_for_a_caller_that_gave_up_never_reaches_the_next_caller_of_its_slot() {
+        use stockd_protocol::opcode;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let conn = Arc::new(Conn::open(listener.local_addr().unwrap()).await.unwrap());
+        let (mut peer, _) = listener.accept().await.unwrap();
+        // Reads frames until it has `n` request ids.
+        let mut seen: Vec<u8> = Vec::new();
+        async fn ids(peer: &mut TcpStream, seen: &mut Vec<u8>, n: usize) -> Vec<u64> {
+            loop {
+                let mut out = Vec::new();
+                let mut at = 0;
+                while let Ok(Some((h, _))) = parse_frame(&seen[at..]) {
+                    out.push(h.request_id);
+                    at += HEADER_LEN + h.body_len;
+                }
+                if out.len() >= n {
+                    return out;
+                }
+                peer.read_buf(seen).await.unwrap();
+            }
+        }
+        let query = |item| Request::Query { key: Key { item, fc: 1 } };
+        // The first caller gives up before its answer comes.
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), conn.call(&query(1))).await;
+        assert!(gave_up.is_err());
+        // The next caller gets the same slot (the table hands out the slot freed last).
+        let next = tokio::spawn({
+            let conn = conn.clone();
+            async move { conn.call(&query(2)).await }
+        });
+        let sent = ids(&mut peer, &mut seen, 2).await;
+        assert_eq!(sent[0] & 0xFFFF, sent[1] & 0xFFFF, "the slot is reused");
+        assert_ne!(sent[0], sent[1], "under another request id");
+        // The late answer comes first, then the right one.
+        let mut answers = Vec::new();
+        Response::Ok(Reply::Available(111)).encode(opcode::QUERY, sent[0], &mut answers);
+        Response::Ok(Reply::Available(222)).encode(opcode::QUERY, sent[1], &mut answers);
+        peer.write_all(&answers).await.unwrap();
+        match next.await.unwrap().unwrap() {
+            Response::Ok(Reply::Available(n)) => assert_eq!(n, 222),
+            other => panic!("{other:?}"),
+        }
+        // Both slots are free again, and a closed connection fails later calls at once.
+        drop(peer);
+        let after = conn.call(&query(3)).await;
+        assert!(matches!(after, Err(Error::Disconnected)), "{after:?}");
+        assert_eq!(conn.permits.available_permits(), MAX_IN_FLIGHT_PER_CONNECTION);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_server_that_stops_reading_makes_callers_wait_instead_of_queues_grow() {
         // A peer that accepts and never reads nor answers.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -467,9 +644,12 @@ mod tests {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let in_flight = conn.pending.lock().unwrap().as_ref().map_or(0, HashMap::len);
+        let in_flight = {
+            let st = conn.shared.state.lock().unwrap();
+            st.slots.iter().filter(|s| matches!(s, Slot::Waiting { .. })).count()
+        };
         assert_eq!(in_flight, MAX_IN_FLIGHT_PER_CONNECTION, "the rest wait for a slot");
-        assert_eq!(conn.slots.available_permits(), 0);
+        assert_eq!(conn.permits.available_permits(), 0);
         for c in callers {
             c.abort();
         }
