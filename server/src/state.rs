@@ -234,15 +234,51 @@ impl Store {
         }
     }
 
-    /// [`Store::apply`] for replay, where the record is the caller's to
-    /// give: a new id keeps the record's lines instead of a copy of them.
-    pub fn apply_replayed(&mut self, lsn: u64, ts_ms: u64, mut m: Mutation) {
-        self.apply_rows(None, lsn, &m);
+    /// Replay in two halves that may run at once, on two threads: the rows
+    /// half ([`Store::split_rows`], then this) and the ids half
+    /// ([`Store::apply_replayed_ids`]) of one store touch nothing in common,
+    /// and together do what [`Store::apply`] does.
+    pub fn apply_replayed_rows(&mut self, lsn: u64, m: &Mutation) {
+        self.apply_rows(None, lsn, m);
+    }
+
+    /// The ids half of replay: the record is the caller's to give, so a new
+    /// id keeps the record's lines instead of a copy.
+    pub fn apply_replayed_ids(&mut self, lsn: u64, ts_ms: u64, mut m: Mutation) {
+        assert!(
+            lsn > self.applied_lsn,
+            "invariant: a shard applies LSNs in increasing order ({lsn} after {})",
+            self.applied_lsn
+        );
+        self.applied_lsn = lsn;
         if self.takes_id(&m) {
             let lines = std::mem::take(&mut m.lines);
             self.apply_id(LogStamp { lsn, ts_ms }, &m, Some(lines));
             self.evict(ts_ms);
         }
+    }
+
+    /// Moves this quiet store's rows into a new store of the same shard,
+    /// for the rows half of replay; [`Store::join_rows`] brings them back.
+    pub fn split_rows(&mut self) -> Store {
+        assert!(
+            self.pending.is_empty() && self.pend.is_empty() && self.capture.is_none(),
+            "invariant: only a quiet store (no mutation or snapshot in flight) is split"
+        );
+        let mut rows = Store::new(self.shard, self.shards, self.limits);
+        rows.rows = std::mem::take(&mut self.rows);
+        rows.applied_lsn = self.applied_lsn;
+        rows
+    }
+
+    /// Takes back the rows of the store [`Store::split_rows`] made.
+    pub fn join_rows(&mut self, rows: Store) {
+        assert!(
+            self.rows.is_empty() && rows.pend.is_empty() && rows.pending.is_empty() && rows.ids.is_empty(),
+            "invariant: rows are joined into the store they were split from"
+        );
+        self.applied_lsn = self.applied_lsn.max(rows.applied_lsn);
+        self.rows = rows.rows;
     }
 
     /// Whether this store keeps the id of `m` (adjustments have none).
