@@ -12,34 +12,9 @@ and reports (RSS after - RSS before) / rows. Then the same for
 redis-server (no persistence), which the load generator fills with one
 string key per row. Prints a Markdown table. Everything it starts it stops.
 """
-import argparse, os, shutil, socket, subprocess, tempfile, time
+import argparse, shutil, subprocess, tempfile, time
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def rss_bytes(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise SystemExit(f"no VmRSS for pid {pid}")
-
-
-def wait_port(port, proc):
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
+from procs import free_port, rss_bytes, wait_port
 
 
 def settled_rss(pid):
@@ -60,7 +35,7 @@ def measure(name, cmd, target, rows, loadgen):
     cmd = [c.format(port=port, data=data) for c in cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(port, proc)
+        wait_port(port, name, proc)
         before = settled_rss(proc.pid)
         t = time.monotonic()
         subprocess.run([loadgen, "--target", target.format(port=port), "--keys", str(rows // 4), "--centers", "4",

@@ -12,20 +12,11 @@ token gets. Everything it starts it stops. Needs `ulimit -n` above N + 200.
 """
 import argparse, os, signal, socket, struct, subprocess, tempfile, time
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from procs import free_port, rss_bytes
 
 
 def rss_mb(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_bytes(pid) / 2**20
 
 
 def frame(opcode, rid, body=b""):
