@@ -8,12 +8,15 @@
 //! timestamps on the shard that owns the id, so a replay under the same
 //! layout forgets exactly what live service forgot.
 
+use std::num::NonZeroU64;
+
 use stockd_protocol::Line;
 use stockd_record::{Mutation, Op};
 
 use super::Store;
 
-/// The life of an order or hold id.
+/// The life of an order or hold id. (LSNs start at 1: a confirm LSN is
+/// never 0, which lets an `Option` of one take no room of its own.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdState {
     Held {
@@ -25,11 +28,11 @@ pub enum IdState {
     },
     /// An order: placed directly (`confirm_lsn` None) or a confirmed hold.
     Ordered {
-        confirm_lsn: Option<u64>,
+        confirm_lsn: Option<NonZeroU64>,
     },
     Cancelled {
         lsn: u64,
-        confirm_lsn: Option<u64>,
+        confirm_lsn: Option<NonZeroU64>,
     },
 }
 
@@ -40,19 +43,50 @@ pub struct LogStamp {
     pub ts_ms: u64,
 }
 
+/// One remembered order or hold id: 80 bytes plus its lines (112 before
+/// the lines became a boxed slice, the optional LSNs used their niche and
+/// the aging stamp its LSN 0 for "none"): the id tables are the largest
+/// thing a shard keeps, and replay's critical path is inserting into them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdEntry {
     /// LSN of the ORDER or RESERVE that created the id.
     pub lsn: u64,
     pub ts_ms: u64,
-    pub is_hold: bool,
-    pub lines: Vec<Line>,
+    pub lines: Box<[Line]>,
     pub state: IdState,
+    /// See [`IdEntry::aging_from`]; an LSN of 0 stands for None.
+    aging: LogStamp,
+    pub is_hold: bool,
+}
+
+impl IdEntry {
+    pub fn new(
+        lsn: u64,
+        ts_ms: u64,
+        is_hold: bool,
+        lines: Box<[Line]>,
+        state: IdState,
+        aging_from: Option<LogStamp>,
+    ) -> IdEntry {
+        let mut e = IdEntry { lsn, ts_ms, lines, state, aging: NOT_AGING, is_hold };
+        e.set_aging_from(aging_from);
+        e
+    }
+
     /// The record from which the id ages towards being forgotten: its
     /// creation for an order, its confirmation or release for a hold. None
     /// while a hold is live: a live hold is never forgotten.
-    pub aging_from: Option<LogStamp>,
+    pub fn aging_from(&self) -> Option<LogStamp> {
+        (self.aging.lsn != 0).then_some(self.aging)
+    }
+
+    fn set_aging_from(&mut self, from: Option<LogStamp>) {
+        assert!(from.is_none_or(|s| s.lsn != 0), "invariant: LSNs start at 1");
+        self.aging = from.unwrap_or(NOT_AGING);
+    }
 }
+
+const NOT_AGING: LogStamp = LogStamp { lsn: 0, ts_ms: 0 };
 
 /// Limits of the idempotency memory.
 ///
@@ -119,7 +153,7 @@ impl Store {
                 self.capture_id(id);
                 let gone = self.ids.remove(&id);
                 assert!(
-                    gone.is_some_and(|e| e.aging_from.is_some()),
+                    gone.is_some_and(|e| e.aging_from().is_some()),
                     "invariant: every id in the eviction line is remembered and not a live hold ({id})"
                 );
             }
@@ -144,7 +178,7 @@ impl Store {
             .receipts
             .iter()
             .map(|(id, r)| (r.lsn, r.ts_ms, true, *id))
-            .chain(self.ids.iter().filter_map(|(id, e)| e.aging_from.map(|a| (a.lsn, a.ts_ms, false, *id))))
+            .chain(self.ids.iter().filter_map(|(id, e)| e.aging_from().map(|a| (a.lsn, a.ts_ms, false, *id))))
             .collect();
         all.sort_unstable();
         self.fifo = all.into_iter().map(|(_, ts, r, id)| (ts, r, id)).collect();
@@ -167,14 +201,8 @@ impl Store {
                     _ => (IdState::Ordered { confirm_lsn: None }, Some(stamp)),
                 };
                 let is_hold = aging_from.is_none();
-                let entry = IdEntry {
-                    lsn: stamp.lsn,
-                    ts_ms: stamp.ts_ms,
-                    is_hold,
-                    lines: lines.unwrap_or_else(|| m.lines.clone()),
-                    state,
-                    aging_from,
-                };
+                let lines = lines.unwrap_or_else(|| m.lines.clone()).into_boxed_slice();
+                let entry = IdEntry::new(stamp.lsn, stamp.ts_ms, is_hold, lines, state, aging_from);
                 let fresh = self.ids.insert(id, entry).is_none();
                 assert!(fresh, "invariant: an order or hold id is created once while remembered ({id})");
                 if !is_hold {
@@ -210,12 +238,14 @@ impl Store {
             (Op::Cancel { .. }, IdState::Ordered { confirm_lsn }) => {
                 IdState::Cancelled { lsn, confirm_lsn: *confirm_lsn }
             }
-            (Op::Confirm { .. }, _) => IdState::Ordered { confirm_lsn: Some(lsn) },
+            (Op::Confirm { .. }, _) => IdState::Ordered {
+                confirm_lsn: Some(NonZeroU64::new(lsn).expect("invariant: LSNs start at 1")),
+            },
             (Op::Release { expired, .. }, _) => IdState::Released { lsn, expired: *expired },
             (_, s) => s.clone(),
         };
         if was_held && !matches!(e.state, IdState::Held { .. }) {
-            e.aging_from = Some(stamp);
+            e.set_aging_from(Some(stamp));
             self.fifo.push_back((stamp.ts_ms, false, id));
         }
     }

@@ -9,6 +9,8 @@
 //! [`put_state`]), u64 aging_lsn, u64 aging_ts_ms, u16 line count, lines of
 //! u64 item, u32 center, u32 qty). A live hold has aging stamp 0, 0.
 
+use std::num::NonZeroU64;
+
 use stockd_protocol::{shard_of, DecodeError, Line, Reader, STOCK_MAX};
 
 use super::ids::{IdEntry, IdState, LogStamp};
@@ -159,7 +161,7 @@ impl Store {
             put(out, e.ts_ms);
             out.push(e.is_hold as u8);
             put_state(out, &e.state);
-            let aging = e.aging_from.unwrap_or(LogStamp { lsn: 0, ts_ms: 0 });
+            let aging = e.aging_from().unwrap_or(LogStamp { lsn: 0, ts_ms: 0 });
             put(out, aging.lsn);
             put(out, aging.ts_ms);
             out.extend_from_slice(&(e.lines.len() as u16).to_le_bytes());
@@ -241,18 +243,18 @@ fn read_id_entry(r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
         let key = r.key()?;
         lines.push(Line { key, qty: r.u32("qty")? });
     }
-    Ok((id, IdEntry { lsn, ts_ms, is_hold, lines, state, aging_from }))
+    Ok((id, IdEntry::new(lsn, ts_ms, is_hold, lines.into_boxed_slice(), state, aging_from)))
 }
 
 /// An id's state: u8 tag, then its fields. held (0): u64 deadline_ms;
 /// released (1): u64 lsn, u8 expired; ordered (2): optional confirm lsn;
 /// cancelled (3): u64 lsn, optional confirm lsn. Optional: u8 0, or u8 1 and u64.
 fn put_state(out: &mut Vec<u8>, state: &IdState) {
-    let put_opt = |out: &mut Vec<u8>, v: Option<u64>| match v {
+    let put_opt = |out: &mut Vec<u8>, v: Option<NonZeroU64>| match v {
         None => out.push(0),
         Some(v) => {
             out.push(1);
-            out.extend_from_slice(&v.to_le_bytes());
+            out.extend_from_slice(&v.get().to_le_bytes());
         }
     };
     match *state {
@@ -278,10 +280,13 @@ fn put_state(out: &mut Vec<u8>, state: &IdState) {
 }
 
 fn read_state(r: &mut Reader<'_>) -> Result<IdState, DecodeError> {
-    let read_opt = |r: &mut Reader<'_>| -> Result<Option<u64>, DecodeError> {
+    let read_opt = |r: &mut Reader<'_>| -> Result<Option<NonZeroU64>, DecodeError> {
         match r.u8("has confirm_lsn")? {
             0 => Ok(None),
-            1 => Ok(Some(r.u64("confirm_lsn")?)),
+            1 => match NonZeroU64::new(r.u64("confirm_lsn")?) {
+                Some(lsn) => Ok(Some(lsn)),
+                None => Err(DecodeError("confirm_lsn 0 (LSNs start at 1)".into())),
+            },
             f => Err(DecodeError(format!("bad option flag {f}"))),
         }
     };

@@ -454,3 +454,9 @@ impl Store {
         copy.prepare(0, m)
     }
 }
+
+#[test]
+fn an_id_entry_is_as_small_as_its_documentation_says() {
+    assert_eq!(std::mem::size_of::<IdEntry>(), 80);
+    assert_eq!(std::mem::size_of::<IdState>(), 24);
+}
