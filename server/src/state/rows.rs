@@ -6,6 +6,11 @@
 //! What in-flight mutations reserve on a row is kept beside it, in the
 //! store, only while they are in flight.
 //!
+//! An item with more than [`CHAIN_MAX`] rows also gets its rows indexed
+//! by (item, center) in a second table, so that a lookup never walks a
+//! long chain (4,096 centers scattered over the vector would be as many
+//! cache misses).
+//!
 //! Rows are never removed one by one (a row, once it exists, stays: empty
 //! rows too); regrouping moves them all.
 
@@ -52,6 +57,10 @@ impl Hash for Item {
 
 /// The end of a chain.
 const END: u32 = u32::MAX;
+/// Set in an item's head entry when its rows are in `Rows::indexed` too.
+const INDEXED: u32 = 1 << 31;
+/// Most rows an item has before its rows are indexed.
+pub const CHAIN_MAX: usize = 16;
 
 #[derive(Clone, Copy)]
 struct Slot {
@@ -63,8 +72,11 @@ struct Slot {
 
 #[derive(Default)]
 pub struct Rows {
+    /// Item -> its first slot, with [`INDEXED`] set for the items in `indexed`.
     heads: HashMap<Item, u32, IdHashBuilder>,
     slots: Vec<Slot>,
+    /// (item, center) -> slot, for the rows of items with more than [`CHAIN_MAX`].
+    indexed: HashMap<RowKey, u32, IdHashBuilder>,
 }
 
 impl Rows {
@@ -77,7 +89,11 @@ impl Rows {
     }
 
     fn find(&self, key: Key) -> Option<usize> {
-        let mut at = *self.heads.get(&Item::new(key.item))?;
+        let head = *self.heads.get(&Item::new(key.item))?;
+        if head & INDEXED != 0 {
+            return self.indexed.get(&RowKey(key)).map(|at| *at as usize);
+        }
+        let mut at = head;
         loop {
             let slot = &self.slots[at as usize];
             if slot.fc == key.fc {
@@ -100,10 +116,27 @@ impl Rows {
             Some(at) => at,
             None => {
                 let at = self.slots.len();
-                assert!(at < END as usize, "invariant: fewer than 2^32 - 1 rows in one store");
+                assert!(at < INDEXED as usize, "invariant: fewer than 2^31 rows in one store");
                 let head = self.heads.entry(Item::new(key.item)).or_insert(END);
-                self.slots.push(Slot { fc: key.fc, next: *head, row: Row::default() });
-                *head = at as u32;
+                let (first, indexed) = match *head {
+                    END => (END, false),
+                    h => (h & !INDEXED, h & INDEXED != 0),
+                };
+                self.slots.push(Slot { fc: key.fc, next: first, row: Row::default() });
+                *head = at as u32 | if indexed { INDEXED } else { 0 };
+                if indexed {
+                    self.indexed.insert(RowKey(key), at as u32);
+                } else {
+                    let chain: Vec<(u32, u32)> =
+                        chain_from(&self.slots, at as u32).take(CHAIN_MAX + 1).collect();
+                    if chain.len() > CHAIN_MAX {
+                        // This row is one too many for a chain walk: index them all.
+                        *head |= INDEXED;
+                        for (slot, fc) in chain_from(&self.slots, at as u32) {
+                            self.indexed.insert(RowKey(Key { item: key.item, fc }), slot);
+                        }
+                    }
+                }
                 at
             }
         };
@@ -112,12 +145,8 @@ impl Rows {
 
     /// The rows of one item: (center, row), in no particular order.
     pub fn of_item(&self, item: u64) -> impl Iterator<Item = (u32, &Row)> + '_ {
-        let mut at = self.heads.get(&Item::new(item)).copied().unwrap_or(END);
-        std::iter::from_fn(move || {
-            let slot = self.slots.get(at as usize)?;
-            at = slot.next;
-            Some((slot.fc, &slot.row))
-        })
+        let head = self.heads.get(&Item::new(item)).map_or(END, |h| h & !INDEXED);
+        chain_from(&self.slots, head).map(|(at, fc)| (fc, &self.slots[at as usize].row))
     }
 
     /// Every row: its key and quantities.
@@ -127,6 +156,16 @@ impl Rows {
             self.of_item(item).map(move |(fc, row)| (Key { item, fc }, row))
         })
     }
+}
+
+/// The slots of a chain from `at`: (slot, center).
+fn chain_from(slots: &[Slot], mut at: u32) -> impl Iterator<Item = (u32, u32)> + '_ {
+    std::iter::from_fn(move || {
+        let slot = slots.get(at as usize)?;
+        let this = at;
+        at = slot.next;
+        Some((this, slot.fc))
+    })
 }
 
 /// What prepared, not yet durable mutations may do to one row.
@@ -140,7 +179,8 @@ pub struct Pending {
     pub n: u32,
 }
 
-/// A row's key for the table of [`Pending`] rows: one u64 to hash.
+/// A row's key for the tables keyed by row (the [`Pending`] rows, the
+/// indexed rows of items with many centers): one u64 to hash.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct RowKey(pub Key);
 
@@ -183,6 +223,30 @@ mod tests {
         assert_eq!(all.len(), 9);
         assert_eq!(all[0], (1, 0, 1));
         assert_eq!(all[8], (u64::MAX, u32::MAX, u64::MAX.wrapping_add(u32::MAX as u64)));
+    }
+
+    #[test]
+    fn an_item_with_many_centers_is_indexed_and_every_row_still_found() {
+        let mut rows = Rows::default();
+        let many = (CHAIN_MAX * 3) as u32;
+        // Interleaved with another item's rows, as centers arrive over time.
+        for fc in 0..many {
+            rows.get_or_insert(key(7, fc)).on_hand = fc as u64 + 1;
+            rows.get_or_insert(key(8, fc % 4)).on_hand = 1;
+        }
+        assert_eq!(rows.len(), many as usize + 4);
+        assert_eq!(rows.indexed.len(), many as usize, "item 7 is indexed, item 8 is not");
+        for fc in 0..many {
+            assert_eq!(rows.get(key(7, fc)).map(|r| r.on_hand), Some(fc as u64 + 1));
+        }
+        assert_eq!(rows.get(key(7, many)), None);
+        assert_eq!(rows.get(key(8, 3)).map(|r| r.on_hand), Some(1));
+        assert_eq!(rows.of_item(7).count(), many as usize);
+        assert_eq!(rows.iter().count(), many as usize + 4);
+        // An existing row of an indexed item is found, not added again.
+        rows.get_or_insert(key(7, 0)).held = 1;
+        assert_eq!(rows.len(), many as usize + 4);
+        assert_eq!(rows.get(key(7, 0)), Some(&Row { on_hand: 1, held: 1 }));
     }
 
     #[test]
