@@ -127,9 +127,7 @@ impl Rows {
                 if indexed {
                     self.indexed.insert(RowKey(key), at as u32);
                 } else {
-                    let chain: Vec<(u32, u32)> =
-                        chain_from(&self.slots, at as u32).take(CHAIN_MAX + 1).collect();
-                    if chain.len() > CHAIN_MAX {
+                    if chain_from(&self.slots, at as u32).take(CHAIN_MAX + 1).count() > CHAIN_MAX {
                         // This row is one too many for a chain walk: index them all.
                         *head |= INDEXED;
                         for (slot, fc) in chain_from(&self.slots, at as u32) {
