@@ -33,7 +33,7 @@ const PROGRESS_CHECK_RECORDS: u64 = 65_536;
 const SMALLEST_ID_RECORD: u64 = 52;
 
 /// Stores being rebuilt, in the layout of the records being replayed, each
-/// applying its records on a thread of its own (see [`appliers`]).
+/// applying its records on threads of its own (see [`appliers`]).
 pub struct Rebuild {
     limits: IdLimits,
     appliers: Appliers,
@@ -67,10 +67,8 @@ impl Rebuild {
         if read != shard_count {
             return Err(format!("snapshot set has {read} parts, its manifest says {shard_count}"));
         }
-        for s in stores.iter_mut() {
-            s.reserve_ids(expected_ids / shard_count);
-        }
-        Ok(Rebuild { limits, appliers: Appliers::start(stores), layout: Some(shard_count), expected_ids })
+        let appliers = start_with_room(stores, expected_ids);
+        Ok(Rebuild { limits, appliers, layout: Some(shard_count), expected_ids })
     }
 
     /// Replays one log record.
@@ -109,11 +107,7 @@ impl Rebuild {
     /// starts those.
     fn regroup(&mut self, shards: usize) {
         let stores = std::mem::replace(&mut self.appliers, Appliers::start(Vec::new())).finish();
-        let mut stores = Store::regroup(stores, shards, self.limits);
-        for s in stores.iter_mut() {
-            s.reserve_ids(self.expected_ids / shards);
-        }
-        self.appliers = Appliers::start(stores);
+        self.appliers = start_with_room(Store::regroup(stores, shards, self.limits), self.expected_ids);
     }
 
     /// The stores of `shards` shards, and whether the server must log a
@@ -128,6 +122,16 @@ impl Rebuild {
         }
         (stores, needs_layout_record)
     }
+}
+
+/// Gives each store room for its share of the ids the log may create, then
+/// starts its replay threads.
+fn start_with_room(mut stores: Vec<Store>, expected_ids: usize) -> Appliers {
+    let n = stores.len().max(1);
+    for s in stores.iter_mut() {
+        s.reserve_ids(expected_ids / n);
+    }
+    Appliers::start(stores)
 }
 
 fn check_layout(shards: usize) -> Result<(), String> {

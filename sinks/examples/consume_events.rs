@@ -3,7 +3,7 @@
 //! or below it (stockd delivers at least once, in LSN order per key).
 //!
 //! ```sh
-//! cargo run -p stockd-sinks --example consume_events -- 127.0.0.1:9092 stock.events
+//! cargo run -p stockd-sinks --example consume_events -- BROKER_HOST:PORT stock.events
 //! ```
 //!
 //! It reads every partition from the start with `assign` (no consumer group
@@ -18,7 +18,10 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let brokers = args.next().unwrap_or_else(|| "127.0.0.1:9092".into());
+    let Some(brokers) = args.next() else {
+        eprintln!("usage: consume_events BROKERS [TOPIC]   (TOPIC defaults to stock.events)");
+        std::process::exit(2);
+    };
     let topic = args.next().unwrap_or_else(|| "stock.events".into());
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
