@@ -258,7 +258,7 @@ impl Conn {
         let n = sh.shards();
         let me = sh.index();
         if keys.iter().all(|k| shard_of(k.item, n) == me) {
-            let values = sh.read(keys.into_iter());
+            let values = sh.read(&keys);
             return put_batch(&mut self.wbuf, rid, &values);
         }
         if self.batches.contains_key(&rid) {
@@ -277,7 +277,7 @@ impl Conn {
         }
         let mut values = vec![0u64; keys.len()];
         let (positions, local) = std::mem::take(&mut parts[me]);
-        for (p, v) in positions.iter().zip(sh.read(local.into_iter())) {
+        for (p, v) in positions.iter().zip(sh.read(&local)) {
             values[*p as usize] = v;
         }
         // Parts already handed over answer later; if a later part cannot be

@@ -32,7 +32,7 @@ pub use coordinator::{CONTENDED_RETRY_FOR, MAX_TXNS};
 pub use mailbox::{Forwarded, Internal, Mailbox, Out, ReplyTo, FORWARD_CAPACITY};
 pub use shared::{ShardStats, Shared};
 
-use crate::state::{IdHashBuilder, IdKey, IdMap, Store};
+use crate::state::{IdHashBuilder, IdKey, IdMap, Store, PREFETCH_KEYS};
 use answers::frame;
 use coordinator::Txn;
 
@@ -125,10 +125,10 @@ impl Shard {
 
     /// Available units of rows this shard owns, for a read of `keys`
     /// (everything durable applied first).
-    pub fn read(&mut self, keys: impl ExactSizeIterator<Item = Key>) -> Vec<u64> {
+    pub fn read(&mut self, keys: &[Key]) -> Vec<u64> {
         self.drain_internal();
         self.count_read(keys.len());
-        keys.map(|k| self.store.available(k)).collect()
+        self.store.available_many(keys)
     }
 
     /// Every center of an item this shard owns (everything durable applied first).
@@ -190,7 +190,7 @@ impl Shard {
                 send(&reply, frame(opcode::QUERY_ITEM, request_id, &resp));
             }
             Forwarded::QueryBatch { request_id, positions, keys, reply } => {
-                let values = self.read(keys.into_iter());
+                let values = self.read(&keys);
                 send(&reply, Out::BatchPart { request_id, positions, values });
             }
             Forwarded::Command { op, request_id, cmd, reply } => self.start(op, request_id, cmd, reply),
@@ -206,8 +206,11 @@ impl Shard {
             Internal::Vote { txn, from, result } => self.vote(txn, from, result),
             Internal::Abort { txn } => self.store.abort(txn),
             Internal::Committed(list) => {
-                for c in list {
-                    self.store.apply(Some(c.txn), c.lsn, c.ts_ms, &c.m);
+                for chunk in list.chunks(PREFETCH_KEYS) {
+                    self.store.prefetch_rows(chunk.iter().map(|c| &*c.m));
+                    for c in chunk {
+                        self.store.apply(Some(c.txn), c.lsn, c.ts_ms, &c.m);
+                    }
                 }
                 let s = self.stats();
                 s.rows.store(self.store.row_count() as u64, Relaxed);

@@ -20,7 +20,7 @@
 //! Files: this one (the store, its rows, prepare/apply/abort, regrouping),
 //! [`plan`] (commands and step 1), [`ids`] (the idempotency memory and
 //! forgetting), [`snapshot`] (the snapshot codec), [`answer`] (answers and
-//! refusals), [`hash`] (id-keyed tables).
+//! refusals), [`hash`] (id-keyed tables), [`rows`] and [`heads`] (the rows).
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -29,6 +29,7 @@ pub use stockd_record::{Delta, LogRecord, Mutation, Op};
 
 pub mod answer;
 pub mod hash;
+pub mod heads;
 pub mod ids;
 pub mod plan;
 pub mod rows;
@@ -41,6 +42,10 @@ pub use plan::{Command, IdKey};
 pub use rows::Row;
 use rows::{Pending, PendingRows, RowKey, Rows};
 use snapshot::Capture;
+
+/// Keys whose lookups are started together (see `Rows::prefetch`): enough
+/// to keep the memory system busy, few enough that their lines stay in L1.
+pub const PREFETCH_KEYS: usize = 32;
 
 /// Whether `prepare` sets room aside for a line or gives it back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +124,23 @@ impl Store {
     /// Durable available units; unknown rows have none.
     pub fn available(&self, key: Key) -> u64 {
         self.row(key).map_or(0, Row::available)
+    }
+
+    /// Durable available units of many rows, their lookups' cache misses
+    /// overlapped (see `Rows::prefetch`).
+    pub fn available_many(&self, keys: &[Key]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(PREFETCH_KEYS) {
+            self.rows.prefetch(chunk.iter().copied());
+            out.extend(chunk.iter().map(|k| self.available(*k)));
+        }
+        out
+    }
+
+    /// Brings the rows that `mutations` change into the cache, all at once,
+    /// before they are applied one by one.
+    pub fn prefetch_rows<'a>(&self, mutations: impl Iterator<Item = &'a Mutation> + Clone) {
+        self.rows.prefetch(mutations.flat_map(|m| m.lines.iter().map(|l| l.key)));
     }
 
     /// Every center of one item, ascending by center id.

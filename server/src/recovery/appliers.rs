@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 
 use crossbeam::channel::{bounded, Receiver, Sender};
 
-use crate::state::{LogRecord, Store};
+use crate::state::{LogRecord, Mutation, Store, PREFETCH_KEYS};
 
 /// Records handed to a store's thread at once.
 const BATCH_RECORDS: usize = 1024;
@@ -49,16 +49,29 @@ fn replay_thread(name: String, rx: Receiver<Arc<Batch>>, mut store: Store, rows:
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
+            let mut decoded: Vec<(u64, u64, Mutation)> = Vec::with_capacity(PREFETCH_KEYS);
             for batch in rx {
                 let mut at = 0;
-                for &(lsn, ts_ms, len) in &batch.records {
-                    let payload = &batch.bytes[at..at + len as usize];
-                    at += len as usize;
-                    match LogRecord::decode(payload) {
-                        Ok(LogRecord::Mutation(m)) if rows => store.apply_replayed_rows(lsn, &m),
-                        Ok(LogRecord::Mutation(m)) => store.apply_replayed_ids(lsn, ts_ms, m),
-                        other => {
-                            panic!("invariant: replay hands its stores mutations it decoded ({other:?})")
+                for chunk in batch.records.chunks(PREFETCH_KEYS) {
+                    for &(lsn, ts_ms, len) in chunk {
+                        let payload = &batch.bytes[at..at + len as usize];
+                        at += len as usize;
+                        match LogRecord::decode(payload) {
+                            Ok(LogRecord::Mutation(m)) => decoded.push((lsn, ts_ms, m)),
+                            other => {
+                                panic!("invariant: replay hands its stores mutations it decoded ({other:?})")
+                            }
+                        }
+                    }
+                    if rows {
+                        // The rows of a chunk of records are looked up at once.
+                        store.prefetch_rows(decoded.iter().map(|(_, _, m)| m));
+                    }
+                    for (lsn, ts_ms, m) in decoded.drain(..) {
+                        if rows {
+                            store.apply_replayed_rows(lsn, &m);
+                        } else {
+                            store.apply_replayed_ids(lsn, ts_ms, m);
                         }
                     }
                 }

@@ -1,6 +1,7 @@
 //! The rows of one store, packed for memory. Every row is one 24-byte slot
 //! in a single vector; the rows of an item form a chain through it, and a
-//! table maps each item to the head of its chain (12 bytes an entry). With
+//! table maps each item to the head of its chain ([`Heads`], 12 bytes an
+//! entry). With
 //! a few centers per item that is about 30 bytes of memory a row, where a
 //! table of per-item vectors took 72 (docs/benchmarks.md, "Memory per row").
 //! What in-flight mutations reserve on a row is kept beside it, in the
@@ -19,6 +20,7 @@ use std::hash::{Hash, Hasher};
 
 use stockd_protocol::Key;
 
+use super::heads::{prefetch, Heads};
 use super::IdHashBuilder;
 
 /// Durable quantities of one row.
@@ -32,26 +34,6 @@ impl Row {
     /// What a query answers: durable on hand minus durable holds.
     pub fn available(&self) -> u64 {
         self.on_hand.checked_sub(self.held).expect("invariant: held never exceeds on hand")
-    }
-}
-
-/// An item id kept as two halves, so that a table entry (item, head) is 12
-/// bytes instead of the 16 that a u64's alignment would make it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Item([u32; 2]);
-
-impl Item {
-    fn new(item: u64) -> Item {
-        Item([item as u32, (item >> 32) as u32])
-    }
-    fn get(self) -> u64 {
-        self.0[0] as u64 | (self.0[1] as u64) << 32
-    }
-}
-
-impl Hash for Item {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        h.write_u64(self.get());
     }
 }
 
@@ -73,7 +55,7 @@ struct Slot {
 #[derive(Default)]
 pub struct Rows {
     /// Item -> its first slot, with [`INDEXED`] set for the items in `indexed`.
-    heads: HashMap<Item, u32, IdHashBuilder>,
+    heads: Heads,
     slots: Vec<Slot>,
     /// (item, center) -> slot, for the rows of items with more than [`CHAIN_MAX`].
     indexed: HashMap<RowKey, u32, IdHashBuilder>,
@@ -89,7 +71,7 @@ impl Rows {
     }
 
     fn find(&self, key: Key) -> Option<usize> {
-        let head = *self.heads.get(&Item::new(key.item))?;
+        let head = self.heads.get(key.item)?;
         if head & INDEXED != 0 {
             return self.indexed.get(&RowKey(key)).map(|at| *at as usize);
         }
@@ -106,6 +88,21 @@ impl Rows {
         }
     }
 
+    /// Asks for the cache lines that finding `keys` reads, all at once:
+    /// first every key's head entry, then (reading those) the head row of
+    /// each chain. Lookups that follow find them in the cache instead of
+    /// waiting for one miss after another. Changes nothing.
+    pub fn prefetch(&self, keys: impl Iterator<Item = Key> + Clone) {
+        for k in keys.clone() {
+            self.heads.prefetch(k.item);
+        }
+        for k in keys {
+            if let Some(slot) = self.heads.get(k.item).filter(|h| h & INDEXED == 0) {
+                prefetch(&self.slots[slot as usize]);
+            }
+        }
+    }
+
     pub fn get(&self, key: Key) -> Option<&Row> {
         self.find(key).map(|at| &self.slots[at].row)
     }
@@ -116,23 +113,24 @@ impl Rows {
             Some(at) => at,
             None => {
                 let at = self.slots.len();
-                assert!(at < INDEXED as usize, "invariant: fewer than 2^31 rows in one store");
-                let head = self.heads.entry(Item::new(key.item)).or_insert(END);
+                // A head with INDEXED set is never the table's empty mark.
+                assert!(at < (INDEXED - 1) as usize, "invariant: fewer than 2^31 - 1 rows in one store");
+                // A new item's head is this slot; an item's existing head
+                // becomes this slot's next, and this slot its head.
+                let head = self.heads.get_or_insert(key.item, at as u32);
                 let (first, indexed) = match *head {
-                    END => (END, false),
+                    h if h == at as u32 => (END, false),
                     h => (h & !INDEXED, h & INDEXED != 0),
                 };
                 self.slots.push(Slot { fc: key.fc, next: first, row: Row::default() });
                 *head = at as u32 | if indexed { INDEXED } else { 0 };
                 if indexed {
                     self.indexed.insert(RowKey(key), at as u32);
-                } else {
-                    if chain_from(&self.slots, at as u32).take(CHAIN_MAX + 1).count() > CHAIN_MAX {
-                        // This row is one too many for a chain walk: index them all.
-                        *head |= INDEXED;
-                        for (slot, fc) in chain_from(&self.slots, at as u32) {
-                            self.indexed.insert(RowKey(Key { item: key.item, fc }), slot);
-                        }
+                } else if chain_from(&self.slots, at as u32).take(CHAIN_MAX + 1).count() > CHAIN_MAX {
+                    // This row is one too many for a chain walk: index them all.
+                    *head |= INDEXED;
+                    for (slot, fc) in chain_from(&self.slots, at as u32) {
+                        self.indexed.insert(RowKey(Key { item: key.item, fc }), slot);
                     }
                 }
                 at
@@ -143,16 +141,15 @@ impl Rows {
 
     /// The rows of one item: (center, row), in no particular order.
     pub fn of_item(&self, item: u64) -> impl Iterator<Item = (u32, &Row)> + '_ {
-        let head = self.heads.get(&Item::new(item)).map_or(END, |h| h & !INDEXED);
+        let head = self.heads.get(item).map_or(END, |h| h & !INDEXED);
         chain_from(&self.slots, head).map(|(at, fc)| (fc, &self.slots[at as usize].row))
     }
 
     /// Every row: its key and quantities.
     pub fn iter(&self) -> impl Iterator<Item = (Key, &Row)> + '_ {
-        self.heads.keys().flat_map(move |item| {
-            let item = item.get();
-            self.of_item(item).map(move |(fc, row)| (Key { item, fc }, row))
-        })
+        self.heads
+            .items()
+            .flat_map(move |item| self.of_item(item).map(move |(fc, row)| (Key { item, fc }, row)))
     }
 }
 
@@ -250,6 +247,5 @@ mod tests {
     #[test]
     fn a_slot_and_a_head_entry_are_as_small_as_the_memory_figures_assume() {
         assert_eq!(std::mem::size_of::<Slot>(), 24);
-        assert_eq!(std::mem::size_of::<(Item, u32)>(), 12);
     }
 }
