@@ -32,7 +32,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{lookup_host, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 
-pub use stockd_protocol::{constant_time_eq, fmix64, HelloInfo, Key, Line, Reply, Request, Response, Status};
+pub use stockd_protocol::{
+    constant_time_eq, fmix64, prefetch, HelloInfo, Key, Line, Reply, Request, Response, Status,
+};
 use stockd_protocol::{parse_frame, shard_of, HASH_FMIX64_MOD, HEADER_LEN, MAX_BATCH_KEYS};
 
 /// Everything a call can fail with.

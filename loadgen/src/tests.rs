@@ -55,28 +55,39 @@ fn the_alias_table_gives_every_item_its_exact_probability() {
 fn zipf_shape() {
     let n = 1000u64;
     let draws = 400_000;
-    let count = |s: f64| {
+    // One key at a time, or in batches of 64 (`KeyGen::keys`): the same distribution.
+    let count = |s: f64, batched: bool| {
         let g = KeyGen::new(n, 1, s);
         let mut rng = Rng::new(42);
         let mut c = vec![0u64; n as usize + 1];
-        for _ in 0..draws {
-            c[g.item(&mut rng) as usize] += 1;
+        if batched {
+            for _ in 0..draws / 64 {
+                for k in g.keys(&mut rng, 64) {
+                    c[k.item as usize] += 1;
+                }
+            }
+        } else {
+            for _ in 0..draws {
+                c[g.item(&mut rng) as usize] += 1;
+            }
         }
         c
     };
-    // Uniform: every item near draws / n.
-    let u = count(0.0);
-    let expect = draws as f64 / n as f64;
-    assert!(u[1..].iter().all(|&c| (c as f64 - expect).abs() < expect * 0.4), "uniform spread");
-    // s = 0.99: P(rank k) ~ 1/k^0.99 / H; item 1 about twice item 2, ten times item 10.
-    let z = count(0.99);
-    let h: f64 = (1..=n).map(|k| 1.0 / (k as f64).powf(0.99)).sum();
-    let p1 = z[1] as f64 / draws as f64;
-    assert!((p1 - 1.0 / h).abs() < 0.01, "p(item 1) = {p1}, expected {}", 1.0 / h);
-    let r2 = z[1] as f64 / z[2] as f64;
-    let r10 = z[1] as f64 / z[10] as f64;
-    assert!((r2 - 2f64.powf(0.99)).abs() < 0.15, "p1/p2 = {r2}");
-    assert!((r10 - 10f64.powf(0.99)).abs() < 1.5, "p1/p10 = {r10}");
+    for batched in [false, true] {
+        // Uniform: every item near draws / n.
+        let u = count(0.0, batched);
+        let expect = draws as f64 / n as f64;
+        assert!(u[1..].iter().all(|&c| (c as f64 - expect).abs() < expect * 0.4), "uniform spread");
+        // s = 0.99: P(rank k) ~ 1/k^0.99 / H; item 1 about twice item 2, ten times item 10.
+        let z = count(0.99, batched);
+        let h: f64 = (1..=n).map(|k| 1.0 / (k as f64).powf(0.99)).sum();
+        let p1 = z[1] as f64 / draws as f64;
+        assert!((p1 - 1.0 / h).abs() < 0.01, "p(item 1) = {p1}, expected {}", 1.0 / h);
+        let r2 = z[1] as f64 / z[2] as f64;
+        let r10 = z[1] as f64 / z[10] as f64;
+        assert!((r2 - 2f64.powf(0.99)).abs() < 0.15, "p1/p2 = {r2}");
+        assert!((r10 - 10f64.powf(0.99)).abs() < 1.5, "p1/p10 = {r10}");
+    }
 }
 
 #[test]
@@ -155,3 +166,4 @@ fn hgrm_round_trips_through_the_plot_parser() {
     assert_eq!(svg.matches("<polyline").count(), 2);
     assert!(plot::parse_hgrm("nothing here").is_err());
 }
+

@@ -135,6 +135,21 @@ impl Line {
     }
 }
 
+/// Starts loading the cache line of `at` and returns at once: callers with
+/// many lookups at hand ask for all their lines, then use them, and wait
+/// for many cache misses at once instead of one after another.
+pub fn prefetch<T>(at: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults and changes no memory,
+    // and `at` is a valid reference anyway.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(at as *const T as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
 /// The murmur3 64-bit finalizer; spreads sequential ids over shards.
 pub fn fmix64(mut h: u64) -> u64 {
     h ^= h >> 33;

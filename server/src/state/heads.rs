@@ -15,6 +15,8 @@
 
 use std::hash::BuildHasher;
 
+use stockd_protocol::prefetch;
+
 use super::IdHashBuilder;
 
 /// Marks an empty entry: no head is this value (a store holds fewer than
@@ -101,19 +103,6 @@ impl Heads {
     pub fn items(&self) -> impl Iterator<Item = u64> + '_ {
         self.entries.iter().filter(|e| e[2] != EMPTY).map(|e| e[0] as u64 | (e[1] as u64) << 32)
     }
-}
-
-/// Starts loading the cache line of `at` and returns at once.
-pub fn prefetch<T>(at: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint; it never faults and changes no memory,
-    // and `at` is a valid reference anyway.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(at as *const T as *const i8);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
 }
 
 #[cfg(test)]

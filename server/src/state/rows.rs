@@ -18,9 +18,9 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use stockd_protocol::Key;
+use stockd_protocol::{prefetch, Key};
 
-use super::heads::{prefetch, Heads};
+use super::heads::Heads;
 use super::IdHashBuilder;
 
 /// Durable quantities of one row.
