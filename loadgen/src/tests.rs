@@ -166,4 +166,3 @@ fn hgrm_round_trips_through_the_plot_parser() {
     assert_eq!(svg.matches("<polyline").count(), 2);
     assert!(plot::parse_hgrm("nothing here").is_err());
 }
-
