@@ -32,6 +32,11 @@ async fn pipelined_queries_and_batches_on_every_path() {
         }
         // One batch frame per shard, and (single connection) one batch split by the server.
         assert_eq!(c.query_batch(&keys).await.unwrap(), want);
+        // More keys than one frame may carry: several frames, answers in order.
+        let n = stockd_protocol::MAX_BATCH_KEYS + 100;
+        let many: Vec<_> = keys.iter().cycle().take(n).copied().collect();
+        let want_many: Vec<u64> = want.iter().cycle().take(n).copied().collect();
+        assert_eq!(c.query_batch(&many).await.unwrap(), want_many);
         let mut with_unknown = keys.clone();
         with_unknown.push(key(999_999, 1));
         assert_eq!(*c.query_batch(&with_unknown).await.unwrap().last().unwrap(), 0);
