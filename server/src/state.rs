@@ -20,7 +20,8 @@
 //! Files: this one (the store, its rows, prepare/apply/abort, regrouping),
 //! [`plan`] (commands and step 1), [`ids`] (the idempotency memory and
 //! forgetting), [`snapshot`] (the snapshot codec), [`answer`] (answers and
-//! refusals), [`hash`] (id-keyed tables), [`rows`] and [`heads`] (the rows).
+//! refusals), [`hash`] and [`id_table`] (id-keyed tables), [`rows`] and
+//! [`heads`] (the rows).
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -30,6 +31,7 @@ pub use stockd_record::{Delta, LogRecord, Mutation, Op};
 pub mod answer;
 pub mod hash;
 pub mod heads;
+pub mod id_table;
 pub mod ids;
 pub mod plan;
 pub mod rows;
@@ -141,6 +143,17 @@ impl Store {
     /// before they are applied one by one.
     pub fn prefetch_rows<'a>(&self, mutations: impl Iterator<Item = &'a Mutation> + Clone) {
         self.rows.prefetch(mutations.flat_map(|m| m.lines.iter().map(|l| l.key)));
+    }
+
+    /// Brings where the ids of `mutations` live (or would) into the cache,
+    /// all at once, before they are applied one by one.
+    pub fn prefetch_ids<'a>(&self, mutations: impl Iterator<Item = &'a Mutation>) {
+        for m in mutations.filter(|m| self.takes_id(m)) {
+            match m.op {
+                Op::Inbound { .. } => self.receipts.prefetch(m.owner_id()),
+                _ => self.ids.prefetch(m.owner_id()),
+            }
+        }
     }
 
     /// Every center of one item, ascending by center id.

@@ -63,9 +63,11 @@ fn replay_thread(name: String, rx: Receiver<Arc<Batch>>, mut store: Store, rows:
                             }
                         }
                     }
+                    // The rows (or ids) of a chunk of records are looked up at once.
                     if rows {
-                        // The rows of a chunk of records are looked up at once.
                         store.prefetch_rows(decoded.iter().map(|(_, _, m)| m));
+                    } else {
+                        store.prefetch_ids(decoded.iter().map(|(_, _, m)| m));
                     }
                     for (lsn, ts_ms, m) in decoded.drain(..) {
                         if rows {

@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 
 use stockd_protocol::fmix64;
 
+use super::id_table::IdTable;
+
 /// Hashes the u64 ids that key every table here: one keyed murmur3
 /// finalizer instead of SipHash (a query is mostly this lookup; the profile
 /// showed SipHash at a fifth of server time). The key is random per process,
@@ -49,11 +51,11 @@ impl Hasher for IdHasher {
 
 pub type IdMap<V> = HashMap<u64, V, IdHashBuilder>;
 
-/// A map from id split into 64 tables, for the tables that grow to millions
+/// A map from id split into 64 tables ([`IdTable`]s), for the tables that grow to millions
 /// of entries: growing one re-hashes 1/64 of the entries, so the shard
 /// stalls for milliseconds, not for the hundred-odd a single table takes.
 pub struct SplitMap<V> {
-    parts: Vec<IdMap<V>>,
+    parts: Vec<IdTable<V>>,
     len: usize,
 }
 
@@ -62,7 +64,7 @@ pub const SPLIT_PARTS: usize = 64;
 
 impl<V> Default for SplitMap<V> {
     fn default() -> Self {
-        SplitMap { parts: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(), len: 0 }
+        SplitMap { parts: (0..SPLIT_PARTS).map(|_| IdTable::default()).collect(), len: 0 }
     }
 }
 
@@ -97,10 +99,10 @@ impl<V> SplitMap<V> {
         }
         old
     }
-    pub fn iter(&self) -> impl Iterator<Item = (&u64, &V)> {
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &V)> {
         self.parts.iter().flat_map(|p| p.iter())
     }
-    pub fn part(&self, i: usize) -> &IdMap<V> {
+    pub fn part(&self, i: usize) -> &IdTable<V> {
         &self.parts[i]
     }
     /// Room for `additional` more entries in part `i`, without re-hashing as they come.
@@ -113,6 +115,10 @@ impl<V> SplitMap<V> {
         for p in self.parts.iter_mut() {
             p.reserve(each);
         }
+    }
+    /// Asks the CPU for where `id` is (or would be) in its part, without waiting.
+    pub fn prefetch(&self, id: u64) {
+        self.parts[Self::part_of(id)].prefetch(id);
     }
     /// The part an id lives in (also the snapshot step that writes it).
     pub fn part_index(id: u64) -> usize {

@@ -177,8 +177,8 @@ impl Store {
         let mut all: Vec<(u64, u64, bool, u64)> = self
             .receipts
             .iter()
-            .map(|(id, r)| (r.lsn, r.ts_ms, true, *id))
-            .chain(self.ids.iter().filter_map(|(id, e)| e.aging_from().map(|a| (a.lsn, a.ts_ms, false, *id))))
+            .map(|(id, r)| (r.lsn, r.ts_ms, true, id))
+            .chain(self.ids.iter().filter_map(|(id, e)| e.aging_from().map(|a| (a.lsn, a.ts_ms, false, id))))
             .collect();
         all.sort_unstable();
         self.fifo = all.into_iter().map(|(_, ts, r, id)| (ts, r, id)).collect();

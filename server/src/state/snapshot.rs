@@ -138,7 +138,7 @@ impl Store {
             .part(part)
             .iter()
             .filter(|(id, r)| r.lsn <= lsn && !receipts_before.is_some_and(|b| b.contains_key(id)))
-            .map(|(id, r)| (*id, *r));
+            .map(|(id, r)| (id, *r));
         let kept_receipts = receipts_before.into_iter().flatten().filter_map(|(id, r)| r.map(|r| (*id, r)));
         let receipts: Vec<(u64, LogStamp)> = live_receipts.chain(kept_receipts).collect();
         put(out, receipts.len() as u64);
@@ -152,11 +152,11 @@ impl Store {
             .part(part)
             .iter()
             .filter(|(id, e)| e.lsn <= lsn && !ids_before.is_some_and(|b| b.contains_key(id)));
-        let kept_ids = ids_before.into_iter().flatten().filter_map(|(id, e)| e.as_ref().map(|e| (id, e)));
-        let ids: Vec<(&u64, &IdEntry)> = live_ids.chain(kept_ids).collect();
+        let kept_ids = ids_before.into_iter().flatten().filter_map(|(id, e)| e.as_ref().map(|e| (*id, e)));
+        let ids: Vec<(u64, &IdEntry)> = live_ids.chain(kept_ids).collect();
         put(out, ids.len() as u64);
         for (id, e) in ids {
-            put(out, *id);
+            put(out, id);
             put(out, e.lsn);
             put(out, e.ts_ms);
             out.push(e.is_hold as u8);
