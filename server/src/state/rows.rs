@@ -41,6 +41,9 @@ impl Row {
 const END: u32 = u32::MAX;
 /// Set in an item's head entry when its rows are in `Rows::indexed` too.
 const INDEXED: u32 = 1 << 31;
+/// Rows of a chain [`Rows::prefetch`] asks for ahead at most (an item's
+/// centers are a handful, typically).
+const PREFETCH_CHAIN_STEPS: usize = 4;
 /// Most rows an item has before its rows are indexed.
 pub const CHAIN_MAX: usize = 16;
 
@@ -90,16 +93,30 @@ impl Rows {
 
     /// Asks for the cache lines that finding `keys` reads, all at once:
     /// first every key's head entry, then (reading those) the head row of
-    /// each chain. Lookups that follow find them in the cache instead of
-    /// waiting for one miss after another. Changes nothing.
+    /// each chain, then the chains a step at a time for every key together.
+    /// Lookups that follow find their lines in the cache instead of waiting
+    /// for one miss after another. Changes nothing.
     pub fn prefetch(&self, keys: impl Iterator<Item = Key> + Clone) {
         for k in keys.clone() {
             self.heads.prefetch(k.item);
         }
-        for k in keys {
-            if let Some(slot) = self.heads.get(k.item).filter(|h| h & INDEXED == 0) {
-                prefetch(&self.slots[slot as usize]);
-            }
+        let mut walks: Vec<(u32, u32)> = keys
+            .filter_map(|k| {
+                let head = self.heads.get(k.item).filter(|h| h & INDEXED == 0)?;
+                prefetch(&self.slots[head as usize]);
+                Some((head, k.fc))
+            })
+            .collect();
+        for _ in 1..PREFETCH_CHAIN_STEPS {
+            walks.retain_mut(|(at, fc)| {
+                let slot = &self.slots[*at as usize];
+                if slot.fc == *fc || slot.next == END {
+                    return false;
+                }
+                *at = slot.next;
+                prefetch(&self.slots[*at as usize]);
+                true
+            });
         }
     }
 
