@@ -486,34 +486,56 @@ impl Client {
     }
 
     /// Available units of many rows, in order. Keys are grouped by shard and
-    /// sent as one batch frame per shard (split at the batch limit), in parallel.
+    /// sent as one batch frame per shard (split at the batch limit), in
+    /// parallel. Each key's shard is worked out once; the answers are put
+    /// back in order by walking each shard's values, with no positions kept.
     pub async fn query_batch(&self, keys: &[Key]) -> Result<Vec<u64>, Error> {
         let n = self.inner.conns.len();
-        let mut groups: Vec<(Vec<usize>, Vec<Key>)> = vec![(Vec::new(), Vec::new()); n];
-        for (i, k) in keys.iter().enumerate() {
-            let g = &mut groups[if n == 1 { 0 } else { shard_of(k.item, n) }];
-            g.0.push(i);
-            g.1.push(*k);
+        let owner: Vec<u16> =
+            keys.iter().map(|k| if n == 1 { 0 } else { shard_of(k.item, n) as u16 }).collect();
+        let mut count = vec![0usize; n];
+        for &o in &owner {
+            count[o as usize] += 1;
         }
+        let mut groups: Vec<Vec<Key>> = count.iter().map(|&c| Vec::with_capacity(c)).collect();
+        for (k, &o) in keys.iter().zip(&owner) {
+            groups[o as usize].push(*k);
+        }
+        let call = |shard: usize, keys: Vec<Key>| {
+            let (len, req) = (keys.len(), Request::QueryBatch { keys });
+            async move {
+                let values = match self.inner.conns[shard].call(&req).await? {
+                    Response::Ok(Reply::Batch(v)) if v.len() == len => v,
+                    other => return Err(unexpected(other)),
+                };
+                Ok((shard, values))
+            }
+        };
         let mut calls = Vec::new();
-        for (s, (pos, ks)) in groups.iter().enumerate() {
-            for (pc, kc) in pos.chunks(MAX_BATCH_KEYS).zip(ks.chunks(MAX_BATCH_KEYS)) {
-                let req = Request::QueryBatch { keys: kc.to_vec() };
-                calls.push(async move { (pc, self.inner.conns[s].call(&req).await) });
-            }
-        }
-        let mut out = vec![0u64; keys.len()];
-        for (pos, resp) in futures_join_all(calls).await {
-            match resp? {
-                Response::Ok(Reply::Batch(v)) if v.len() == pos.len() => {
-                    for (p, v) in pos.iter().zip(v) {
-                        out[*p] = v;
-                    }
+        for (shard, group) in groups.into_iter().enumerate() {
+            if group.len() <= MAX_BATCH_KEYS {
+                if !group.is_empty() {
+                    calls.push(call(shard, group));
                 }
-                other => return Err(unexpected(other)),
+            } else {
+                calls.extend(group.chunks(MAX_BATCH_KEYS).map(|c| call(shard, c.to_vec())));
             }
         }
-        Ok(out)
+        // Each shard's values, its chunks in the order they were sent.
+        let mut values: Vec<Vec<u64>> = vec![Vec::new(); n];
+        for answer in futures_join_all(calls).await {
+            let (shard, v) = answer?;
+            if values[shard].is_empty() {
+                values[shard] = v;
+            } else {
+                values[shard].extend(v);
+            }
+        }
+        let mut each: Vec<std::vec::IntoIter<u64>> = values.into_iter().map(Vec::into_iter).collect();
+        Ok(owner
+            .iter()
+            .map(|&o| each[o as usize].next().expect("one value per key, checked per frame"))
+            .collect())
     }
 
     async fn mutate(&self, req: Request) -> Result<Applied, Error> {
