@@ -208,6 +208,7 @@ impl Shard {
             Internal::Committed(list) => {
                 for chunk in list.chunks(PREFETCH_KEYS) {
                     self.store.prefetch_rows(chunk.iter().map(|c| &*c.m));
+                    self.store.prefetch_ids(chunk.iter().map(|c| &*c.m));
                     for c in chunk {
                         self.store.apply(Some(c.txn), c.lsn, c.ts_ms, &c.m);
                     }
