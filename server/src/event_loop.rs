@@ -56,7 +56,15 @@ pub fn shard_main(
             if shared.stop.load(Relaxed) {
                 break;
             }
-            shard.borrow_mut().drain();
+            // A drain that left work (a snapshot part per turn, a full
+            // budget of forwarded requests) has notified itself again, and
+            // a stored notification completes `notified()` at once: without
+            // this yield the next drain would start before any connection
+            // ran, and a snapshot's 64 parts would go in one stall (orders
+            // waited up to 0.4-0.7 s behind 1 M ids being written).
+            if shard.borrow_mut().drain() {
+                tokio::task::yield_now().await;
+            }
         }
     });
 }

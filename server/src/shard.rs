@@ -147,7 +147,11 @@ impl Shard {
     /// Applies everything queued for this shard. Called by the shard's event
     /// loop, and by connections before they answer a read, so that a client
     /// that saw an acknowledgement never reads older state afterwards.
-    pub fn drain(&mut self) {
+    ///
+    /// Returns true if it left work for a later turn (a snapshot part, or
+    /// forwarded requests beyond its budget); it has then notified itself,
+    /// and the caller must yield to the connections before draining again.
+    pub fn drain(&mut self) -> bool {
         self.drain_internal();
         let mut budget = DRAIN_BUDGET;
         while budget > 0 {
@@ -166,6 +170,7 @@ impl Shard {
         if budget == 0 {
             self.mailbox(self.index).notify.notify_one(); // more to do; yield to connections first
         }
+        budget == 0
     }
 
     fn send_snapshot(&self, (lsn, payload): (u64, Vec<u8>)) {
