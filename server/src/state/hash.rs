@@ -51,9 +51,10 @@ impl Hasher for IdHasher {
 
 pub type IdMap<V> = HashMap<u64, V, IdHashBuilder>;
 
-/// A map from id split into 64 tables ([`IdTable`]s), for the tables that grow to millions
-/// of entries: growing one re-hashes 1/64 of the entries, so the shard
-/// stalls for milliseconds, not for the hundred-odd a single table takes.
+/// A map from id split into 64 tables ([`IdTable`]s), for the tables that
+/// grow to millions of entries: growing one re-hashes 1/64 of the entries,
+/// so the shard stalls for milliseconds, not for the hundred-odd a single
+/// table takes.
 pub struct SplitMap<V> {
     parts: Vec<IdTable<V>>,
     len: usize,

@@ -1,9 +1,9 @@
 //! The rows of one store, packed for memory. Every row is one 24-byte slot
 //! in a single vector; the rows of an item form a chain through it, and a
 //! table maps each item to the head of its chain ([`Heads`], 12 bytes an
-//! entry). With
-//! a few centers per item that is about 30 bytes of memory a row, where a
-//! table of per-item vectors took 72 (docs/benchmarks.md, "Memory per row").
+//! entry). With a few centers per item that is about 30 bytes of memory a
+//! row, where a table of per-item vectors took 72 (docs/benchmarks.md,
+//! "Memory per row").
 //! What in-flight mutations reserve on a row is kept beside it, in the
 //! store, only while they are in flight.
 //!
