@@ -20,8 +20,8 @@
 //! Files: this one (the store, its rows, prepare/apply/abort, regrouping),
 //! [`plan`] (commands and step 1), [`ids`] (the idempotency memory and
 //! forgetting), [`snapshot`] (the snapshot codec), [`answer`] (answers and
-//! refusals), [`hash`] and [`id_table`] (id-keyed tables), [`rows`] and
-//! [`heads`] (the rows).
+//! refusals), [`hash`] and [`id_table`] (id-keyed tables), [`rows`] (the
+//! rows), [`index`] (the u64 -> u32 table both build on).
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -30,9 +30,9 @@ pub use stockd_record::{Delta, LogRecord, Mutation, Op};
 
 pub mod answer;
 pub mod hash;
-pub mod heads;
 pub mod id_table;
 pub mod ids;
+pub mod index;
 pub mod plan;
 pub mod rows;
 pub mod snapshot;

@@ -140,8 +140,11 @@ fn cassandra_keeps_the_sink_contract() {
         .block_on(SessionBuilder::new().known_node(&node).build())
         .expect("connect to STOCKD_TEST_CASSANDRA");
     // Our own keyspace, dropped at the end: nothing else on the node is touched.
-    let ks =
-        format!("stockd_test_{}_{}", std::process::id(), Instant::now().elapsed().as_nanos() % 1_000_000);
+    let ks = format!(
+        "stockd_test_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos()
+    );
     let create = format!(
         "CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
     );

@@ -1,6 +1,6 @@
 //! The rows of one store, packed for memory. Every row is one 24-byte slot
 //! in a single vector; the rows of an item form a chain through it, and a
-//! table maps each item to the head of its chain ([`Heads`], 12 bytes an
+//! table maps each item to the head of its chain ([`Index`], 12 bytes an
 //! entry). With a few centers per item that is about 30 bytes of memory a
 //! row, where a table of per-item vectors took 72 (docs/benchmarks.md,
 //! "Memory per row").
@@ -20,7 +20,7 @@ use std::hash::{Hash, Hasher};
 
 use stockd_protocol::{prefetch, Key};
 
-use super::heads::Heads;
+use super::index::Index;
 use super::IdHashBuilder;
 
 /// Durable quantities of one row.
@@ -58,7 +58,7 @@ struct Slot {
 #[derive(Default)]
 pub struct Rows {
     /// Item -> its first slot, with [`INDEXED`] set for the items in `indexed`.
-    heads: Heads,
+    heads: Index,
     slots: Vec<Slot>,
     /// (item, center) -> slot, for the rows of items with more than [`CHAIN_MAX`].
     indexed: HashMap<RowKey, u32, IdHashBuilder>,
@@ -164,9 +164,10 @@ impl Rows {
 
     /// Every row: its key and quantities.
     pub fn iter(&self) -> impl Iterator<Item = (Key, &Row)> + '_ {
-        self.heads
-            .items()
-            .flat_map(move |item| self.of_item(item).map(move |(fc, row)| (Key { item, fc }, row)))
+        self.heads.iter().flat_map(move |(item, head)| {
+            chain_from(&self.slots, head & !INDEXED)
+                .map(move |(at, fc)| (Key { item, fc }, &self.slots[at as usize].row))
+        })
     }
 }
 
