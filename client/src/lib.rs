@@ -8,6 +8,9 @@
 //! (it is `Clone`); requests on one connection are pipelined, and answers
 //! are matched to requests by request id.
 //!
+//! [`Replicated`] takes several addresses of a replicated stockd and follows
+//! the primary among them (docs/ha.md).
+//!
 //! ```no_run
 //! use stockd_client::{Client, Error, Line};
 //!
@@ -36,6 +39,9 @@ pub use stockd_protocol::{
     constant_time_eq, fmix64, prefetch, HelloInfo, Key, Line, Reply, Request, Response, Status,
 };
 use stockd_protocol::{parse_frame, shard_of, HASH_FMIX64_MOD, HEADER_LEN, MAX_BATCH_KEYS};
+
+mod replicated;
+pub use replicated::Replicated;
 
 /// Everything a call can fail with.
 #[derive(Debug)]

@@ -17,8 +17,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use stockd_client::{constant_time_eq, Applied, Client, Error as StockdError, Key, Line, Options, Status};
-use tokio::sync::Mutex;
+use stockd_client::{
+    constant_time_eq, Applied, Client, Error as StockdError, Key, Line, Options, Replicated, Status,
+};
 
 use crate::metrics::Metrics;
 
@@ -34,7 +35,8 @@ pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// stockd address (its shared port).
+    /// stockd's address (its shared port): `HOST:PORT`, or several,
+    /// comma-separated, of a replicated stockd (the gateway follows the primary).
     pub stockd: String,
     /// Token stockd requires in HELLO, if any.
     pub stockd_token: Option<String>,
@@ -44,11 +46,13 @@ pub struct Config {
     pub protect_reads: bool,
 }
 
+/// How long a request keeps looking for the primary of a replicated stockd.
+pub const FOLLOW_PRIMARY_FOR: Duration = Duration::from_secs(5);
+
 /// Shared by every request.
 pub struct Gateway {
     cfg: Config,
-    client: Mutex<Option<Client>>,
-    last_attempt: Mutex<Option<Instant>>,
+    client: Replicated,
     pub metrics: Metrics,
 }
 
@@ -120,6 +124,7 @@ fn stockd_error(e: StockdError, mutating: bool) -> ApiError {
                 Status::Conflict => (StatusCode::CONFLICT, "conflict"),
                 Status::BadRequest => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
                 Status::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+                Status::NotPrimary => (StatusCode::SERVICE_UNAVAILABLE, "not_primary"),
                 Status::Unauthorized => (StatusCode::BAD_GATEWAY, "upstream_unauthorized"),
                 _ => (StatusCode::BAD_GATEWAY, "upstream_error"),
             };
@@ -139,60 +144,21 @@ fn is_connection_error(e: &StockdError) -> bool {
 }
 
 impl Gateway {
-    pub fn new(cfg: Config) -> Arc<Gateway> {
-        Arc::new(Gateway {
-            cfg,
-            client: Mutex::new(None),
-            last_attempt: Mutex::new(None),
-            metrics: Metrics::default(),
-        })
-    }
-
-    /// The shared client, connecting (again) if there is none. Reconnects at
-    /// most every 200 ms, so a dead stockd costs callers one fast 503.
-    async fn client(&self) -> Result<Client, ApiError> {
-        if let Some(c) = self.client.lock().await.as_ref() {
-            return Ok(c.clone());
-        }
-        {
-            let mut last = self.last_attempt.lock().await;
-            if last.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "stockd is unreachable",
-                ));
-            }
-            *last = Some(Instant::now());
-        }
-        let opts = Options { token: self.cfg.stockd_token.clone(), single_connection: false };
-        let connect = Client::connect_with(&self.cfg.stockd, opts);
-        let c = match tokio::time::timeout(Duration::from_secs(2), connect).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!("stockd at {} is unreachable: {e}", self.cfg.stockd),
-                ))
-            }
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!("stockd at {} did not answer within 2 s", self.cfg.stockd),
-                ))
-            }
-        };
-        tracing::info!(stockd = %self.cfg.stockd, "connected to stockd");
-        *self.client.lock().await = Some(c.clone());
-        Ok(c)
+    /// A gateway in front of `cfg.stockd` (one address, or several of a
+    /// replicated stockd). Connects on the first request.
+    pub fn new(cfg: Config) -> Result<Arc<Gateway>, String> {
+        let opts = Options { token: cfg.stockd_token.clone(), single_connection: false };
+        let mut client =
+            Replicated::new(&cfg.stockd, opts).map_err(|e| format!("--stockd {:?}: {e}", cfg.stockd))?;
+        // An HTTP caller waits this long at most while a standby takes over.
+        client.follow_for = FOLLOW_PRIMARY_FOR;
+        Ok(Arc::new(Gateway { cfg, client, metrics: Metrics::default() }))
     }
 
     /// Runs one read against stockd.
     async fn read<T, F, Fut>(&self, f: F) -> Result<T, ApiError>
     where
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, StockdError>>,
     {
         self.call(false, f).await
@@ -201,32 +167,28 @@ impl Gateway {
     /// Runs one mutation against stockd.
     async fn mutate<T, F, Fut>(&self, f: F) -> Result<T, ApiError>
     where
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, StockdError>>,
     {
         self.call(true, f).await
     }
 
-    /// Runs one call against stockd, timing it and dropping a broken client.
+    /// Runs one call against stockd (following the primary when several
+    /// addresses are given), timing it.
     async fn call<T, F, Fut>(&self, mutating: bool, f: F) -> Result<T, ApiError>
     where
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, StockdError>>,
     {
-        let c = self.client().await?;
         let t = Instant::now();
-        let r = f(c).await;
+        let r = self.client.run(f).await;
         self.metrics.upstream(t.elapsed());
-        match r {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if is_connection_error(&e) {
-                    tracing::warn!(error = %e, "lost stockd; reconnecting on the next request");
-                    *self.client.lock().await = None;
-                }
-                Err(stockd_error(e, mutating))
+        r.map_err(|e| {
+            if is_connection_error(&e) {
+                tracing::warn!(error = %e, "lost stockd; reconnecting on the next request");
             }
-        }
+            stockd_error(e, mutating)
+        })
     }
 
     fn authorize(&self, headers: &HeaderMap, mutating: bool) -> Result<(), ApiError> {
@@ -387,8 +349,8 @@ async fn stock_query(State(g): G, h: HeaderMap, b: Result<Json<QueryBody>, JsonR
     }
     let keys: Vec<Key> =
         b.keys.iter().map(|k| Key { item: k.vendor_item_id, fc: k.fulfillment_center_id }).collect();
-    let ks = keys.clone();
-    let values = g.read(|c| async move { c.query_batch(&ks).await }).await?;
+    let ks: &[Key] = &keys;
+    let values = g.read(|c| async move { c.query_batch(ks).await }).await?;
     let stock: Vec<Value> = keys.iter().zip(values).map(|(k, n)| stock_json(k.item, k.fc, n)).collect();
     Ok(Json(json!({ "stock": stock })).into_response())
 }
@@ -396,8 +358,8 @@ async fn stock_query(State(g): G, h: HeaderMap, b: Result<Json<QueryBody>, JsonR
 async fn order(State(g): G, h: HeaderMap, b: Result<Json<OrderBody>, JsonRejection>) -> ApiResult {
     g.authorize(&h, true)?;
     let Json(b) = b.map_err(json_rejection)?;
-    let (id, ls) = (b.order_id, lines(b.lines)?);
-    let a = g.mutate(|c| async move { c.order(id, &ls).await }).await?;
+    let (id, ls): (u64, &[Line]) = (b.order_id, &lines(b.lines)?);
+    let a = g.mutate(|c| async move { c.order(id, ls).await }).await?;
     Ok(applied("order_id", id, a, "created"))
 }
 
@@ -411,8 +373,8 @@ async fn cancel(State(g): G, h: HeaderMap, p: Result<Path<u64>, PathRejection>) 
 async fn inbound(State(g): G, h: HeaderMap, b: Result<Json<InboundBody>, JsonRejection>) -> ApiResult {
     g.authorize(&h, true)?;
     let Json(b) = b.map_err(json_rejection)?;
-    let (id, ls) = (b.receipt_id, lines(b.lines)?);
-    let a = g.mutate(|c| async move { c.inbound(id, &ls).await }).await?;
+    let (id, ls): (u64, &[Line]) = (b.receipt_id, &lines(b.lines)?);
+    let a = g.mutate(|c| async move { c.inbound(id, ls).await }).await?;
     Ok(applied("receipt_id", id, a, "received"))
 }
 
@@ -426,8 +388,8 @@ async fn reserve(State(g): G, h: HeaderMap, b: Result<Json<ReserveBody>, JsonRej
             "ttl_ms must be 1..=3600000",
         ));
     }
-    let (id, ttl, ls) = (b.hold_id, b.ttl_ms, lines(b.lines)?);
-    let a = g.mutate(|c| async move { c.reserve(id, ttl, &ls).await }).await?;
+    let (id, ttl, ls): (u64, u32, &[Line]) = (b.hold_id, b.ttl_ms, &lines(b.lines)?);
+    let a = g.mutate(|c| async move { c.reserve(id, ttl, ls).await }).await?;
     Ok(applied("hold_id", id, a, "held"))
 }
 

@@ -11,7 +11,8 @@ struct Args {
     /// HTTP address to serve on, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
-    /// stockd's address.
+    /// stockd's address, HOST:PORT; several, comma-separated, for a
+    /// replicated stockd: the gateway follows the primary among them.
     #[arg(long, default_value = "127.0.0.1:7400")]
     stockd: String,
     /// File of accepted API keys, one per line; mutating endpoints then need
@@ -89,7 +90,14 @@ fn main() -> ExitCode {
             }
             tracing::info!("shutting down");
         };
-        match serve(listener, Gateway::new(cfg), shutdown).await {
+        let gateway = match Gateway::new(cfg) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("stock-gateway: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match serve(listener, gateway, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("stock-gateway: {e}");

@@ -71,7 +71,8 @@ async fn gateway(
     api_keys: Vec<String>,
     protect_reads: bool,
 ) -> (SocketAddr, Arc<Gateway>) {
-    let g = Gateway::new(Config { stockd: stockd.to_string(), stockd_token: None, api_keys, protect_reads });
+    let g = Gateway::new(Config { stockd: stockd.to_string(), stockd_token: None, api_keys, protect_reads })
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let gw = g.clone();

@@ -248,6 +248,56 @@ pub fn delete_segments_through(dir: &Path, lsn: u64) -> Result<usize, Error> {
     Ok(deleted)
 }
 
+/// Cuts the log after record `lsn`: later segments are deleted and the one
+/// holding `lsn` is truncated after it, durably. For a replicated server
+/// whose tail the replication topic never confirmed (docs/ha.md); never on a
+/// running server's directory. Returns the records cut.
+pub fn truncate_after(dir: &Path, lsn: u64) -> Result<u64, Error> {
+    let mut cut = 0;
+    let mut keep_until: Option<(PathBuf, u64)> = None;
+    for (first, path) in list_segments(dir)? {
+        if first > lsn {
+            let mut records = 0;
+            scan_file(&path, first, |_| records += 1)?;
+            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            cut += records;
+            continue;
+        }
+        // The last segment starting at or below lsn + 1 holds the cut.
+        let (mut pos, mut records_after) = (0u64, 0u64);
+        scan_file(&path, first, |(rec, end)| {
+            if rec.lsn <= lsn {
+                pos = end;
+            } else {
+                records_after += 1;
+            }
+        })?;
+        cut += records_after;
+        keep_until = Some((path, pos));
+    }
+    if let Some((path, pos)) = keep_until {
+        let f = OpenOptions::new().write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        if f.metadata().map_err(|e| Error::io(&path, e))?.len() > pos {
+            f.set_len(pos).and_then(|_| f.sync_all()).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    sync_dir(dir)?;
+    Ok(cut)
+}
+
+/// Good records of one segment file with the offset just past each.
+fn scan_file(path: &Path, first_lsn: u64, mut each: impl FnMut((Record<'_>, u64))) -> Result<(), Error> {
+    let mut data = Vec::new();
+    File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|e| Error::io(path, e))?;
+    let (mut pos, mut want) = (0usize, first_lsn);
+    while let Some((rec, len)) = parse_record(&data[pos..]).filter(|(r, _)| r.lsn == want) {
+        pos += len;
+        want += 1;
+        each((rec, pos as u64));
+    }
+    Ok(())
+}
+
 /// Writes one record at `lsn` in a segment of its own and makes it durable,
 /// for what a server logs before its writer starts (the shard layout).
 /// `lsn` must be the next LSN replay reported; returns the one after it.

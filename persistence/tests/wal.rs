@@ -160,3 +160,26 @@ fn snapshot_set_and_manifest() {
     std::fs::write(&path, data).unwrap();
     assert!(matches!(snapshot::read_snapshot(dir.path(), 9, 0, 2), Err(Error::Corrupt(_))));
 }
+
+#[test]
+fn truncate_after_cuts_across_segments_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = WalConfig::new(dir.path());
+    for first in [1, 16, 31, 46] {
+        write_records(cfg.clone(), first, 15); // a segment each
+    }
+    assert_eq!(wal::list_segments(dir.path()).unwrap().len(), 4);
+    assert_eq!(wal::truncate_after(dir.path(), 23).unwrap(), 37);
+    let (recs, end) = replay_all(dir.path(), 0);
+    assert_eq!(recs.len(), 23);
+    assert_eq!(end.next_lsn, 24);
+    assert_eq!(end.torn_bytes, 0);
+    assert_eq!(recs[22].payload, b"payload 7"); // the second segment's eighth
+                                                // Nothing to cut: a no-op; and the log continues where it was cut.
+    assert_eq!(wal::truncate_after(dir.path(), 23).unwrap(), 0);
+    write_records(cfg, 24, 5);
+    let (recs, end) = replay_all(dir.path(), 0);
+    assert_eq!((recs.len(), end.next_lsn), (28, 29));
+    assert_eq!(wal::truncate_after(dir.path(), 0).unwrap(), 28);
+    assert_eq!(replay_all(dir.path(), 0).0.len(), 0);
+}

@@ -69,6 +69,9 @@ pub enum Status {
     Overloaded = 8,
     Internal = 9,
     Conflict = 10,
+    /// A replicated server that is not the primary: a standby, or a primary
+    /// that another node replaced. The message names the primary if known.
+    NotPrimary = 11,
 }
 
 impl Status {
@@ -86,6 +89,7 @@ impl Status {
             8 => Overloaded,
             9 => Internal,
             10 => Conflict,
+            11 => NotPrimary,
             _ => return None,
         })
     }
@@ -105,6 +109,7 @@ impl Status {
             Overloaded => "overloaded",
             Internal => "internal",
             Conflict => "conflict",
+            NotPrimary => "not_primary",
         }
     }
 }

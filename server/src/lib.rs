@@ -14,6 +14,7 @@ pub mod event_loop;
 pub mod listeners;
 pub mod metrics;
 pub mod recovery;
+pub mod replication;
 pub mod server;
 pub mod shard;
 pub mod state;

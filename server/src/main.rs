@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use stockd::replication::ReplicationConfig;
 use stockd::state::IdLimits;
 use stockd::{Config, SinkConfig};
 use stockd_sinks::cassandra::CassandraConfig;
@@ -80,6 +81,27 @@ struct Args {
     /// A sink more log records behind than this is logged loudly (stockd keeps serving).
     #[arg(long, env = "STOCKD_SINK_LAG_LIMIT", default_value_t = 1_000_000)]
     sink_lag_limit_records: u64,
+    /// Replicate through the Kafka brokers of --kafka-brokers (docs/ha.md):
+    /// the first node of a topic becomes the primary; a node that another
+    /// one replaced rejoins as a standby. Mutations are acknowledged once
+    /// the topic holds them. The sinks do not run with replication yet.
+    #[arg(long, requires = "kafka_brokers")]
+    replicate: bool,
+    /// Replicate as a standby: serve reads, refuse mutations, take over when
+    /// the primary has been silent for --failover-timeout-ms.
+    #[arg(long, requires = "kafka_brokers", conflicts_with = "replicate")]
+    standby: bool,
+    /// The replication topic (one partition used).
+    #[arg(long, env = "STOCKD_REPLICATION_TOPIC", default_value = "stock.log")]
+    replication_topic: String,
+    /// A standby caught up with the topic takes over after the primary has
+    /// been silent this long.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..))]
+    failover_timeout_ms: u64,
+    /// The address clients reach this server at, named to them when it is
+    /// the primary (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 /// HOST:PORT with HOST a name or an address, to the address to listen on:
@@ -123,8 +145,19 @@ fn main() {
     cfg.max_connections = args.max_connections.unwrap_or(cfg.max_connections);
     cfg.partial_frame_timeout = Duration::from_secs(args.partial_frame_timeout_secs);
     cfg.metrics_listen = args.metrics_listen;
+    if args.replicate || args.standby {
+        let brokers = args.kafka_brokers.clone().expect("clap requires --kafka-brokers");
+        let advertise = args.advertise.clone().unwrap_or_else(|| args.listen.to_string());
+        let mut r = ReplicationConfig::new(brokers, advertise);
+        r.topic = args.replication_topic.clone();
+        r.topic_replication = args.kafka_replication;
+        r.standby = args.standby;
+        r.failover_timeout = Duration::from_millis(args.failover_timeout_ms);
+        cfg.replication = Some(r);
+    }
+    let events_sink = !(args.replicate || args.standby);
     cfg.sinks = SinkConfig {
-        kafka: args.kafka_brokers.map(|brokers| KafkaConfig {
+        kafka: args.kafka_brokers.filter(|_| events_sink).map(|brokers| KafkaConfig {
             brokers,
             topic_prefix: args.kafka_topic_prefix,
             partitions: args.kafka_partitions,

@@ -22,7 +22,12 @@ use crate::event_loop::shard_main;
 use crate::listeners::Listeners;
 use crate::metrics::{self, Observed};
 use crate::recovery::{recover, Recovered};
-use crate::shard::commits::{route_commits, SnapshotPolicy};
+use crate::replication::envelope::{Envelope, Kind};
+use crate::replication::kafka::{spawn_producer, Outgoing};
+use crate::replication::reader::{self, ReaderParts, ReaderThread};
+use crate::replication::{sync, Replica, ReplicationConfig};
+use crate::shard::commits::{Router, SnapshotPolicy};
+use crate::shard::mailbox::WalToken;
 use crate::shard::shared::SnapshotPart;
 use crate::shard::{now_ms, Mailbox, ShardStats, Shared, MAX_SHARDS};
 use crate::state::{IdLimits, LogRecord, Store};
@@ -50,6 +55,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where the log streams to (none by default).
     pub sinks: SinkConfig,
+    /// Replication through Kafka, primary and standbys (docs/ha.md); off by default.
+    pub replication: Option<ReplicationConfig>,
 }
 
 /// The downstream systems the log streams to.
@@ -114,6 +121,7 @@ impl Config {
             partial_frame_timeout: Duration::from_secs(10),
             metrics_listen: None,
             sinks: SinkConfig::default(),
+            replication: None,
         }
     }
 }
@@ -130,6 +138,8 @@ pub struct Running {
     wal_thread: JoinHandle<()>,
     snapshot_thread: JoinHandle<()>,
     sinks: Runners,
+    /// A replicating server's reader and producer threads.
+    replication: Option<(ReaderThread, JoinHandle<()>)>,
     _lock: File,
     _port_claim: Option<File>,
 }
@@ -153,6 +163,11 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         return Err(format!("--shards must be between 1 and {MAX_SHARDS}, not {n}"));
     }
     cfg.sinks.check()?;
+    let sinks_configured =
+        cfg.sinks.kafka.is_some() || cfg.sinks.redis_url.is_some() || cfg.sinks.cassandra.is_some();
+    if cfg.replication.is_some() && sinks_configured {
+        return Err("the sinks (Kafka events, Redis, Cassandra) do not run with replication yet: start a replicating server without them (docs/ha.md)".into());
+    }
     // Ports first: a server that cannot have its ports leaves no trace.
     let mut listeners = Listeners::bind(cfg.listen, n, cfg.shard_port_base)?;
     let dir = &cfg.data_dir;
@@ -163,7 +178,14 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     let lock = File::create(dir.join("LOCK")).map_err(|e| format!("{}: {e}", dir.display()))?;
     lock.try_lock().map_err(|_| format!("{} is in use by another stockd", dir.display()))?;
     let id = server_id(dir)?;
-    let (stores, rec) = recover_and_log_layout(dir, n, cfg.ids)?;
+    // A replicating server first cuts what the topic never confirmed.
+    let synced = cfg.replication.as_ref().map(|r| sync::sync(r, dir, id)).transpose()?;
+    // The layout record starts a log; a replicated log has the primary's.
+    let layout = match (&cfg.replication, &synced) {
+        (Some(r), Some((_, history))) if *history || r.standby => LayoutRecord::Primary,
+        _ => LayoutRecord::Own,
+    };
+    let (stores, rec) = recover_and_log_layout(dir, n, cfg.ids, layout)?;
     let (addr, shard_ports) = (listeners.addr, listeners.shard_ports.clone());
     let sinks = make_sinks(&cfg.sinks, id)?;
     // Every row as the log's durable end leaves it: where the sinks' readers start.
@@ -194,12 +216,44 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     // Records count from the last snapshot, not from this start: a server
     // restarted again and again (a crash loop) still snapshots once the log
     // tail is long, instead of replaying an ever longer tail.
-    let mut policy = SnapshotPolicy::new(interval, min_records, rec.snapshot_lsn, stats.clone());
-    let mb = mailboxes.clone();
-    let (wal, wal_thread) = Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch| {
-        route_commits(&mb, batch, |lsn| policy.due(lsn))
-    })
-    .map_err(|e| e.to_string())?;
+    let policy = SnapshotPolicy::new(interval, min_records, rec.snapshot_lsn, stats.clone());
+    let mut router = Router { mailboxes: mailboxes.clone(), policy };
+    let replica = cfg.replication.as_ref().map(|_| Arc::new(Replica::new(id)));
+    let (wal, wal_thread, replication) = match (&cfg.replication, &replica, synced) {
+        (Some(r), Some(replica), Some((start, _))) => {
+            let producer = spawn_producer(r, replica.clone())?;
+            let (commits_tx, commits) = crossbeam::channel::unbounded();
+            let (to_topic, on_commit_replica) = (producer.tx.clone(), replica.clone());
+            let (wal, wal_thread) =
+                Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch| {
+                    send_own_records(&to_topic, &on_commit_replica, &batch);
+                    let _ = commits_tx.send(batch);
+                })
+                .map_err(|e| e.to_string())?;
+            let parts = ReaderParts {
+                cfg: r.clone(),
+                dir: dir.clone(),
+                replica: replica.clone(),
+                start,
+                local_end: rec.next_lsn - 1,
+                shards: n,
+                wal: wal.clone(),
+                commits,
+                router,
+                producer: producer.tx,
+            };
+            let reader = reader::spawn(parts)?;
+            (wal, wal_thread, Some((reader, producer.thread)))
+        }
+        _ => {
+            let (wal, wal_thread) =
+                Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch| {
+                    router.route(batch)
+                })
+                .map_err(|e| e.to_string())?;
+            (wal, wal_thread, None)
+        }
+    };
     let mut sink_cfg = RunnerConfig::new(dir);
     sink_cfg.lag_limit_records = cfg.sinks.lag_limit_records;
     let sinks = Runners::start(sink_cfg, sinks, &levels, wal.durable.clone(), &retention)?;
@@ -212,6 +266,7 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         stop: AtomicBool::new(false),
         snapshots: snap_tx,
         max_connections: cfg.max_connections,
+        replica,
     });
     let hello = HelloInfo {
         server_id: id,
@@ -237,6 +292,7 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         wal_thread,
         snapshot_thread,
         sinks,
+        replication,
         _lock: lock,
         _port_claim: port_claim,
     })
@@ -257,11 +313,54 @@ fn make_sinks(cfg: &SinkConfig, server_id: u64) -> Result<Vec<Box<dyn Sink>>, St
     Ok(sinks)
 }
 
+/// A replicating primary sends the mutations it logged to the topic, in the
+/// epoch it leads (a replaced one's are ignored by every reader).
+fn send_own_records(
+    to_topic: &crossbeam::channel::Sender<Outgoing>,
+    replica: &Replica,
+    batch: &[wal::Committed<WalToken>],
+) {
+    let (epoch, node) = (replica.epoch(), replica.node);
+    let records: Vec<(u64, Vec<u8>)> = batch
+        .iter()
+        .filter(|c| matches!(c.token, WalToken::Own { .. }))
+        .map(|c| {
+            let env =
+                Envelope { kind: Kind::Data, epoch, lsn: c.lsn, ts_ms: c.ts_ms, node, body: &c.payload };
+            (c.lsn, env.to_vec())
+        })
+        .collect();
+    if !records.is_empty() {
+        let _ = to_topic.send(Outgoing::Data(records));
+    }
+}
+
+/// Who writes the layout record a log needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LayoutRecord {
+    /// This server, before it serves.
+    Own,
+    /// A replicated log takes the primary's: a start may not change it.
+    Primary,
+}
+
 /// Recovers the stores; logs the layout first if this start changes it.
-fn recover_and_log_layout(dir: &Path, n: usize, ids: IdLimits) -> Result<(Vec<Store>, Recovered), String> {
+fn recover_and_log_layout(
+    dir: &Path,
+    n: usize,
+    ids: IdLimits,
+    layout: LayoutRecord,
+) -> Result<(Vec<Store>, Recovered), String> {
     let t = Instant::now();
     let (stores, mut rec) = recover(dir, n, ids)?;
-    if rec.needs_layout_record {
+    let empty = rec.next_lsn == 1 && rec.snapshot_lsn == 0;
+    if rec.needs_layout_record && layout == LayoutRecord::Primary && !empty {
+        return Err(format!(
+            "{} holds a replicated log written with another shard count than --shards {n}: start this node with the primary's shard count",
+            dir.display()
+        ));
+    }
+    if rec.needs_layout_record && layout == LayoutRecord::Own {
         // Before any record of this process: replay must know which shard
         // owned each id when it decided what to forget.
         let ts_ms = now_ms().max(rec.last_ts_ms);
@@ -371,7 +470,16 @@ impl Running {
     /// Stops accepting, drops connections, lets the log writer finish what
     /// it was given, and waits for every thread.
     pub fn shutdown(self) {
-        let Running { shared, shard_threads, wal_thread, snapshot_thread, metrics_thread, sinks, .. } = self;
+        let Running {
+            shared,
+            shard_threads,
+            wal_thread,
+            snapshot_thread,
+            metrics_thread,
+            sinks,
+            replication,
+            ..
+        } = self;
         shared.stop.store(true, Relaxed);
         for mb in shared.mailboxes.iter() {
             mb.notify.notify_one();
@@ -379,10 +487,15 @@ impl Running {
         for h in shard_threads {
             let _ = h.join();
         }
+        // The reader holds a log handle and the producer's queue.
+        let producer = replication.map(|(reader, producer)| {
+            reader.stop();
+            producer
+        });
         // The shard threads are gone; with the last Shared goes the last Wal
         // handle, so the writer drains its queue and exits.
         drop(shared);
-        for h in [wal_thread, snapshot_thread].into_iter().chain(metrics_thread) {
+        for h in [wal_thread, snapshot_thread].into_iter().chain(metrics_thread).chain(producer) {
             let _ = h.join();
         }
         // Last: the sinks get what the writer made durable before it stopped.

@@ -215,12 +215,17 @@ impl Shard {
                     self.store.prefetch_rows(chunk.iter().map(|c| &*c.m));
                     self.store.prefetch_ids(chunk.iter().map(|c| &*c.m));
                     for c in chunk {
-                        self.store.apply(Some(c.txn), c.lsn, c.ts_ms, &c.m);
+                        self.store.apply(c.txn, c.lsn, c.ts_ms, &c.m);
                     }
                 }
                 let s = self.stats();
                 s.rows.store(self.store.row_count() as u64, Relaxed);
                 s.ids.store(self.store.id_count() as u64, Relaxed);
+            }
+            Internal::Fenced { txns, message } => {
+                for txn in txns {
+                    self.fence(txn, &message);
+                }
             }
             Internal::Answer(list) => {
                 for (txn, lsn) in list {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stockd_persistence::wal::Committed;
+use stockd_protocol::shard_of;
 
 use super::mailbox::{Commit, Internal, Mailbox, WalToken};
 use super::shared::ShardStats;
@@ -27,14 +28,22 @@ pub fn route_commits(
     let mut answers: Vec<Vec<(u64, u64)>> = (0..n).map(|_| Vec::new()).collect();
     let last_lsn = batch.last().map_or(0, |c| c.lsn);
     for c in batch {
-        let t = c.token;
-        let involved = t.participants | 1 << t.coord;
+        let (txn, involved, m) = match c.token {
+            WalToken::Own { txn, coord, participants, m } => {
+                answers[coord].push((txn, c.lsn));
+                (Some(txn), participants | 1 << coord, m)
+            }
+            WalToken::Replicated(Some(m)) => {
+                let owners = m.lines.iter().fold(0u64, |acc, l| acc | 1 << shard_of(l.key.item, n));
+                (None, owners | 1 << shard_of(m.owner_id(), n), m)
+            }
+            WalToken::Replicated(None) => continue,
+        };
         for (i, list) in applies.iter_mut().enumerate() {
             if involved & (1 << i) != 0 {
-                list.push(Commit { txn: t.txn, lsn: c.lsn, ts_ms: c.ts_ms, m: t.m.clone() });
+                list.push(Commit { txn, lsn: c.lsn, ts_ms: c.ts_ms, m: m.clone() });
             }
         }
-        answers[t.coord].push((t.txn, c.lsn));
     }
     for (mb, list) in mailboxes.iter().zip(applies) {
         if !list.is_empty() {
@@ -53,6 +62,37 @@ pub fn route_commits(
     }
     for mb in mailboxes {
         mb.notify.notify_one();
+    }
+}
+
+/// Routes group commits with the snapshot policy: from the log writer's
+/// callback, or, on a replicating server, from the replication reader.
+pub struct Router {
+    pub mailboxes: Arc<Vec<Mailbox>>,
+    pub policy: SnapshotPolicy,
+}
+
+impl Router {
+    pub fn route(&mut self, batch: Vec<Committed<WalToken>>) {
+        let policy = &mut self.policy;
+        route_commits(&self.mailboxes, batch, |lsn| policy.due(lsn));
+    }
+}
+
+/// Logged records that will never be confirmed (this server is no longer
+/// the primary): their coordinators release what they reserved and answer
+/// NOT_PRIMARY. Nothing is applied.
+pub fn fence_commits(mailboxes: &[Mailbox], batch: Vec<Committed<WalToken>>, message: &Arc<str>) {
+    let mut txns: Vec<Vec<u64>> = (0..mailboxes.len()).map(|_| Vec::new()).collect();
+    for c in batch {
+        if let WalToken::Own { txn, coord, .. } = c.token {
+            txns[coord].push(txn);
+        }
+    }
+    for (mb, txns) in mailboxes.iter().zip(txns) {
+        if !txns.is_empty() {
+            mb.push_internal(Internal::Fenced { txns, message: message.clone() });
+        }
     }
 }
 

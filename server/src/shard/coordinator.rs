@@ -51,6 +51,10 @@ impl Shard {
         // anything: a client may send this right after an acknowledgement.
         self.drain_internal();
         let expiry = matches!(cmd, Command::Release { expired: true, .. });
+        if let Some(r) = self.shared.replica.as_ref().filter(|r| !r.may_write()) {
+            self.stats().errors.fetch_add(1, Relaxed);
+            return send(&reply, error_frame(op, request_id, Status::NotPrimary, &r.not_primary()));
+        }
         if self.txns.len() >= MAX_TXNS {
             self.stats().overloaded.fetch_add(1, Relaxed);
             let msg = "too many mutations in flight on this shard; retry";
@@ -165,7 +169,7 @@ impl Shard {
         }
         let mut payload = Vec::with_capacity(16 + 16 * t.m.lines.len());
         t.m.encode(&mut payload);
-        let token = WalToken { txn, coord: self.index, participants: t.participants, m: t.m.clone() };
+        let token = WalToken::Own { txn, coord: self.index, participants: t.participants, m: t.m.clone() };
         if let Err((e, _)) = self.shared.wal.try_submit(payload, token) {
             self.abort_everywhere(txn);
             let resp = Response::Error {
@@ -189,6 +193,15 @@ impl Shard {
                     self.mailbox(i).push_internal(Internal::Abort { txn });
                 }
             }
+        }
+    }
+
+    /// The record of `txn` is logged here but will never be confirmed by the
+    /// replication topic: another node is the primary (docs/ha.md).
+    pub(super) fn fence(&mut self, txn: u64, message: &str) {
+        if self.txns.contains_key(&txn) {
+            self.abort_everywhere(txn);
+            self.finish(txn, &Response::Error { status: Status::NotPrimary, message: message.into() });
         }
     }
 
@@ -224,6 +237,9 @@ impl Shard {
 
     /// Starts the release of holds whose deadline has passed.
     pub fn expire_holds(&mut self) {
+        if self.shared.replica.as_ref().is_some_and(|r| !r.may_write()) {
+            return; // the primary releases them, and this node applies its records
+        }
         let now = now_ms();
         for id in self.store.expired_holds(now, EXPIRY_BATCH) {
             if !self.busy_ids.contains(&IdKey::OrderOrHold(id)) {

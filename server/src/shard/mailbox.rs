@@ -63,23 +63,35 @@ pub enum Internal {
     Answer(Vec<(u64, u64)>),
     /// Serialize the store: every record up to `lsn` has been applied before this mark.
     Snapshot { lsn: u64 },
+    /// Logged records this shard coordinated that the replication topic will
+    /// never confirm (another node became the primary): drop what they
+    /// reserved and answer NOT_PRIMARY with `message`.
+    Fenced { txns: Vec<u64>, message: Arc<str> },
 }
 
 /// A durable record for one shard to apply.
 pub struct Commit {
-    pub txn: u64,
+    /// The mutation's transaction on this server; none for a record of the
+    /// primary's history that a standby applies (nothing was prepared here).
+    pub txn: Option<u64>,
     pub lsn: u64,
     pub ts_ms: u64,
     pub m: Arc<Mutation>,
 }
 
-/// What the coordinator hands the log with each record.
-pub struct WalToken {
-    pub txn: u64,
-    pub coord: usize,
-    /// Bit i: shard i owns a line of the mutation.
-    pub participants: u64,
-    pub m: Arc<Mutation>,
+/// What the log writer hands back with each record.
+pub enum WalToken {
+    /// A mutation this server coordinates: applied, then answered.
+    Own {
+        txn: u64,
+        coord: usize,
+        /// Bit i: shard i owns a line of the mutation.
+        participants: u64,
+        m: Arc<Mutation>,
+    },
+    /// A record of the primary's history that this standby logs and applies
+    /// (replication, docs/ha.md); `None`: a layout record, nothing to apply.
+    Replicated(Option<Arc<Mutation>>),
 }
 
 pub struct Mailbox {

@@ -42,6 +42,8 @@ pub struct Shared {
     pub snapshots: crossbeam::channel::Sender<SnapshotPart>,
     /// Client connections open at once, over all shards.
     pub max_connections: usize,
+    /// The role of a replicating server (none: not replicating).
+    pub replica: Option<Arc<crate::replication::Replica>>,
 }
 
 impl Shared {

@@ -38,6 +38,7 @@ fn shared_with(
         stop: AtomicBool::new(false),
         snapshots,
         max_connections: 100,
+        replica: None,
     })
 }
 

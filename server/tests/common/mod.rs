@@ -114,6 +114,21 @@ impl Daemon {
         client_at(self.port).await
     }
 
+    /// SIGSTOP: the process stops answering, its sockets stay open, until [`Daemon::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        let ok = std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// SIGKILL: no chance to flush or snapshot anything.
     pub fn kill_9(mut self) {
         self.child.kill().expect("SIGKILL");
@@ -139,6 +154,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

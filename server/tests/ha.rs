@@ -1,0 +1,372 @@
+//! Replication through a real Kafka-protocol broker (tansu) between real
+//! `stockd` processes on 127.0.0.1 (docs/ha.md): a standby takes over when
+//! the primary is killed, a primary that was replaced acknowledges nothing
+//! the topic did not confirm and rejoins after a restart, and of two
+//! standbys racing to take over exactly one serves.
+//!
+//! Every mutation the load sends is journaled with what its client saw;
+//! afterwards every acknowledged one must answer DUPLICATE on the new
+//! primary, and every row must equal its initial stock plus the inbounds
+//! and less the orders that were applied, exactly.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::servers::Kafka;
+use common::{client_at, free_port, Daemon};
+use stockd_client::{Applied, Client, Error, Key, Line, Options, Replicated, Status};
+
+const ITEMS: u64 = 16;
+const INITIAL: u32 = 1_000;
+const FAILOVER_MS: u64 = 1_000;
+/// An item nobody stocks: an order for it is refused by a primary, and
+/// answered NOT_PRIMARY by any other node, without changing anything.
+const PROBE_ITEM: u64 = 1 << 40;
+
+/// One test at a time: each runs a broker and two or three servers.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn node(dir: &std::path::Path, port: u16, kafka: &Kafka, role: &str) -> Daemon {
+    let brokers = kafka.brokers();
+    let timeout = FAILOVER_MS.to_string();
+    let args = ["--shards", "2", "--kafka-brokers", &brokers, role, "--failover-timeout-ms", &timeout];
+    Daemon::spawn(dir, port, &args)
+}
+
+/// Waits until the server on `port` takes mutations; returns how long that took.
+async fn until_primary(port: u16, limit: Duration) -> Duration {
+    let t = Instant::now();
+    let c = client_at(port).await;
+    loop {
+        match c.order(u64::MAX - 1, &[Line::new(PROBE_ITEM, 1, 1)]).await {
+            Err(Error::Insufficient { .. }) => return t.elapsed(),
+            Err(Error::Server { status: Status::NotPrimary, .. }) => {}
+            other => panic!("probe order: {other:?}"),
+        }
+        assert!(t.elapsed() < limit, "127.0.0.1:{port} did not become the primary within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The answer a non-primary gives, with the message.
+async fn not_primary(port: u16) -> Option<String> {
+    let c = client_at(port).await;
+    match c.order(u64::MAX - 1, &[Line::new(PROBE_ITEM, 1, 1)]).await {
+        Err(Error::Server { status: Status::NotPrimary, message }) => Some(message),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Sent {
+    order: bool,
+    id: u64,
+    lines: Vec<Line>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fate {
+    Acked,
+    /// Refused: nothing applied (short of stock, or NOT_PRIMARY).
+    Refused,
+    /// The connection died with the answer.
+    Unknown,
+}
+
+async fn send(c: &Client, s: &Sent) -> Result<Applied, Error> {
+    if s.order {
+        c.order(s.id, &s.lines).await
+    } else {
+        c.inbound(s.id, &s.lines).await
+    }
+}
+
+type Journal = Arc<Mutex<Vec<(Sent, Fate)>>>;
+
+/// Concurrent orders and inbounds with fresh ids until `stop`, or until
+/// a task's connection dies or it is refused NOT_PRIMARY.
+fn load(
+    c: &Client,
+    tasks: u64,
+    seed: u64,
+    journal: &Journal,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..tasks)
+        .map(|w| {
+            let (c, journal, stop) = (c.clone(), journal.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut rng = (seed << 8 | w).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                let mut next = || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                for n in 0.. {
+                    if stop.load(Relaxed) {
+                        return;
+                    }
+                    let id = seed << 48 | w << 32 | n;
+                    let order = next() % 4 != 0;
+                    let lines = (0..1 + next() % 2)
+                        .map(|_| Line::new(next() % ITEMS, 1, 1 + (next() % 3) as u32))
+                        .collect();
+                    let s = Sent { order, id, lines };
+                    let (fate, last) = match send(&c, &s).await {
+                        Ok(Applied::New { .. }) => (Fate::Acked, false),
+                        Err(Error::Insufficient { .. }) => (Fate::Refused, false),
+                        Err(Error::Server { status: Status::NotPrimary, .. }) => (Fate::Refused, true),
+                        Err(Error::Server { status: Status::Overloaded, .. }) => (Fate::Refused, false),
+                        Ok(Applied::Duplicate { .. }) => panic!("fresh id {id} answered DUPLICATE"),
+                        Err(_) => (Fate::Unknown, true),
+                    };
+                    journal.lock().unwrap().push((s, fate));
+                    if last {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn acked_at_least(journal: &Journal, n: usize) {
+    let t = Instant::now();
+    let acked = || journal.lock().unwrap().iter().filter(|(_, f)| *f == Fate::Acked).count();
+    while acked() < n {
+        assert!(t.elapsed() < Duration::from_secs(60), "only {} acknowledgements in 60 s", acked());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every acknowledged mutation answers DUPLICATE on `c`; unanswered ones
+/// are retried; every row adds up. Returns (acknowledged, unanswered).
+async fn account(c: &Client, journal: &[(Sent, Fate)]) -> (usize, usize) {
+    let mut expected: HashMap<u64, i64> = (0..ITEMS).map(|i| (i, INITIAL as i64)).collect();
+    let (mut acked, mut unknown) = (0, 0);
+    for (s, fate) in journal {
+        let applied = match fate {
+            Fate::Refused => false,
+            Fate::Acked => {
+                acked += 1;
+                let again = send(c, s).await;
+                assert!(matches!(again, Ok(Applied::Duplicate { .. })), "acknowledged {s:?} lost: {again:?}");
+                true
+            }
+            Fate::Unknown => {
+                unknown += 1;
+                match send(c, s).await {
+                    Ok(_) => true,
+                    Err(Error::Insufficient { .. }) => false,
+                    other => panic!("retry of {s:?}: {other:?}"),
+                }
+            }
+        };
+        if applied {
+            for l in &s.lines {
+                let q = l.qty as i64;
+                *expected.get_mut(&l.key.item).unwrap() += if s.order { -q } else { q };
+            }
+        }
+    }
+    let keys: Vec<Key> = (0..ITEMS).map(|i| Key { item: i, fc: 1 }).collect();
+    let got = c.query_batch(&keys).await.unwrap();
+    for (k, g) in keys.iter().zip(got) {
+        assert_eq!(g as i64, expected[&k.item], "item {}", k.item);
+    }
+    (acked, unknown)
+}
+
+async fn stock(c: &Client) {
+    let initial: Vec<Line> = (0..ITEMS).map(|i| Line::new(i, 1, INITIAL)).collect();
+    c.inbound(u64::MAX, &initial).await.unwrap();
+}
+
+/// Every row as `port` answers it.
+async fn rows(port: u16) -> Vec<u64> {
+    let keys: Vec<Key> = (0..ITEMS).map(|i| Key { item: i, fc: 1 }).collect();
+    client_at(port).await.query_batch(&keys).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_after_kill_9_with_every_acknowledgement() {
+    let _serial = SERIAL.lock().await;
+    let kafka = Kafka::start();
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_port, b_port) = (free_port(), free_port());
+    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
+    until_primary(a_port, Duration::from_secs(20)).await;
+    let b = node(b_dir.path(), b_port, &kafka, "--standby");
+    let c = client_at(a_port).await;
+    stock(&c).await;
+    let t = Instant::now();
+    loop {
+        let message = not_primary(b_port).await.expect("a standby refuses mutations");
+        if message.contains(&format!("127.0.0.1:{a_port}")) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the standby never named the primary: {message}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (journal, stop): (Journal, _) = Default::default();
+    let tasks = load(&c, 16, 1, &journal, &stop);
+    acked_at_least(&journal, 1_500).await;
+    a.kill_9();
+    let killed = Instant::now();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    until_primary(b_port, Duration::from_secs(20)).await;
+    let failover = killed.elapsed();
+    assert!(
+        failover < Duration::from_millis(FAILOVER_MS + 2_000),
+        "the standby took over {failover:?} after the kill (timeout {FAILOVER_MS} ms)"
+    );
+    let journal = std::mem::take(&mut *journal.lock().unwrap());
+    let (acked, unknown) = account(&client_at(b_port).await, &journal).await;
+    eprintln!("failover: {acked} acknowledged by the old primary, all there; {unknown} unanswered; serving after {failover:?}");
+    drop(b);
+}
+
+/// Waits until `port` answers every row as `want`.
+async fn converges(port: u16, want: &[u64]) {
+    let t = Instant::now();
+    loop {
+        let got = rows(port).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "127.0.0.1:{port} shows {got:?}, the primary {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_primary_acknowledges_nothing_unconfirmed_and_rejoins_after_restart() {
+    let _serial = SERIAL.lock().await;
+    let kafka = Kafka::start();
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_port, b_port) = (free_port(), free_port());
+    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
+    until_primary(a_port, Duration::from_secs(20)).await;
+    let b = node(b_dir.path(), b_port, &kafka, "--standby");
+    let c = client_at(a_port).await;
+    stock(&c).await;
+    client_at(b_port).await; // the standby is up before the primary goes quiet
+
+    // The primary stops answering (SIGSTOP) with mutations in flight: the
+    // standby takes over; when the old primary wakes up, the topic has a
+    // newer epoch, and what it logged meanwhile is never acknowledged.
+    let (journal, stop): (Journal, _) = Default::default();
+    let tasks = load(&c, 16, 2, &journal, &stop);
+    acked_at_least(&journal, 1_000).await;
+    a.pause();
+    until_primary(b_port, Duration::from_secs(20)).await;
+    a.resume();
+    for t in tasks {
+        t.await.unwrap(); // every task ends on NOT_PRIMARY
+    }
+    let message = not_primary(a_port).await.expect("the replaced primary refuses mutations");
+    assert!(message.contains("replaced") && message.contains(&format!("127.0.0.1:{b_port}")), "{message}");
+    let journal = std::mem::take(&mut *journal.lock().unwrap());
+    let refused = journal.iter().filter(|(_, f)| *f == Fate::Refused).count();
+    let (acked, unknown) = account(&client_at(b_port).await, &journal).await;
+    assert_eq!(unknown, 0, "every request had an answer");
+    eprintln!("replaced primary: {acked} acknowledged, all on the new primary; {refused} refused");
+
+    // New mutations on the new primary; the old one restarts, cuts what the
+    // topic never confirmed, and follows as a standby.
+    let cb = client_at(b_port).await;
+    cb.inbound(u64::MAX - 7, &[Line::new(3, 1, 11)]).await.unwrap();
+    a.terminate();
+    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
+    let want = rows(b_port).await;
+    converges(a_port, &want).await;
+    assert!(not_primary(a_port).await.expect("rejoined as a standby").contains("standby"));
+    cb.order(u64::MAX - 8, &[Line::new(3, 1, 5)]).await.unwrap();
+    converges(a_port, &rows(b_port).await).await;
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_standbys_racing_to_take_over_exactly_one_serves() {
+    let _serial = SERIAL.lock().await;
+    let kafka = Kafka::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let a = node(dirs[0].path(), ports[0], &kafka, "--replicate");
+    until_primary(ports[0], Duration::from_secs(20)).await;
+    let b = node(dirs[1].path(), ports[1], &kafka, "--standby");
+    let s = node(dirs[2].path(), ports[2], &kafka, "--standby");
+    let c = client_at(ports[0]).await;
+    stock(&c).await;
+    c.order(5, &[Line::new(1, 1, 7)]).await.unwrap();
+    let want = rows(ports[0]).await;
+    converges(ports[1], &want).await;
+    converges(ports[2], &want).await;
+    a.kill_9();
+    // Both standbys see the same silence and both ask; the first promotion
+    // in the topic wins and the other follows it.
+    let t = Instant::now();
+    let winner = loop {
+        let mut serving = Vec::new();
+        for &p in &ports[1..] {
+            if not_primary(p).await.is_none() {
+                serving.push(p);
+            }
+        }
+        assert!(serving.len() <= 1, "two primaries: {serving:?}");
+        if let [p] = serving[..] {
+            break p;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no standby took over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let loser = if winner == ports[1] { ports[2] } else { ports[1] };
+    // Well past another failover timeout: still one primary, and the other names it.
+    tokio::time::sleep(Duration::from_millis(3 * FAILOVER_MS)).await;
+    let message = not_primary(loser).await.expect("the other stays a standby");
+    assert!(message.contains(&format!("127.0.0.1:{winner}")), "{message}");
+    assert!(not_primary(winner).await.is_none());
+    let cw = client_at(winner).await;
+    assert!(matches!(cw.order(5, &[Line::new(1, 1, 7)]).await, Ok(Applied::Duplicate { .. })));
+    cw.order(6, &[Line::new(1, 1, 2)]).await.unwrap();
+    converges(loser, &rows(winner).await).await;
+    drop((b, s));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_follows_the_primary_through_a_failover() {
+    let _serial = SERIAL.lock().await;
+    let kafka = Kafka::start();
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_port, b_port) = (free_port(), free_port());
+    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
+    until_primary(a_port, Duration::from_secs(20)).await;
+    let b = node(b_dir.path(), b_port, &kafka, "--standby");
+    client_at(b_port).await;
+    // The standby first: the client finds the primary by its NOT_PRIMARY answer.
+    let addrs = format!("127.0.0.1:{b_port},127.0.0.1:{a_port}");
+    let c = Replicated::new(&addrs, Options::default()).unwrap();
+    c.inbound(1, &[Line::new(1, 1, 100)]).await.unwrap();
+    for id in 2..50 {
+        assert!(matches!(c.order(id, &[Line::new(1, 1, 1)]).await, Ok(Applied::New { .. })));
+    }
+    a.kill_9();
+    // The caller sees no failover: the call waits for the new primary.
+    let t = Instant::now();
+    assert!(matches!(c.order(50, &[Line::new(1, 1, 1)]).await, Ok(Applied::New { .. })));
+    eprintln!("an order through the failover took {:?}", t.elapsed());
+    assert!(matches!(c.order(49, &[Line::new(1, 1, 1)]).await, Ok(Applied::Duplicate { .. })));
+    assert_eq!(c.query(1, 1).await.unwrap(), 100 - 49);
+    drop(b);
+}
