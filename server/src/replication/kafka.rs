@@ -67,7 +67,8 @@ pub fn reader(
         // An offset the topic no longer holds is an error, never a silent jump.
         .set("auto.offset.reset", "error")
         // A broker that does not answer a waiting fetch when data arrives
-        // (tansu) makes every read-back wait this long.
+        // (tansu) makes every read-back wait this long. (fetch.min.bytes
+        // 16 KiB, to fetch less often under load, measured no better here.)
         .set("fetch.wait.max.ms", "2")
         .set("socket.nagle.disable", "true")
         .create_with_context(ReaderContext)
@@ -80,8 +81,8 @@ pub fn reader(
 
 /// What the producer thread sends.
 pub enum Outgoing {
-    /// Envelopes of data records, in LSN order: (lsn, bytes).
-    Data(Vec<(u64, Vec<u8>)>),
+    /// Data messages in LSN order: (first lsn, last lsn, bytes).
+    Data(Vec<(u64, u64, Vec<u8>)>),
     /// A promotion of this node to the epoch in the envelope.
     Promote(Vec<u8>),
 }
@@ -144,9 +145,9 @@ fn produce_loop(
     loop {
         match rx.recv_timeout(every.min(Duration::from_millis(50))) {
             Ok(Outgoing::Data(records)) => {
-                for (lsn, bytes) in records {
+                for (_, last, bytes) in records {
                     send(producer, topic, &bytes);
-                    last_lsn = lsn;
+                    last_lsn = last;
                 }
                 last_sent = Instant::now();
             }

@@ -27,7 +27,7 @@ use rdkafka::Message;
 use stockd_persistence::wal::{self, Committed, Wal};
 use stockd_record::LogRecord;
 
-use super::envelope::{Envelope, Kind};
+use super::envelope::{data_messages, Envelope, Kind};
 use super::follower::{Follower, Step};
 use super::kafka::{self, Outgoing};
 use super::{Cursor, Replica, ReplicationConfig, Role};
@@ -199,18 +199,20 @@ impl Reader {
     }
 
     fn message(&mut self, offset: i64, payload: &[u8]) {
-        let e = match Envelope::decode(payload) {
-            Ok(e) => e,
+        let (e, records) = match Envelope::decode(payload) {
+            Ok(m) => m,
             Err(why) => {
                 tracing::warn!(offset, "replication: skipping a message no reader can use: {why}");
                 return;
             }
         };
-        match self.follower.step(&e) {
-            Step::Apply => {
+        match self.follower.step(&e, records.len()) {
+            Step::Apply { from } => {
                 self.last_alive = Instant::now();
                 if self.p.replica.role() == Role::Standby {
-                    self.log_replicated(&e);
+                    for (i, record) in records.iter().enumerate().skip(from) {
+                        self.log_replicated(e.lsn + i as u64, record);
+                    }
                 }
             }
             Step::Promoted => {
@@ -260,14 +262,14 @@ impl Reader {
     }
 
     /// A standby logs the history's next record at its own LSN.
-    fn log_replicated(&mut self, e: &Envelope<'_>) {
-        if e.lsn != self.submitted + 1 {
+    fn log_replicated(&mut self, lsn: u64, record: &[u8]) {
+        if lsn != self.submitted + 1 {
             fatal(format!(
-                "record {} of the topic follows local record {}: the local log does not fit the topic",
-                e.lsn, self.submitted
+                "record {lsn} of the topic follows local record {}: the local log does not fit the topic",
+                self.submitted
             ));
         }
-        let token = match LogRecord::decode(e.body) {
+        let token = match LogRecord::decode(record) {
             Ok(LogRecord::Mutation(m)) => WalToken::Replicated(Some(Arc::new(m))),
             Ok(LogRecord::Layout { shards }) if shards as usize == self.p.shards => {
                 WalToken::Replicated(None)
@@ -276,12 +278,12 @@ impl Reader {
                 "the primary runs {shards} shards and this standby {}: restart it with --shards {shards}",
                 self.p.shards
             )),
-            Err(why) => fatal(format!("record {} of the topic cannot be read: {why}", e.lsn)),
+            Err(why) => fatal(format!("record {lsn} of the topic cannot be read: {why}")),
         };
-        if self.p.wal.submit(e.body.to_vec(), token).is_err() {
+        if self.p.wal.submit(record.to_vec(), token).is_err() {
             return; // the writer stopped: shutting down
         }
-        self.submitted = e.lsn;
+        self.submitted = lsn;
     }
 
     /// This node's promotion won: once every record before it is applied
@@ -302,12 +304,8 @@ impl Reader {
         // The first primary of a topic: its own log is where the history begins.
         if self.routed > through {
             let mut records = Vec::new();
-            let node = self.p.replica.node;
-            let scanned = wal::scan(&self.p.dir, through, |r| {
-                let env =
-                    Envelope { kind: Kind::Data, epoch, lsn: r.lsn, ts_ms: r.ts_ms, node, body: r.payload };
-                records.push((r.lsn, env.to_vec()));
-            });
+            let scanned =
+                wal::scan(&self.p.dir, through, |r| records.push((r.lsn, r.ts_ms, r.payload.to_vec())));
             if let Err(e) = scanned {
                 fatal(format!("reading the local log to send it: {e}"));
             }
@@ -315,7 +313,8 @@ impl Reader {
                 records = records.len(),
                 "replication: sending the local log, where the topic's history begins"
             );
-            let _ = self.p.producer.send(Outgoing::Data(records));
+            let refs = records.iter().map(|(lsn, ts, p)| (*lsn, *ts, &p[..]));
+            let _ = self.p.producer.send(Outgoing::Data(data_messages(epoch, self.p.replica.node, refs)));
         }
         self.p.replica.become_primary(epoch);
         tracing::info!(epoch, after_lsn = through, "replication: this node is the primary");

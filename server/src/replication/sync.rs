@@ -78,11 +78,15 @@ pub fn sync(cfg: &ReplicationConfig, dir: &Path, node: u64) -> Result<(Cursor, b
         };
         position = m.offset() + 1;
         read += 1;
-        let Ok(e) = Envelope::decode(m.payload().unwrap_or_default()) else { continue };
-        if f.step(&e) == Step::Apply && agreeing && e.lsn > base {
-            let i = (e.lsn - base - 1) as usize;
-            if e.lsn == agreed + 1 && local.get(i) == Some(&digest(e.body)) {
-                agreed = e.lsn;
+        let Ok((e, records)) = Envelope::decode(m.payload().unwrap_or_default()) else { continue };
+        let Step::Apply { from } = f.step(&e, records.len()) else { continue };
+        for (lsn, record) in (e.lsn..).zip(&records).skip(from) {
+            if !agreeing || lsn <= base {
+                continue;
+            }
+            let i = (lsn - base - 1) as usize;
+            if lsn == agreed + 1 && local.get(i) == Some(&digest(record)) {
+                agreed = lsn;
             } else {
                 agreeing = false;
             }
