@@ -71,6 +71,12 @@ def stockd(dir, port, *extra):
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"})
 
 
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far, from /proc."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(p, sig=signal.SIGTERM):
     if p.poll() is None:
         p.send_signal(sig)
@@ -91,7 +97,7 @@ def loadgen(port, report):
     return d["throughput_ops_s"], d["latency_us"]["p50"], d["latency_us"]["p99"]
 
 
-def throughput(brokers):
+def throughput(brokers, broker_pid):
     rows = {"off": [], "on": []}
     for r in range(ROUNDS):
         for mode in ("off", "on"):
@@ -109,9 +115,15 @@ def throughput(brokers):
                 sport = free_port()
                 procs.append(replicated(brokers, topic, sport, os.path.join(tmp, "b"), "--standby"))
                 wait_port(sport, "the standby", procs[-1])
+            pids = [p.pid for p in procs] + ([broker_pid] if mode == "on" else [])
+            before = [cpu_s(pid) for pid in pids]
             ops, p50, p99 = loadgen(port, os.path.join(tmp, "report.json"))
+            cpu = [cpu_s(pid) - b for pid, b in zip(pids, before)]
             rows[mode].append((ops, p50, p99))
-            print(f"orders replication {mode:3} round {r + 1}: {ops:,.0f} ops/s p50 {p50} us p99 {p99} us", flush=True)
+            names = ["primary" if mode == "on" else "stockd", "standby", "tansu"]
+            used = ", ".join(f"{n} {c:.1f} s" for n, c in zip(names, cpu))
+            print(f"orders replication {mode:3} round {r + 1}: {ops:,.0f} ops/s p50 {p50} us p99 {p99} us; "
+                  f"CPU in the run (preload included): {used}", flush=True)
             for p in procs:
                 stop(p)
             shutil.rmtree(tmp)
@@ -182,7 +194,7 @@ def main():
         wait_port(kport, "tansu", broker)
         brokers = f"127.0.0.1:{kport}"
         if ROUNDS > 0:
-            throughput(brokers)
+            throughput(brokers, broker.pid)
         if TRIALS > 0:
             failover(brokers)
     finally:

@@ -7,12 +7,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use stockd_client::{Applied, Client, Error, Key, Line, Options};
+use stockd_client::{Applied, Error, Key, Line, Options, Replicated};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Query and change stock on a stockd server")]
 struct Cli {
-    /// Server address, HOST:PORT (HOST a name or an IP).
+    /// Server address, HOST:PORT (HOST a name or an IP); several, comma-separated,
+    /// for a replicated stockd: the command goes to the primary.
     #[arg(long, global = true, default_value = "127.0.0.1:7400", value_parser = parse_addr)]
     addr: String,
     /// Auth token, if the server requires one.
@@ -83,13 +84,16 @@ enum Cmd {
     Ping,
 }
 
-/// HOST:PORT, checked for shape here (so a typo is a bad argument, exit 2);
-/// the name is resolved when connecting.
+/// HOST:PORT, or several comma-separated (a replicated stockd: the command
+/// goes to the primary), checked for shape here (so a typo is a bad
+/// argument, exit 2); names are resolved when connecting.
 fn parse_addr(s: &str) -> Result<String, String> {
-    let bad = || format!("`{s}`: expected HOST:PORT, for example 127.0.0.1:7400");
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(bad());
+    for a in s.split(',') {
+        let bad = || format!("`{a}`: expected HOST:PORT, for example 127.0.0.1:7400");
+        let (host, port) = a.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(bad());
+        }
     }
     Ok(s.to_string())
 }
@@ -117,7 +121,7 @@ fn lines_json(lines: &[Line]) -> Value {
 
 async fn run(cli: &Cli) -> Result<Value, Error> {
     let opts = Options { token: cli.token.clone(), single_connection: false };
-    let client = Client::connect_with(&cli.addr, opts).await?;
+    let client = Replicated::new(&cli.addr, opts)?;
     let applied = |what: &str, id_field: &str, id: u64, a: Applied| {
         let (status, lsn) = match a {
             Applied::New { lsn } => ("ok", lsn),
@@ -164,12 +168,16 @@ async fn run(cli: &Cli) -> Result<Value, Error> {
             v
         }
         Cmd::Stats => {
-            let m: serde_json::Map<String, Value> =
-                client.stats().await?.into_iter().map(|(k, v)| (k, json!(v))).collect();
+            let m: serde_json::Map<String, Value> = client
+                .run(|c| async move { c.stats().await })
+                .await?
+                .into_iter()
+                .map(|(k, v)| (k, json!(v)))
+                .collect();
             Value::Object(m)
         }
         Cmd::Ping => {
-            client.ping().await?;
+            client.run(|c| async move { c.ping().await }).await?;
             json!({"status": "ok"})
         }
     })
