@@ -11,17 +11,15 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::journal::{account, acked_at_least, load, Fate, Journal};
 use common::servers::Kafka;
 use common::{client_at, free_port, Daemon};
 use stockd_client::{Applied, Client, Error, Key, Line, Options, Replicated, Status};
 
 const ITEMS: u64 = 16;
-const INITIAL: u32 = 1_000;
+const INITIAL: u64 = 1_000;
 const FAILOVER_MS: u64 = 1_000;
 /// An item nobody stocks: an order for it is refused by a primary, and
 /// answered NOT_PRIMARY by any other node, without changing anything.
@@ -61,130 +59,31 @@ async fn not_primary(port: u16) -> Option<String> {
     }
 }
 
-#[derive(Clone, Debug)]
-struct Sent {
-    order: bool,
-    id: u64,
-    lines: Vec<Line>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fate {
-    Acked,
-    /// Refused: nothing applied (short of stock, or NOT_PRIMARY).
-    Refused,
-    /// The connection died with the answer.
-    Unknown,
-}
-
-async fn send(c: &Client, s: &Sent) -> Result<Applied, Error> {
-    if s.order {
-        c.order(s.id, &s.lines).await
-    } else {
-        c.inbound(s.id, &s.lines).await
-    }
-}
-
-type Journal = Arc<Mutex<Vec<(Sent, Fate)>>>;
-
-/// Concurrent orders and inbounds with fresh ids until `stop`, or until
-/// a task's connection dies or it is refused NOT_PRIMARY.
-fn load(
-    c: &Client,
-    tasks: u64,
-    seed: u64,
-    journal: &Journal,
-    stop: &Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..tasks)
-        .map(|w| {
-            let (c, journal, stop) = (c.clone(), journal.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut rng = (seed << 8 | w).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-                let mut next = || {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng
-                };
-                for n in 0.. {
-                    if stop.load(Relaxed) {
-                        return;
-                    }
-                    let id = seed << 48 | w << 32 | n;
-                    let order = next() % 4 != 0;
-                    let lines = (0..1 + next() % 2)
-                        .map(|_| Line::new(next() % ITEMS, 1, 1 + (next() % 3) as u32))
-                        .collect();
-                    let s = Sent { order, id, lines };
-                    let (fate, last) = match send(&c, &s).await {
-                        Ok(Applied::New { .. }) => (Fate::Acked, false),
-                        Err(Error::Insufficient { .. }) => (Fate::Refused, false),
-                        Err(Error::Server { status: Status::NotPrimary, .. }) => (Fate::Refused, true),
-                        Err(Error::Server { status: Status::Overloaded, .. }) => (Fate::Refused, false),
-                        Ok(Applied::Duplicate { .. }) => panic!("fresh id {id} answered DUPLICATE"),
-                        Err(_) => (Fate::Unknown, true),
-                    };
-                    journal.lock().unwrap().push((s, fate));
-                    if last {
-                        return;
-                    }
-                }
-            })
-        })
-        .collect()
-}
-
-async fn acked_at_least(journal: &Journal, n: usize) {
-    let t = Instant::now();
-    let acked = || journal.lock().unwrap().iter().filter(|(_, f)| *f == Fate::Acked).count();
-    while acked() < n {
-        assert!(t.elapsed() < Duration::from_secs(60), "only {} acknowledgements in 60 s", acked());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Every acknowledged mutation answers DUPLICATE on `c`; unanswered ones
-/// are retried; every row adds up. Returns (acknowledged, unanswered).
-async fn account(c: &Client, journal: &[(Sent, Fate)]) -> (usize, usize) {
-    let mut expected: HashMap<u64, i64> = (0..ITEMS).map(|i| (i, INITIAL as i64)).collect();
-    let (mut acked, mut unknown) = (0, 0);
-    for (s, fate) in journal {
-        let applied = match fate {
-            Fate::Refused => false,
-            Fate::Acked => {
-                acked += 1;
-                let again = send(c, s).await;
-                assert!(matches!(again, Ok(Applied::Duplicate { .. })), "acknowledged {s:?} lost: {again:?}");
-                true
-            }
-            Fate::Unknown => {
-                unknown += 1;
-                match send(c, s).await {
-                    Ok(_) => true,
-                    Err(Error::Insufficient { .. }) => false,
-                    other => panic!("retry of {s:?}: {other:?}"),
-                }
-            }
-        };
-        if applied {
-            for l in &s.lines {
-                let q = l.qty as i64;
-                *expected.get_mut(&l.key.item).unwrap() += if s.order { -q } else { q };
-            }
-        }
-    }
-    let keys: Vec<Key> = (0..ITEMS).map(|i| Key { item: i, fc: 1 }).collect();
-    let got = c.query_batch(&keys).await.unwrap();
-    for (k, g) in keys.iter().zip(got) {
-        assert_eq!(g as i64, expected[&k.item], "item {}", k.item);
-    }
-    (acked, unknown)
-}
-
 async fn stock(c: &Client) {
-    let initial: Vec<Line> = (0..ITEMS).map(|i| Line::new(i, 1, INITIAL)).collect();
+    let initial: Vec<Line> = (0..ITEMS).map(|i| Line::new(i, 1, INITIAL as u32)).collect();
     c.inbound(u64::MAX, &initial).await.unwrap();
+}
+
+/// A broker, a primary and a standby, each node in a data directory of its own.
+struct Pair {
+    kafka: Kafka,
+    dirs: [tempfile::TempDir; 2],
+    ports: [u16; 2],
+    primary: Daemon,
+    standby: Daemon,
+}
+
+/// Starts a broker and a primary, stocks every row through the primary, then starts a standby.
+async fn pair() -> Pair {
+    let kafka = Kafka::start();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let ports = [free_port(), free_port()];
+    let primary = node(dirs[0].path(), ports[0], &kafka, "--replicate");
+    until_primary(ports[0], Duration::from_secs(20)).await;
+    stock(&client_at(ports[0]).await).await;
+    let standby = node(dirs[1].path(), ports[1], &kafka, "--standby");
+    client_at(ports[1]).await;
+    Pair { kafka, dirs, ports, primary, standby }
 }
 
 /// Every row as `port` answers it.
@@ -196,14 +95,8 @@ async fn rows(port: u16) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_after_kill_9_with_every_acknowledgement() {
     let _serial = SERIAL.lock().await;
-    let kafka = Kafka::start();
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a_port, b_port) = (free_port(), free_port());
-    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
-    until_primary(a_port, Duration::from_secs(20)).await;
-    let b = node(b_dir.path(), b_port, &kafka, "--standby");
+    let Pair { kafka: _kafka, dirs: _dirs, ports: [a_port, b_port], primary: a, standby: b } = pair().await;
     let c = client_at(a_port).await;
-    stock(&c).await;
     let t = Instant::now();
     loop {
         let message = not_primary(b_port).await.expect("a standby refuses mutations");
@@ -215,7 +108,7 @@ async fn standby_takes_over_after_kill_9_with_every_acknowledgement() {
     }
 
     let (journal, stop): (Journal, _) = Default::default();
-    let tasks = load(&c, 16, 1, &journal, &stop);
+    let tasks = load(&c, 16, 1, ITEMS, &journal, &stop);
     acked_at_least(&journal, 1_500).await;
     a.kill_9();
     let killed = Instant::now();
@@ -229,8 +122,11 @@ async fn standby_takes_over_after_kill_9_with_every_acknowledgement() {
         "the standby took over {failover:?} after the kill (timeout {FAILOVER_MS} ms)"
     );
     let journal = std::mem::take(&mut *journal.lock().unwrap());
-    let (acked, unknown) = account(&client_at(b_port).await, &journal).await;
-    eprintln!("failover: {acked} acknowledged by the old primary, all there; {unknown} unanswered; serving after {failover:?}");
+    let a = account(&client_at(b_port).await, &journal, ITEMS, INITIAL).await;
+    eprintln!(
+        "failover: {} acknowledged by the old primary, all there; {} unanswered; serving after {failover:?}",
+        a.acked, a.unknown
+    );
     drop(b);
 }
 
@@ -253,21 +149,14 @@ async fn converges(port: u16, want: &[u64]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaced_primary_acknowledges_nothing_unconfirmed_and_rejoins_after_restart() {
     let _serial = SERIAL.lock().await;
-    let kafka = Kafka::start();
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a_port, b_port) = (free_port(), free_port());
-    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
-    until_primary(a_port, Duration::from_secs(20)).await;
-    let b = node(b_dir.path(), b_port, &kafka, "--standby");
+    let Pair { kafka, dirs, ports: [a_port, b_port], primary: a, standby: b } = pair().await;
     let c = client_at(a_port).await;
-    stock(&c).await;
-    client_at(b_port).await; // the standby is up before the primary goes quiet
 
     // The primary stops answering (SIGSTOP) with mutations in flight: the
     // standby takes over; when the old primary wakes up, the topic has a
     // newer epoch, and what it logged meanwhile is never acknowledged.
     let (journal, stop): (Journal, _) = Default::default();
-    let tasks = load(&c, 16, 2, &journal, &stop);
+    let tasks = load(&c, 16, 2, ITEMS, &journal, &stop);
     acked_at_least(&journal, 1_000).await;
     a.pause();
     until_primary(b_port, Duration::from_secs(20)).await;
@@ -279,16 +168,19 @@ async fn replaced_primary_acknowledges_nothing_unconfirmed_and_rejoins_after_res
     assert!(message.contains("replaced") && message.contains(&format!("127.0.0.1:{b_port}")), "{message}");
     let journal = std::mem::take(&mut *journal.lock().unwrap());
     let refused = journal.iter().filter(|(_, f)| *f == Fate::Refused).count();
-    let (acked, unknown) = account(&client_at(b_port).await, &journal).await;
-    assert_eq!(unknown, 0, "every request had an answer");
-    eprintln!("replaced primary: {acked} acknowledged, all on the new primary; {refused} refused");
+    let accounted = account(&client_at(b_port).await, &journal, ITEMS, INITIAL).await;
+    assert_eq!(accounted.unknown, 0, "every request had an answer");
+    eprintln!(
+        "replaced primary: {} acknowledged, all on the new primary; {refused} refused",
+        accounted.acked
+    );
 
     // New mutations on the new primary; the old one restarts, cuts what the
     // topic never confirmed, and follows as a standby.
     let cb = client_at(b_port).await;
     cb.inbound(u64::MAX - 7, &[Line::new(3, 1, 11)]).await.unwrap();
     a.terminate();
-    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
+    let a = node(dirs[0].path(), a_port, &kafka, "--replicate");
     let want = rows(b_port).await;
     converges(a_port, &want).await;
     assert!(not_primary(a_port).await.expect("rejoined as a standby").contains("standby"));
@@ -347,13 +239,7 @@ async fn of_two_standbys_racing_to_take_over_exactly_one_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_follows_the_primary_through_a_failover() {
     let _serial = SERIAL.lock().await;
-    let kafka = Kafka::start();
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a_port, b_port) = (free_port(), free_port());
-    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
-    until_primary(a_port, Duration::from_secs(20)).await;
-    let b = node(b_dir.path(), b_port, &kafka, "--standby");
-    client_at(b_port).await;
+    let Pair { kafka: _kafka, dirs: _dirs, ports: [a_port, b_port], primary: a, standby: b } = pair().await;
     // The standby first: the client finds the primary by its NOT_PRIMARY answer.
     let addrs = format!("127.0.0.1:{b_port},127.0.0.1:{a_port}");
     let c = Replicated::new(&addrs, Options::default()).unwrap();
@@ -367,7 +253,7 @@ async fn the_client_follows_the_primary_through_a_failover() {
     assert!(matches!(c.order(50, &[Line::new(1, 1, 1)]).await, Ok(Applied::New { .. })));
     eprintln!("an order through the failover took {:?}", t.elapsed());
     assert!(matches!(c.order(49, &[Line::new(1, 1, 1)]).await, Ok(Applied::Duplicate { .. })));
-    assert_eq!(c.query(1, 1).await.unwrap(), 100 - 49);
+    assert_eq!(c.query(1, 1).await.unwrap(), INITIAL + 100 - 49);
     drop(b);
 }
 
@@ -401,14 +287,8 @@ fn topic_messages(kafka: &Kafka, topic: &str) -> Vec<Vec<u8>> {
 async fn re_sent_and_stale_records_change_nothing() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let _serial = SERIAL.lock().await;
-    let kafka = Kafka::start();
-    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a_port, b_port) = (free_port(), free_port());
-    let a = node(a_dir.path(), a_port, &kafka, "--replicate");
-    until_primary(a_port, Duration::from_secs(20)).await;
-    let b = node(b_dir.path(), b_port, &kafka, "--standby");
+    let Pair { kafka, dirs: _dirs, ports: [a_port, b_port], primary: a, standby: b } = pair().await;
     let c = client_at(a_port).await;
-    stock(&c).await;
     for id in 1..=20 {
         c.order(id, &[Line::new(id % ITEMS, 1, 3)]).await.unwrap();
     }

@@ -1,6 +1,7 @@
 //! Shared helpers: a real server on 127.0.0.1 with a real data directory.
 #![allow(dead_code)]
 
+pub mod journal;
 pub mod servers;
 
 use std::path::Path;
