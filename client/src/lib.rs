@@ -455,7 +455,7 @@ impl Client {
             | Request::Confirm { id }
             | Request::Release { id } => *id,
             Request::Adjust { key, .. } => key.item,
-            Request::Hello { .. } | Request::Ping | Request::Stats => 0,
+            Request::Hello { .. } | Request::Ping | Request::Stats | Request::Promote => 0,
         };
         self.conn_for(route).call(req).await
     }
@@ -463,6 +463,16 @@ impl Client {
     pub async fn ping(&self) -> Result<(), Error> {
         match self.call(&Request::Ping).await? {
             Response::Ok(Reply::Pong) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks a replicating standby to take over as the primary now (docs/ha.md):
+    /// `Ok` once asked; it serves as the primary when its promotion is read
+    /// back (`replication_role` 1 in [`Client::stats`]).
+    pub async fn promote(&self) -> Result<(), Error> {
+        match self.call(&Request::Promote).await? {
+            Response::Ok(Reply::Promoting) => Ok(()),
             other => Err(unexpected(other)),
         }
     }

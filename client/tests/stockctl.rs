@@ -70,6 +70,13 @@ fn stockctl_commands_and_exit_codes() {
     let (code, v) = json(a, &["stats"]);
     assert_eq!(code, 0);
     assert!(v["mutations_ok"].as_u64().unwrap() >= 5, "{v}");
+    // Promotion is for replicating servers (server/tests/ha.rs), and names one node.
+    let (code, _, err) = stockctl(a, &["promote"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad_request") && err.contains("does not replicate"), "{err}");
+    let (code, _, err) = stockctl(&format!("{a},{a}"), &["promote"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("promote names one node"), "{err}");
     srv.shutdown();
     let (code, _, err) = stockctl(a, &["ping"]);
     assert_eq!(code, 1, "server gone");

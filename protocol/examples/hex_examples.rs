@@ -44,6 +44,16 @@ fn main() {
     );
     show("PING (0x02)", Request::Ping, 1, &[Response::Ok(Reply::Pong)]);
     show("STATS (0x03)", Request::Stats, 2, &[Response::Ok(Reply::Stats(vec![("rows".into(), 2)]))]);
+    let not_standby = "this server does not replicate (start it with --replicate or --standby)";
+    show(
+        "PROMOTE (0x04)",
+        Request::Promote,
+        3,
+        &[
+            Response::Ok(Reply::Promoting),
+            Response::Error { status: Status::BadRequest, message: not_standby.into() },
+        ],
+    );
     show("QUERY (0x10)", Request::Query { key: k }, 2, &[Response::Ok(Reply::Available(8))]);
     show(
         "QUERY_BATCH (0x11)",

@@ -42,6 +42,7 @@ pub mod opcode {
     pub const HELLO: u8 = 0x01;
     pub const PING: u8 = 0x02;
     pub const STATS: u8 = 0x03;
+    pub const PROMOTE: u8 = 0x04;
     pub const QUERY: u8 = 0x10;
     pub const QUERY_BATCH: u8 = 0x11;
     pub const QUERY_ITEM: u8 = 0x12;
@@ -369,19 +370,49 @@ fn read_lines(r: &mut Reader<'_>) -> Result<Vec<Line>, DecodeError> {
 /// A request body, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    Hello { token: Vec<u8> },
+    Hello {
+        token: Vec<u8>,
+    },
     Ping,
     Stats,
-    Query { key: Key },
-    QueryBatch { keys: Vec<Key> },
-    QueryItem { item: u64 },
-    Order { id: u64, lines: Vec<Line> },
-    Inbound { id: u64, lines: Vec<Line> },
-    Cancel { id: u64 },
-    Reserve { id: u64, ttl_ms: u32, lines: Vec<Line> },
-    Confirm { id: u64 },
-    Release { id: u64 },
-    Adjust { key: Key, on_hand: u64, reason: u16 },
+    /// A replicating standby takes over as the primary (docs/ha.md).
+    Promote,
+    Query {
+        key: Key,
+    },
+    QueryBatch {
+        keys: Vec<Key>,
+    },
+    QueryItem {
+        item: u64,
+    },
+    Order {
+        id: u64,
+        lines: Vec<Line>,
+    },
+    Inbound {
+        id: u64,
+        lines: Vec<Line>,
+    },
+    Cancel {
+        id: u64,
+    },
+    Reserve {
+        id: u64,
+        ttl_ms: u32,
+        lines: Vec<Line>,
+    },
+    Confirm {
+        id: u64,
+    },
+    Release {
+        id: u64,
+    },
+    Adjust {
+        key: Key,
+        on_hand: u64,
+        reason: u16,
+    },
 }
 
 impl Request {
@@ -391,6 +422,7 @@ impl Request {
             Request::Hello { .. } => HELLO,
             Request::Ping => PING,
             Request::Stats => STATS,
+            Request::Promote => PROMOTE,
             Request::Query { .. } => QUERY,
             Request::QueryBatch { .. } => QUERY_BATCH,
             Request::QueryItem { .. } => QUERY_ITEM,
@@ -412,7 +444,7 @@ impl Request {
                 out.extend_from_slice(&(token.len() as u16).to_le_bytes());
                 out.extend_from_slice(token);
             }
-            Request::Ping | Request::Stats => {}
+            Request::Ping | Request::Stats | Request::Promote => {}
             Request::Query { key } => put_key(out, *key),
             Request::QueryBatch { keys } => {
                 out.extend_from_slice(&(keys.len() as u16).to_le_bytes());
@@ -456,6 +488,7 @@ impl Request {
             }
             opcode::PING => Request::Ping,
             opcode::STATS => Request::Stats,
+            opcode::PROMOTE => Request::Promote,
             opcode::QUERY => Request::Query { key: r.key()? },
             opcode::QUERY_BATCH => {
                 let n = r.u16("key count")? as usize;
@@ -515,6 +548,9 @@ pub enum Reply {
     Hello(HelloInfo),
     Pong,
     Stats(Vec<(String, u64)>),
+    /// `PROMOTE`: asked; the node serves as the primary once its promotion
+    /// is read back (or it already was the primary).
+    Promoting,
     /// `QUERY`: available units.
     Available(u64),
     /// `QUERY_BATCH`: available units per key, in request order.
@@ -631,7 +667,7 @@ fn encode_reply(reply: &Reply, out: &mut Vec<u8>) {
             out.extend_from_slice(&h.max_batch_keys.to_le_bytes());
             out.extend_from_slice(&h.max_lines.to_le_bytes());
         }
-        Reply::Pong => {}
+        Reply::Pong | Reply::Promoting => {}
         Reply::Stats(stats) => {
             out.extend_from_slice(&(stats.len() as u16).to_le_bytes());
             for (name, v) in stats {
@@ -680,6 +716,7 @@ fn decode_reply(op: u8, r: &mut Reader<'_>) -> Result<Reply, DecodeError> {
             })
         }
         PING => Reply::Pong,
+        PROMOTE => Reply::Promoting,
         STATS => {
             let n = r.u16("stat count")? as usize;
             let mut v = Vec::with_capacity(n.min(1024));

@@ -15,6 +15,7 @@ fn request() -> impl Strategy<Value = Request> {
         prop::collection::vec(any::<u8>(), 0..40).prop_map(|token| Request::Hello { token }),
         Just(Request::Ping),
         Just(Request::Stats),
+        Just(Request::Promote),
         key().prop_map(|key| Request::Query { key }),
         prop::collection::vec(key(), 0..50).prop_map(|keys| Request::QueryBatch { keys }),
         any::<u64>().prop_map(|item| Request::QueryItem { item }),
@@ -51,6 +52,7 @@ fn response_for(op: u8) -> BoxedStrategy<Response> {
             })
             .boxed(),
         opcode::PING => Just(Reply::Pong).boxed(),
+        opcode::PROMOTE => Just(Reply::Promoting).boxed(),
         opcode::STATS => {
             prop::collection::vec(("[a-z_]{1,20}", any::<u64>()), 0..10).prop_map(Reply::Stats).boxed()
         }
@@ -65,7 +67,7 @@ fn response_for(op: u8) -> BoxedStrategy<Response> {
         ok.prop_map(Response::Ok),
         (any::<u16>(), any::<u64>()).prop_map(|(line, available)| Response::Insufficient { line, available }),
         any::<u64>().prop_map(|lsn| Response::Duplicate { lsn }),
-        (3u8..=10, ".{0,40}")
+        (3u8..=11, ".{0,40}")
             .prop_map(|(s, message)| Response::Error { status: Status::from_u8(s).unwrap(), message }),
     ]
     .boxed()
@@ -94,7 +96,7 @@ proptest! {
 
     #[test]
     fn response_round_trip(
-        (op, resp) in prop::sample::select(vec![1u8, 2, 3, 0x10, 0x11, 0x12, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26])
+        (op, resp) in prop::sample::select(vec![1u8, 2, 3, 4, 0x10, 0x11, 0x12, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26])
             .prop_flat_map(|op| (Just(op), response_for(op))),
         rid in any::<u64>(),
     ) {

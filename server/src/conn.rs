@@ -215,6 +215,16 @@ impl Conn {
             Request::Stats => {
                 Response::Ok(Reply::Stats(sh.shared().collect_stats())).encode(op, rid, &mut self.wbuf)
             }
+            Request::Promote => match sh.shared().replica.as_ref().map(|r| r.ask_promotion()) {
+                Some(Ok(())) => Response::Ok(Reply::Promoting).encode(op, rid, &mut self.wbuf),
+                Some(Err(why)) => self.error(op, rid, Status::Conflict, why),
+                None => self.error(
+                    op,
+                    rid,
+                    Status::BadRequest,
+                    "this server does not replicate (start it with --replicate or --standby)",
+                ),
+            },
             Request::Query { key } => self.query(sh, op, rid, key),
             Request::QueryItem { item } => self.query_item(sh, op, rid, item),
             Request::QueryBatch { keys } => self.query_batch(sh, op, rid, keys),

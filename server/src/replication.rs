@@ -12,7 +12,7 @@
 //! applies, acknowledges, promotes and demotes ([`reader`]).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -78,9 +78,14 @@ pub enum Role {
 /// The role and the primary, shared by every thread of a replicating server.
 pub struct Replica {
     role: AtomicU8,
-    /// The epoch this node leads (while primary or replaced).
+    /// The epoch this node leads or led: its records carry it, so it never
+    /// changes once set (a replaced primary's late records stay stale).
     epoch: AtomicU64,
+    /// The current epoch as this node's reader knows it.
+    following: AtomicU64,
     leader: Mutex<Option<Leader>>,
+    /// An operator asked this standby to take over (PROMOTE).
+    promotion_asked: AtomicBool,
     /// This node's server id.
     pub node: u64,
 }
@@ -90,7 +95,9 @@ impl Replica {
         Replica {
             role: AtomicU8::new(Role::Standby as u8),
             epoch: AtomicU64::new(0),
+            following: AtomicU64::new(0),
             leader: Mutex::new(None),
+            promotion_asked: AtomicBool::new(false),
             node,
         }
     }
@@ -112,8 +119,32 @@ impl Replica {
         self.epoch.load(Relaxed)
     }
 
-    pub(crate) fn set_leader(&self, leader: Option<Leader>) {
+    /// The current epoch as the reader knows it.
+    pub fn following(&self) -> u64 {
+        self.following.load(Relaxed)
+    }
+
+    pub(crate) fn set_leader(&self, epoch: u64, leader: Option<Leader>) {
+        self.following.store(epoch, Relaxed);
         *self.leader.lock().unwrap_or_else(|p| p.into_inner()) = leader;
+    }
+
+    /// PROMOTE: a standby takes over as soon as its reader is caught up.
+    /// Refused, with the reason, by a node that is not a standby.
+    pub fn ask_promotion(&self) -> Result<(), &'static str> {
+        match self.role() {
+            Role::Standby => {
+                self.promotion_asked.store(true, Relaxed);
+                Ok(())
+            }
+            Role::Primary => Ok(()),
+            Role::Replaced => Err("this server was replaced as the primary; restart it (it rejoins as a standby), then promote it"),
+        }
+    }
+
+    /// Takes the operator's request to promote, if there is one.
+    pub(crate) fn take_promotion_request(&self) -> bool {
+        self.promotion_asked.swap(false, Relaxed)
     }
 
     pub(crate) fn become_primary(&self, epoch: u64) {
@@ -213,11 +244,14 @@ mod tests {
         let r = Replica::new(1);
         assert!(!r.may_write());
         assert!(r.not_primary().contains("no primary is known"));
-        r.set_leader(Some(Leader { node: 2, addr: "10.0.0.2:7400".into() }));
+        r.set_leader(3, Some(Leader { node: 2, addr: "10.0.0.2:7400".into() }));
+        assert_eq!(r.following(), 3);
+        assert!(r.ask_promotion().is_ok() && r.take_promotion_request() && !r.take_promotion_request());
         assert!(r.not_primary().contains("standby") && r.not_primary().contains("10.0.0.2:7400"));
         r.become_primary(4);
         assert!(r.may_write() && r.epoch() == 4);
         r.replaced();
         assert!(!r.may_write() && r.not_primary().contains("replaced"));
+        assert!(r.ask_promotion().is_err());
     }
 }

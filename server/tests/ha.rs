@@ -329,3 +329,37 @@ async fn re_sent_and_stale_records_change_nothing() {
     converges(b_port, &want).await;
     drop((a, b));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_hands_over_from_a_live_primary_without_losing_an_acknowledgement() {
+    let _serial = SERIAL.lock().await;
+    let Pair { kafka: _kafka, dirs: _dirs, ports: [a_port, b_port], primary: a, standby: b } = pair().await;
+    let c = client_at(a_port).await;
+    let stat =
+        |stats: Vec<(String, u64)>, name: &str| stats.into_iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let cb = client_at(b_port).await;
+    assert_eq!(stat(cb.stats().await.unwrap(), "replication_role"), Some(0), "a standby");
+    assert_eq!(stat(c.stats().await.unwrap(), "replication_role"), Some(1), "the primary");
+    assert!(c.promote().await.is_ok(), "the primary has nothing to do");
+
+    // A switchover under load: the standby is told to take over while the
+    // primary is alive and taking orders.
+    let (journal, stop): (Journal, _) = Default::default();
+    let tasks = load(&c, 16, 3, ITEMS, &journal, &stop);
+    acked_at_least(&journal, 500).await;
+    cb.promote().await.unwrap();
+    until_primary(b_port, Duration::from_secs(20)).await;
+    for t in tasks {
+        t.await.unwrap(); // every task ends on NOT_PRIMARY from the old primary
+    }
+    let journal = std::mem::take(&mut *journal.lock().unwrap());
+    let accounted = account(&cb, &journal, ITEMS, INITIAL).await;
+    assert_eq!(accounted.unknown, 0, "every request had an answer");
+    let message = not_primary(a_port).await.expect("the old primary is replaced");
+    assert!(message.contains(&format!("127.0.0.1:{b_port}")), "{message}");
+    assert_eq!(stat(c.stats().await.unwrap(), "replication_role"), Some(2), "replaced");
+    assert!(matches!(c.promote().await, Err(Error::Server { status: Status::Conflict, .. })));
+    assert_eq!(stat(cb.stats().await.unwrap(), "replication_epoch"), Some(2));
+    eprintln!("switchover: {} acknowledged by the old primary, all on the new one", accounted.acked);
+    drop((a, b));
+}

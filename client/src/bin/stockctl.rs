@@ -80,6 +80,12 @@ enum Cmd {
     },
     /// Server counters.
     Stats,
+    /// Make the replicating standby at --addr the primary now, and wait
+    /// (up to --wait-secs) until it serves as one (docs/ha.md).
+    Promote {
+        #[arg(long, default_value_t = 10)]
+        wait_secs: u64,
+    },
     /// Round trip to the server.
     Ping,
 }
@@ -180,7 +186,31 @@ async fn run(cli: &Cli) -> Result<Value, Error> {
             client.run(|c| async move { c.ping().await }).await?;
             json!({"status": "ok"})
         }
+        Cmd::Promote { wait_secs } => promote(&cli.addr, client, *wait_secs).await?,
     })
+}
+
+/// PROMOTE to the one node named, then STATS until it says it is the primary.
+async fn promote(addr: &str, client: Replicated, wait_secs: u64) -> Result<Value, Error> {
+    if client.addrs().len() != 1 {
+        return Err(Error::Protocol(format!("promote names one node, not {addr}")));
+    }
+    client.run(|c| async move { c.promote().await }).await?;
+    let t = std::time::Instant::now();
+    loop {
+        let stats = client.run(|c| async move { c.stats().await }).await?;
+        let get = |name: &str| stats.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+        if get("replication_role") == Some(1) {
+            return Ok(json!({"status": "primary", "addr": addr, "epoch": get("replication_epoch")}));
+        }
+        if t.elapsed() >= std::time::Duration::from_secs(wait_secs) {
+            let message = format!(
+                "{addr} was asked to take over but is not the primary after {wait_secs} s (its reader must first catch up with the replication topic)"
+            );
+            return Err(Error::Server { status: stockd_client::Status::Internal, message });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 fn human(cmd: &Cmd, v: &Value) -> String {
@@ -210,6 +240,9 @@ fn human(cmd: &Cmd, v: &Value) -> String {
             .map(|m| m.iter().map(|(k, v)| format!("{k:<22} {v}")).collect::<Vec<_>>().join("\n"))
             .unwrap_or_default(),
         Cmd::Ping => "pong".into(),
+        Cmd::Promote { .. } => {
+            format!("{} is the primary (epoch {})", v["addr"].as_str().unwrap_or(""), v["epoch"])
+        }
         _ => {
             let id = ["order_id", "receipt_id", "hold_id", "vendor_item_id"]
                 .iter()

@@ -115,7 +115,7 @@ pub fn spawn(p: ReaderParts) -> Result<ReaderThread, String> {
         gaps_logged: Instant::now() - Duration::from_secs(60),
         p,
     };
-    r.p.replica.set_leader(r.follower.leader.clone());
+    r.p.replica.set_leader(r.follower.epoch, r.follower.leader.clone());
     let thread = std::thread::Builder::new()
         .name("stockd-repl-read".into())
         .spawn(move || r.run(&consumer, &stop2))
@@ -218,7 +218,7 @@ impl Reader {
             Step::Promoted => {
                 self.last_alive = Instant::now();
                 self.promote_asked = None;
-                self.p.replica.set_leader(self.follower.leader.clone());
+                self.p.replica.set_leader(self.follower.epoch, self.follower.leader.clone());
                 let leader = self.follower.leader.clone().unwrap_or_default();
                 if leader.node == self.p.replica.node {
                     self.take_over();
@@ -327,10 +327,12 @@ impl Reader {
         let f = &self.follower;
         let start_as_primary = !self.p.cfg.standby && (f.epoch == 0 || f.led_by(self.p.replica.node));
         let silent = f.epoch > 0 && self.last_alive.elapsed() >= self.p.cfg.failover_timeout;
-        if !(start_as_primary || silent) {
+        // An operator's PROMOTE: now, whatever the primary is doing.
+        let asked = self.p.replica.take_promotion_request();
+        if !(start_as_primary || silent || asked) {
             return;
         }
-        if self.promote_asked.is_some_and(|t| t.elapsed() < self.p.cfg.failover_timeout) {
+        if !asked && self.promote_asked.is_some_and(|t| t.elapsed() < self.p.cfg.failover_timeout) {
             return;
         }
         self.promote_asked = Some(Instant::now());
@@ -346,6 +348,7 @@ impl Reader {
             epoch = f.epoch + 1,
             applied = f.applied,
             silent_ms = self.last_alive.elapsed().as_millis() as u64,
+            operator = asked,
             "replication: asking to become the primary"
         );
         let _ = self.p.producer.send(Outgoing::Promote(env.to_vec()));
