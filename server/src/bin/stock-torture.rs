@@ -12,6 +12,13 @@
 //! applied now, or refused). Then every row must equal the initial stock
 //! plus the effect of every applied mutation, exactly.
 //!
+//! With `--kafka-brokers`, the same against a replicated pair (docs/ha.md):
+//! a `--replicate` primary and a `--standby`; each cycle kills the primary,
+//! the standby takes over, every mutation of the cycle is settled on it (an
+//! acknowledged one must answer DUPLICATE with the same LSN: the two logs
+//! are one history), and the killed node restarts and rejoins as the
+//! standby for the next cycle. The recovery time is then the failover time.
+//!
 //! Exit code 0 when nothing was violated, 1 otherwise.
 
 use std::collections::HashMap;
@@ -51,6 +58,13 @@ struct Args {
     /// Seed of the random choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Torture a replicated pair through these brokers instead (the shard
+    /// count is drawn once: a replicated log keeps its layout).
+    #[arg(long)]
+    kafka_brokers: Option<String>,
+    /// The standby's failover timeout, with --kafka-brokers.
+    #[arg(long, default_value_t = 500)]
+    failover_timeout_ms: u64,
 }
 
 /// Units each item starts with.
@@ -187,17 +201,38 @@ async fn client_loop(c: Client, journal: Journal, seed: u64, id_base: u64, items
     }
 }
 
-fn spawn_stockd(bin: &Path, dir: &Path, port: u16, shards: u16) -> Child {
-    Command::new(bin)
+/// A stockd process, killed when dropped (also when a check panics: an
+/// orphan would hold the pipes of whoever runs this harness).
+struct Node(Child);
+
+impl Node {
+    fn kill_9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+fn spawn_stockd(bin: &Path, dir: &Path, port: u16, shards: u16, extra: &[String]) -> Node {
+    let log = std::env::var("STOCKD_LOG").ok();
+    let child = Command::new(bin)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--shard-port-base", "0"])
         .args(["--shards", &shards.to_string(), "--snapshot-interval-secs", "1"])
         .arg("--data-dir")
         .arg(dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
+        .args(extra)
+        // The servers' log (stdout) with STOCKD_LOG=LEVEL, else errors only.
+        .env("RUST_LOG", log.clone().unwrap_or_else(|| "error".into()))
+        .stdout(if log.is_some() { Stdio::inherit() } else { Stdio::null() })
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()))
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    Node(child)
 }
 
 async fn connect(port: u16) -> Client {
@@ -270,7 +305,10 @@ fn main() -> ExitCode {
     }
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let cycles = rt.block_on(torture(&args));
+    let cycles = match &args.kafka_brokers {
+        Some(brokers) => rt.block_on(torture_replicated(&args, brokers)),
+        None => rt.block_on(torture(&args)),
+    };
     print_summary(&cycles);
     if cycles.iter().all(|c| c.violations.is_empty()) {
         ExitCode::SUCCESS
@@ -285,7 +323,7 @@ async fn torture(args: &Args) -> Vec<Cycle> {
     let mut rng = Rng(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let port = free_port();
     let mut shards = args.shards[rng.below(args.shards.len() as u64) as usize];
-    let mut child = spawn_stockd(&args.stockd, &dir, port, shards);
+    let mut child = spawn_stockd(&args.stockd, &dir, port, shards, &[]);
     let mut c = connect(port).await;
     let initial: Vec<Line> = (0..args.items).map(|i| Line::new(i, 1, INITIAL_UNITS)).collect();
     let mut model: HashMap<u64, i64> = (0..args.items).map(|i| (i, 0)).collect();
@@ -303,8 +341,7 @@ async fn torture(args: &Args) -> Vec<Cycle> {
         }
         let load_ms = args.max_load_ms / 10 + rng.below(args.max_load_ms - args.max_load_ms / 10 + 1);
         tokio::time::sleep(Duration::from_millis(load_ms)).await;
-        let _ = child.kill();
-        let _ = child.wait();
+        child.kill_9();
         while let Some(done) = tasks.join_next().await {
             done.expect("a client task panicked");
         }
@@ -312,41 +349,151 @@ async fn torture(args: &Args) -> Vec<Cycle> {
         shards = args.shards[rng.below(args.shards.len() as u64) as usize];
         let data_mb = data_bytes(&dir) as f64 / 1e6;
         let t = Instant::now();
-        child = spawn_stockd(&args.stockd, &dir, port, shards);
+        child = spawn_stockd(&args.stockd, &dir, port, shards, &[]);
         c = connect(port).await;
         let mut cycle = Cycle { shards, recovery_ms: t.elapsed().as_millis(), data_mb, ..Cycle::default() };
         let journal = std::mem::take(&mut *journal.lock().unwrap());
-        cycle.acked = journal.iter().filter(|(_, f)| matches!(f, Fate::Acked(_))).count();
-        cycle.unknown = journal.iter().filter(|(_, f)| *f == Fate::Unknown).count();
-        for op in settle(&c, journal, &mut cycle).await {
-            for (item, delta) in op.effect() {
-                *model.get_mut(&item).expect("a known item") += delta;
-            }
-        }
-        let keys: Vec<Key> = (0..args.items).map(|i| Key { item: i, fc: 1 }).collect();
-        match c.query_batch(&keys).await {
-            Ok(rows) => {
-                for (k, got) in keys.iter().zip(rows) {
-                    if got as i64 != model[&k.item] {
-                        cycle
-                            .violations
-                            .push(format!("item {}: {got} available, {} expected", k.item, model[&k.item]));
-                    }
-                }
-            }
-            Err(e) => cycle.violations.push(format!("query after the restart: {e}")),
-        }
-        for v in &cycle.violations {
-            eprintln!("cycle {n}: VIOLATION {v}");
-        }
-        eprintln!(
-            "cycle {n}: {} shards, {} acknowledged, {} verified, {} unanswered ({} had been applied), recovery {} ms, {:.1} MB",
-            cycle.shards, cycle.acked, cycle.verified, cycle.unknown, cycle.unknown_applied, cycle.recovery_ms, cycle.data_mb
-        );
+        check_cycle(&c, journal, &mut model, args.items, n, &mut cycle).await;
         cycles.push(cycle);
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill_9();
+    cycles
+}
+
+/// Settles a cycle's mutations on `c` and checks every row against the model.
+async fn check_cycle(
+    c: &Client,
+    journal: Vec<(Op, Fate)>,
+    model: &mut HashMap<u64, i64>,
+    items: u64,
+    n: u64,
+    cycle: &mut Cycle,
+) {
+    cycle.acked = journal.iter().filter(|(_, f)| matches!(f, Fate::Acked(_))).count();
+    cycle.unknown = journal.iter().filter(|(_, f)| *f == Fate::Unknown).count();
+    for op in settle(c, journal, cycle).await {
+        for (item, delta) in op.effect() {
+            *model.get_mut(&item).expect("a known item") += delta;
+        }
+    }
+    let keys: Vec<Key> = (0..items).map(|i| Key { item: i, fc: 1 }).collect();
+    match c.query_batch(&keys).await {
+        Ok(rows) => {
+            for (k, got) in keys.iter().zip(rows) {
+                if got as i64 != model[&k.item] {
+                    cycle
+                        .violations
+                        .push(format!("item {}: {got} available, {} expected", k.item, model[&k.item]));
+                }
+            }
+        }
+        Err(e) => cycle.violations.push(format!("query after the restart: {e}")),
+    }
+    for v in &cycle.violations {
+        eprintln!("cycle {n}: VIOLATION {v}");
+    }
+    eprintln!(
+        "cycle {n}: {} shards, {} acknowledged, {} verified, {} unanswered ({} had been applied), recovery {} ms, {:.1} MB",
+        cycle.shards, cycle.acked, cycle.verified, cycle.unknown, cycle.unknown_applied, cycle.recovery_ms, cycle.data_mb
+    );
+}
+
+/// An item no one stocks: a primary refuses an order for it, any other node
+/// answers NOT_PRIMARY; nothing changes either way.
+const PROBE_ITEM: u64 = 1 << 40;
+
+/// Waits until the node on `port` takes mutations (at most 60 s).
+async fn until_primary(port: u16) -> Client {
+    let t = Instant::now();
+    let c = connect(port).await;
+    loop {
+        match c.order(u64::MAX - 1, &[Line::new(PROBE_ITEM, 1, 1)]).await {
+            Err(Error::Insufficient { .. }) => return c,
+            Err(Error::Server { status: stockd_protocol::Status::NotPrimary, .. }) => {}
+            other => panic!("probe order on 127.0.0.1:{port}: {other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "127.0.0.1:{port} did not become the primary in 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the standby on `port` names `primary` (it has read the latest promotion).
+async fn until_following(port: u16, primary: u16) {
+    let t = Instant::now();
+    let c = connect(port).await;
+    loop {
+        if let Err(Error::Server { message, .. }) =
+            c.order(u64::MAX - 1, &[Line::new(PROBE_ITEM, 1, 1)]).await
+        {
+            if message.contains(&format!("127.0.0.1:{primary}")) {
+                return;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "127.0.0.1:{port} did not follow {primary} in 60 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The replicated pair: kill the primary each cycle, settle on the new one.
+async fn torture_replicated(args: &Args, brokers: &str) -> Vec<Cycle> {
+    let temp = tempfile::tempdir().expect("a temporary directory");
+    let root = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    let dirs = [root.join("a"), root.join("b")];
+    let mut rng = Rng(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let ports = [free_port(), free_port()];
+    let shards = args.shards[rng.below(args.shards.len() as u64) as usize];
+    let topic = format!("stock-torture-{}-{}", std::process::id(), args.seed);
+    let flags = |role: &str| -> Vec<String> {
+        let timeout = args.failover_timeout_ms.to_string();
+        ["--kafka-brokers", brokers, "--replication-topic", &topic, role, "--failover-timeout-ms", &timeout]
+            .map(String::from)
+            .to_vec()
+    };
+    let mut nodes = [
+        spawn_stockd(&args.stockd, &dirs[0], ports[0], shards, &flags("--replicate")),
+        spawn_stockd(&args.stockd, &dirs[1], ports[1], shards, &flags("--standby")),
+    ];
+    let mut c = until_primary(ports[0]).await;
+    until_following(ports[1], ports[0]).await;
+    let initial: Vec<Line> = (0..args.items).map(|i| Line::new(i, 1, INITIAL_UNITS)).collect();
+    if let Err(e) = c.inbound(u64::MAX, &initial).await {
+        panic!("the initial inbound failed: {e}");
+    }
+    let mut model: HashMap<u64, i64> = (0..args.items).map(|i| (i, INITIAL_UNITS as i64)).collect();
+    let mut primary = 0;
+    let mut cycles = Vec::new();
+    for n in 0..args.cycles as u64 {
+        let journal: Journal = Arc::default();
+        let mut tasks = tokio::task::JoinSet::new();
+        for k in 0..args.clients {
+            let id_base = (n + 1) << 40 | k << 32;
+            tasks.spawn(client_loop(c.clone(), journal.clone(), rng.next(), id_base, args.items));
+        }
+        let load_ms = args.max_load_ms / 10 + rng.below(args.max_load_ms - args.max_load_ms / 10 + 1);
+        tokio::time::sleep(Duration::from_millis(load_ms)).await;
+        nodes[primary].kill_9();
+        let killed = Instant::now();
+        while let Some(done) = tasks.join_next().await {
+            done.expect("a client task panicked");
+        }
+        drop(c);
+        let standby = 1 - primary;
+        c = until_primary(ports[standby]).await;
+        let data_mb = data_bytes(&dirs[standby]) as f64 / 1e6;
+        let mut cycle =
+            Cycle { shards, recovery_ms: killed.elapsed().as_millis(), data_mb, ..Cycle::default() };
+        let journal = std::mem::take(&mut *journal.lock().unwrap());
+        check_cycle(&c, journal, &mut model, args.items, n, &mut cycle).await;
+        cycles.push(cycle);
+        // The killed node comes back, cuts what the topic never confirmed, and follows.
+        nodes[primary] =
+            spawn_stockd(&args.stockd, &dirs[primary], ports[primary], shards, &flags("--replicate"));
+        until_following(ports[primary], ports[standby]).await;
+        primary = standby;
+    }
+    for node in nodes.iter_mut() {
+        node.kill_9();
+    }
     cycles
 }
 

@@ -44,7 +44,9 @@ pub struct ReaderContext;
 
 impl ClientContext for ReaderContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let end =
+            matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF));
+        if !end {
             tracing::warn!(error = %error, "replication: kafka: {reason}");
         }
     }
@@ -124,6 +126,11 @@ pub fn spawn_producer(cfg: &ReplicationConfig, replica: Arc<Replica>) -> Result<
         .set("queue.buffering.max.messages", "1000000")
         .create_with_context(Reports)
         .map_err(|e| format!("kafka producer: {e}"))?;
+    // Learn where the partition lives now, so that a standby's first
+    // message, its promotion, does not wait for the lookup.
+    if let Err(e) = producer.client().fetch_metadata(Some(&cfg.topic), Duration::from_secs(10)) {
+        tracing::warn!(error = %e, "replication: kafka metadata of {} (the first message will look again)", cfg.topic);
+    }
     let (tx, rx) = crossbeam::channel::unbounded();
     let (topic, every) = (cfg.topic.clone(), cfg.heartbeat_every());
     let thread = std::thread::Builder::new()

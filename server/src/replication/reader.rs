@@ -35,6 +35,8 @@ use crate::shard::commits::{fence_commits, Router};
 use crate::shard::mailbox::WalToken;
 use crate::shard::now_ms;
 
+/// A reader that has had no message for this long is at the end of the partition.
+const QUIET: Duration = Duration::from_millis(200);
 /// How often the reader's place is saved (`REPLICATION` in the data directory).
 const CURSOR_EVERY: Duration = Duration::from_millis(500);
 
@@ -86,9 +88,18 @@ struct Reader {
     submitted: u64,
     /// After this node was replaced: the last LSN of its epoch in the history.
     replaced_at: Option<u64>,
-    caught_up: bool,
+    /// The broker said the reader reached the end of the partition, and
+    /// nothing came since.
+    at_end: bool,
+    /// When the last message came.
+    last_message: Instant,
     last_alive: Instant,
     promote_asked: Option<Instant>,
+    /// The epoch this run of the node asked to lead. A winning promotion
+    /// of this node for another epoch is a previous run's (read again from
+    /// the saved place after a restart): that run is gone, so it is followed
+    /// like anyone's, never taken over.
+    asked_epoch: Option<u64>,
     /// The next place to save, once the local log holds its `applied`.
     candidate: Option<Cursor>,
     last_save: Instant,
@@ -107,9 +118,11 @@ pub fn spawn(p: ReaderParts) -> Result<ReaderThread, String> {
         routed,
         submitted: routed,
         replaced_at: None,
-        caught_up: false,
+        at_end: false,
+        last_message: Instant::now(),
         last_alive: Instant::now(),
         promote_asked: None,
+        asked_epoch: None,
         candidate: None,
         last_save: Instant::now(),
         gaps_logged: Instant::now() - Duration::from_secs(60),
@@ -139,11 +152,12 @@ impl Reader {
                 match consumer.poll(if i == 0 { wait } else { Duration::ZERO }) {
                     None => break,
                     Some(Ok(m)) => {
-                        self.caught_up = false;
+                        self.at_end = false;
+                        self.last_message = Instant::now();
                         self.message(m.offset(), m.payload().unwrap_or_default());
                     }
                     Some(Err(KafkaError::PartitionEOF(_))) => {
-                        self.caught_up = true;
+                        self.at_end = true;
                         break;
                     }
                     Some(Err(e)) => {
@@ -220,7 +234,7 @@ impl Reader {
                 self.promote_asked = None;
                 self.p.replica.set_leader(self.follower.epoch, self.follower.leader.clone());
                 let leader = self.follower.leader.clone().unwrap_or_default();
-                if leader.node == self.p.replica.node {
+                if leader.node == self.p.replica.node && self.asked_epoch == Some(self.follower.epoch) {
                     self.take_over();
                 } else if self.p.replica.role() == Role::Primary {
                     self.replaced_at = Some(self.follower.applied);
@@ -230,6 +244,11 @@ impl Reader {
                         primary = %leader.addr,
                         through = self.follower.applied,
                         "replication: another node became the primary; this one takes no more mutations (restart it to rejoin as a standby)"
+                    );
+                } else if leader.node == self.p.replica.node {
+                    tracing::info!(
+                        epoch = self.follower.epoch,
+                        "replication: a promotion of this node's previous run; following it until this run takes over"
                     );
                 } else {
                     tracing::info!(epoch = self.follower.epoch, primary = %leader.addr, "replication: a new primary");
@@ -320,8 +339,15 @@ impl Reader {
         tracing::info!(epoch, after_lsn = through, "replication: this node is the primary");
     }
 
+    /// Caught up with the partition: the broker said so, or nothing has
+    /// come for [`QUIET`]. (tansu was seen reporting a high watermark below
+    /// messages it had served, and then never reports the end again.)
+    fn caught_up(&self) -> bool {
+        self.at_end || self.last_message.elapsed() >= QUIET
+    }
+
     fn maybe_promote(&mut self) {
-        if self.p.replica.role() != Role::Standby || !self.caught_up {
+        if self.p.replica.role() != Role::Standby || !self.caught_up() {
             return;
         }
         let f = &self.follower;
@@ -336,6 +362,7 @@ impl Reader {
             return;
         }
         self.promote_asked = Some(Instant::now());
+        self.asked_epoch = Some(f.epoch + 1);
         let env = Envelope {
             kind: Kind::Promote,
             epoch: f.epoch + 1,
