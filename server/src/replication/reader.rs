@@ -35,8 +35,6 @@ use crate::shard::commits::{fence_commits, Router};
 use crate::shard::mailbox::WalToken;
 use crate::shard::now_ms;
 
-/// A reader that has had no message for this long is at the end of the partition.
-const QUIET: Duration = Duration::from_millis(200);
 /// How often the reader's place is saved (`REPLICATION` in the data directory).
 const CURSOR_EVERY: Duration = Duration::from_millis(500);
 
@@ -339,11 +337,12 @@ impl Reader {
         tracing::info!(epoch, after_lsn = through, "replication: this node is the primary");
     }
 
-    /// Caught up with the partition: the broker said so, or nothing has
-    /// come for [`QUIET`]. (tansu was seen reporting a high watermark below
-    /// messages it had served, and then never reports the end again.)
+    /// Caught up with the partition: the broker said so, or nothing at all
+    /// has come for the failover timeout. (tansu was seen reporting a high
+    /// watermark below messages it had served; a reader that took a pause
+    /// in a slow broker's backlog for the end started needless promotions.)
     fn caught_up(&self) -> bool {
-        self.at_end || self.last_message.elapsed() >= QUIET
+        self.at_end || self.last_message.elapsed() >= self.p.cfg.failover_timeout
     }
 
     fn maybe_promote(&mut self) {
