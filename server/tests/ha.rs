@@ -14,6 +14,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::journal::{account, acked_at_least, load, Fate, Journal};
+use common::proxy::KafkaProxy;
 use common::servers::Kafka;
 use common::{client_at, free_port, Daemon};
 use stockd_client::{Applied, Client, Error, Key, Line, Options, Replicated, Status};
@@ -75,7 +76,11 @@ struct Pair {
 
 /// Starts a broker and a primary, stocks every row through the primary, then starts a standby.
 async fn pair() -> Pair {
-    let kafka = Kafka::start();
+    pair_on(Kafka::start()).await
+}
+
+/// [`pair`] on a broker of the caller's.
+async fn pair_on(kafka: Kafka) -> Pair {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let ports = [free_port(), free_port()];
     let primary = node(dirs[0].path(), ports[0], &kafka, "--replicate");
@@ -362,4 +367,74 @@ async fn promote_hands_over_from_a_live_primary_without_losing_an_acknowledgemen
     assert_eq!(stat(cb.stats().await.unwrap(), "replication_epoch"), Some(2));
     eprintln!("switchover: {} acknowledged by the old primary, all on the new one", accounted.acked);
     drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_kafka_acknowledges_nothing_the_new_primary_lacks() {
+    let _serial = SERIAL.lock().await;
+    // Every connection to the broker goes through a proxy that can cut one
+    // node's clients off while the node itself runs on.
+    let broker_port = free_port();
+    let proxy = KafkaProxy::start(move || broker_port);
+    let kafka = Kafka::start_on(broker_port, proxy.port);
+    let Pair { kafka, dirs, ports: [a_port, b_port], primary: a, standby: b } = pair_on(kafka).await;
+    let c = client_at(a_port).await;
+    let a_clients = format!("stockd-{}", c.hello().server_id);
+    let (journal, stop): (Journal, _) = Default::default();
+    let tasks = load(&c, 16, 4, ITEMS, &journal, &stop);
+    acked_at_least(&journal, 500).await;
+
+    // Cut off: the primary goes on logging what its clients send, but
+    // nothing reaches Kafka and nothing comes back; the standby hears no
+    // heartbeat and takes over.
+    proxy.cut(&a_clients);
+    let logged =
+        |stats: Vec<(String, u64)>| stats.into_iter().find(|(k, _)| k == "wal_records").map(|(_, v)| v);
+    let logged_at_cut = logged(c.stats().await.unwrap());
+    // A new order during the cut: logged and fsynced here, never confirmed.
+    let unconfirmed = Line::new(5, 1, 1);
+    let probe = tokio::spawn({
+        let c = c.clone();
+        async move { c.order(u64::MAX - 9, &[unconfirmed]).await }
+    });
+    let t = Instant::now();
+    while logged(c.stats().await.unwrap()) == logged_at_cut {
+        assert!(t.elapsed() < Duration::from_secs(10), "the cut-off primary did not log the new order");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    until_primary(b_port, Duration::from_secs(20)).await;
+    let acked_before_heal = journal.lock().unwrap().iter().filter(|(_, f)| *f == Fate::Acked).count();
+    assert!(!probe.is_finished(), "the order logged during the cut is not answered while cut off");
+
+    // Healed: the old primary reads the new epoch, answers its waiting
+    // clients NOT_PRIMARY, and refuses from then on.
+    proxy.heal(&a_clients);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let answer = probe.await.unwrap();
+    assert!(matches!(answer, Err(Error::Server { status: Status::NotPrimary, .. })), "{answer:?}");
+    let journal = std::mem::take(&mut *journal.lock().unwrap());
+    // Acknowledged after the heal: records that reached the partition
+    // before the new primary's promotion, read back only now. Every
+    // acknowledgement, before or after, must be in the new primary's history.
+    let after_heal = journal.iter().filter(|(_, f)| *f == Fate::Acked).count() - acked_before_heal;
+    let accounted = account(&client_at(b_port).await, &journal, ITEMS, INITIAL).await;
+    assert_eq!(accounted.unknown, 0, "every request had an answer");
+    let message = not_primary(a_port).await.expect("the old primary is replaced");
+    assert!(message.contains(&format!("127.0.0.1:{b_port}")), "{message}");
+    eprintln!(
+        "cut off: {} acknowledged by the old primary ({after_heal} after the heal), all on the new one",
+        accounted.acked
+    );
+
+    // The new primary never saw that order: sent there, it is new.
+    let cb = client_at(b_port).await;
+    assert!(matches!(cb.order(u64::MAX - 9, &[unconfirmed]).await, Ok(Applied::New { .. })));
+
+    // Restarted, the old primary cuts what it logged during the cut and follows.
+    a.terminate();
+    let a = node(dirs[0].path(), a_port, &kafka, "--replicate");
+    converges(a_port, &rows(b_port).await).await;
+    drop((a, b, proxy));
 }

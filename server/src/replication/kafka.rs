@@ -19,6 +19,12 @@ use super::envelope::{Envelope, Kind};
 use super::{Replica, ReplicationConfig, Role};
 use crate::shard::now_ms;
 
+/// How this node's replication clients name themselves to the brokers
+/// (their logs and quotas; the tests' proxy cuts one node off by it).
+pub fn client_id(node: u64) -> String {
+    format!("stockd-{node}")
+}
+
 /// Creates the topic with one partition unless it exists.
 pub fn create_topic(cfg: &ReplicationConfig) -> Result<(), String> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -63,6 +69,7 @@ pub fn reader(
 ) -> Result<BaseConsumer<ReaderContext>, String> {
     let consumer: BaseConsumer<ReaderContext> = ClientConfig::new()
         .set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", client_id(node))
         .set("group.id", format!("stockd-replica-{node}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
@@ -118,6 +125,7 @@ pub struct ProducerThread {
 pub fn spawn_producer(cfg: &ReplicationConfig, replica: Arc<Replica>) -> Result<ProducerThread, String> {
     let producer: BaseProducer<Reports> = ClientConfig::new()
         .set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", client_id(replica.node))
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.timeout.ms", "0")

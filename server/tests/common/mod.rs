@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod journal;
+pub mod proxy;
 pub mod servers;
 
 use std::path::Path;

