@@ -325,22 +325,10 @@ async fn torture(args: &Args) -> Vec<Cycle> {
     let mut shards = args.shards[rng.below(args.shards.len() as u64) as usize];
     let mut child = spawn_stockd(&args.stockd, &dir, port, shards, &[]);
     let mut c = connect(port).await;
-    let initial: Vec<Line> = (0..args.items).map(|i| Line::new(i, 1, INITIAL_UNITS)).collect();
-    let mut model: HashMap<u64, i64> = (0..args.items).map(|i| (i, 0)).collect();
-    match c.inbound(u64::MAX, &initial).await {
-        Ok(_) => model.values_mut().for_each(|v| *v = INITIAL_UNITS as i64),
-        Err(e) => panic!("the initial inbound failed: {e}"),
-    }
+    let mut model = stock(&c, args.items).await;
     let mut cycles = Vec::new();
     for n in 0..args.cycles as u64 {
-        let journal: Journal = Arc::default();
-        let mut tasks = tokio::task::JoinSet::new();
-        for k in 0..args.clients {
-            let id_base = (n + 1) << 40 | k << 32;
-            tasks.spawn(client_loop(c.clone(), journal.clone(), rng.next(), id_base, args.items));
-        }
-        let load_ms = args.max_load_ms / 10 + rng.below(args.max_load_ms - args.max_load_ms / 10 + 1);
-        tokio::time::sleep(Duration::from_millis(load_ms)).await;
+        let (journal, mut tasks) = run_load(&c, args, n, &mut rng).await;
         child.kill_9();
         while let Some(done) = tasks.join_next().await {
             done.expect("a client task panicked");
@@ -358,6 +346,29 @@ async fn torture(args: &Args) -> Vec<Cycle> {
     }
     child.kill_9();
     cycles
+}
+
+/// Puts the initial units on every item; returns the model of every item's units.
+async fn stock(c: &Client, items: u64) -> HashMap<u64, i64> {
+    let initial: Vec<Line> = (0..items).map(|i| Line::new(i, 1, INITIAL_UNITS)).collect();
+    if let Err(e) = c.inbound(u64::MAX, &initial).await {
+        panic!("the initial inbound failed: {e}");
+    }
+    (0..items).map(|i| (i, INITIAL_UNITS as i64)).collect()
+}
+
+/// Starts cycle `n`'s clients and lets them run for a random while (the
+/// caller then kills the server): their journal and tasks.
+async fn run_load(c: &Client, args: &Args, n: u64, rng: &mut Rng) -> (Journal, tokio::task::JoinSet<()>) {
+    let journal: Journal = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..args.clients {
+        let id_base = (n + 1) << 40 | k << 32;
+        tasks.spawn(client_loop(c.clone(), journal.clone(), rng.next(), id_base, args.items));
+    }
+    let load_ms = args.max_load_ms / 10 + rng.below(args.max_load_ms - args.max_load_ms / 10 + 1);
+    tokio::time::sleep(Duration::from_millis(load_ms)).await;
+    (journal, tasks)
 }
 
 /// Settles a cycle's mutations on `c` and checks every row against the model.
@@ -455,22 +466,11 @@ async fn torture_replicated(args: &Args, brokers: &str) -> Vec<Cycle> {
     ];
     let mut c = until_primary(ports[0]).await;
     until_following(ports[1], ports[0]).await;
-    let initial: Vec<Line> = (0..args.items).map(|i| Line::new(i, 1, INITIAL_UNITS)).collect();
-    if let Err(e) = c.inbound(u64::MAX, &initial).await {
-        panic!("the initial inbound failed: {e}");
-    }
-    let mut model: HashMap<u64, i64> = (0..args.items).map(|i| (i, INITIAL_UNITS as i64)).collect();
+    let mut model = stock(&c, args.items).await;
     let mut primary = 0;
     let mut cycles = Vec::new();
     for n in 0..args.cycles as u64 {
-        let journal: Journal = Arc::default();
-        let mut tasks = tokio::task::JoinSet::new();
-        for k in 0..args.clients {
-            let id_base = (n + 1) << 40 | k << 32;
-            tasks.spawn(client_loop(c.clone(), journal.clone(), rng.next(), id_base, args.items));
-        }
-        let load_ms = args.max_load_ms / 10 + rng.below(args.max_load_ms - args.max_load_ms / 10 + 1);
-        tokio::time::sleep(Duration::from_millis(load_ms)).await;
+        let (journal, mut tasks) = run_load(&c, args, n, &mut rng).await;
         nodes[primary].kill_9();
         let killed = Instant::now();
         while let Some(done) = tasks.join_next().await {
