@@ -368,6 +368,10 @@ impl Default for WalStats {
 pub struct Submission<T> {
     pub payload: Vec<u8>,
     pub token: T,
+    /// The record's timestamp if it has one already (a record copied from
+    /// another server's log); else the writer's clock. Never below the
+    /// previous record's.
+    pub ts_ms: Option<u64>,
 }
 
 /// A durable record, handed to the commit callback.
@@ -437,7 +441,7 @@ impl<T: Send + 'static> Wal<T> {
 
     /// Queues a payload without blocking.
     pub fn try_submit(&self, payload: Vec<u8>, token: T) -> Result<(), (SubmitError, T)> {
-        self.tx.try_send(Submission { payload, token }).map_err(|e| match e {
+        self.tx.try_send(Submission { payload, token, ts_ms: None }).map_err(|e| match e {
             TrySendError::Full(s) => (SubmitError::Full, s.token),
             TrySendError::Disconnected(s) => (SubmitError::Closed, s.token),
         })
@@ -445,7 +449,14 @@ impl<T: Send + 'static> Wal<T> {
 
     /// Queues a payload, waiting while the queue is full (for tools and tests).
     pub fn submit(&self, payload: Vec<u8>, token: T) -> Result<(), SubmitError> {
-        self.tx.send(Submission { payload, token }).map_err(|_| SubmitError::Closed)
+        self.tx.send(Submission { payload, token, ts_ms: None }).map_err(|_| SubmitError::Closed)
+    }
+
+    /// Queues a payload that keeps the timestamp it was given (at least the
+    /// previous record's), waiting while the queue is full: a standby logs
+    /// its primary's records as the primary logged them.
+    pub fn submit_at(&self, payload: Vec<u8>, ts_ms: u64, token: T) -> Result<(), SubmitError> {
+        self.tx.send(Submission { payload, token, ts_ms: Some(ts_ms) }).map_err(|_| SubmitError::Closed)
     }
 }
 
@@ -491,13 +502,14 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let ts_ms = now_ms().max(self.last_ts_ms);
-            self.last_ts_ms = ts_ms;
+            let now = now_ms();
             buf.clear();
             let mut done = Vec::with_capacity(batch.len());
             for s in batch.drain(..) {
                 let lsn = self.next_lsn;
                 self.next_lsn += 1;
+                let ts_ms = s.ts_ms.unwrap_or(now).max(self.last_ts_ms);
+                self.last_ts_ms = ts_ms;
                 encode_record(lsn, ts_ms, &s.payload, &mut buf);
                 done.push(Committed { lsn, ts_ms, payload: s.payload, token: s.token });
             }

@@ -183,3 +183,27 @@ fn truncate_after_cuts_across_segments_and_the_log_goes_on() {
     assert_eq!(wal::truncate_after(dir.path(), 0).unwrap(), 28);
     assert_eq!(replay_all(dir.path(), 0).0.len(), 0);
 }
+
+#[test]
+fn submit_at_keeps_the_given_timestamps_never_going_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let (w, handle) = Wal::start(WalConfig::new(dir.path()), 1, 0, move |batch| {
+        for c in batch {
+            tx.send((c.lsn, c.ts_ms)).unwrap();
+        }
+    })
+    .unwrap();
+    for ts in [1_000, 1_000, 2_000, 1_500] {
+        w.submit_at(b"copied".to_vec(), ts, ()).unwrap();
+    }
+    w.submit(b"own".to_vec(), ()).unwrap();
+    drop(w);
+    handle.join().unwrap();
+    let got: Vec<(u64, u64)> = rx.iter().collect();
+    assert_eq!(&got[..4], &[(1, 1_000), (2, 1_000), (3, 2_000), (4, 2_000)], "kept, and never below the last");
+    assert!(got[4].1 > 1_000_000_000_000, "the writer's clock for its own records");
+    let mut replayed = Vec::new();
+    wal::replay(dir.path(), 0, |r| replayed.push((r.lsn, r.ts_ms))).unwrap();
+    assert_eq!(replayed, got);
+}

@@ -292,7 +292,7 @@ fn topic_messages(kafka: &Kafka, topic: &str) -> Vec<Vec<u8>> {
 async fn re_sent_and_stale_records_change_nothing() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let _serial = SERIAL.lock().await;
-    let Pair { kafka, dirs: _dirs, ports: [a_port, b_port], primary: a, standby: b } = pair().await;
+    let Pair { kafka, dirs, ports: [a_port, b_port], primary: a, standby: b } = pair().await;
     let c = client_at(a_port).await;
     for id in 1..=20 {
         c.order(id, &[Line::new(id % ITEMS, 1, 3)]).await.unwrap();
@@ -332,6 +332,17 @@ async fn re_sent_and_stale_records_change_nothing() {
     want[2] -= 4;
     assert_eq!(after, want, "the primary applied nothing twice");
     converges(b_port, &want).await;
+
+    // The standby's log is the primary's, record for record: LSN, timestamp
+    // (ids age by it) and payload.
+    let log = |dir: &std::path::Path| {
+        let mut out = Vec::new();
+        stockd_persistence::wal::scan(dir, 0, |r| out.push((r.lsn, r.ts_ms, r.payload.to_vec()))).unwrap();
+        out
+    };
+    let (primary_log, standby_log) = (log(dirs[0].path()), log(dirs[1].path()));
+    assert!(primary_log.len() > 20, "{} records", primary_log.len());
+    assert_eq!(standby_log, primary_log);
     drop((a, b));
 }
 

@@ -113,8 +113,8 @@ impl<'a> Envelope<'a> {
     }
 }
 
-/// Data messages for consecutive records `(lsn, ts_ms, payload)`, each up
-/// to [`MAX_DATA_BYTES`]: `(first lsn, last lsn, message)`.
+/// Data messages for consecutive records `(lsn, ts_ms, payload)` of one
+/// timestamp, each up to [`MAX_DATA_BYTES`]: `(first lsn, last lsn, message)`.
 pub fn data_messages<'r>(
     epoch: u64,
     node: u64,
@@ -131,13 +131,14 @@ pub fn data_messages<'r>(
         }
     };
     for (lsn, ts_ms, payload) in records {
-        let follows = run.is_some_and(|(_, last, _)| last + 1 == lsn);
+        // A run shares one timestamp (a group commit's), which readers log it with.
+        let follows = run.is_some_and(|(_, last, ts)| last + 1 == lsn && ts == ts_ms);
         if !follows || body.len() + 4 + payload.len() > MAX_DATA_BYTES {
             flush(&mut body, &mut run);
         }
         push_record(&mut body, payload);
         run = Some(match run {
-            Some((first, _, ts)) => (first, lsn, ts.max(ts_ms)),
+            Some((first, _, ts)) => (first, lsn, ts),
             None => (lsn, lsn, ts_ms),
         });
     }
@@ -181,11 +182,12 @@ mod tests {
     }
 
     #[test]
-    fn data_messages_split_at_gaps_and_at_the_size_limit() {
+    fn data_messages_split_at_gaps_timestamps_and_the_size_limit() {
         let big = vec![7u8; MAX_DATA_BYTES / 2];
-        let recs = [(1, 0, &b"a"[..]), (2, 0, b"b"), (4, 0, b"c"), (5, 0, &big[..]), (6, 0, &big[..])];
+        let recs =
+            [(1, 0, &b"a"[..]), (2, 0, b"b"), (4, 0, b"c"), (5, 0, &big[..]), (6, 0, &big[..]), (7, 1, b"d")];
         let spans: Vec<(u64, u64)> = data_messages(1, 1, recs).iter().map(|(f, l, _)| (*f, *l)).collect();
-        assert_eq!(spans, vec![(1, 2), (4, 5), (6, 6)]);
+        assert_eq!(spans, vec![(1, 2), (4, 5), (6, 6), (7, 7)]);
         let huge = vec![1u8; MAX_DATA_BYTES + 10];
         let msgs = data_messages(1, 1, [(9, 0, &huge[..])]);
         assert_eq!(Envelope::decode(&msgs[0].2).unwrap().1, vec![&huge[..]]);

@@ -223,7 +223,7 @@ impl Reader {
                 self.last_alive = Instant::now();
                 if self.p.replica.role() == Role::Standby {
                     for (i, record) in records.iter().enumerate().skip(from) {
-                        self.log_replicated(e.lsn + i as u64, record);
+                        self.log_replicated(e.lsn + i as u64, e.ts_ms, record);
                     }
                 }
             }
@@ -278,8 +278,9 @@ impl Reader {
         }
     }
 
-    /// A standby logs the history's next record at its own LSN.
-    fn log_replicated(&mut self, lsn: u64, record: &[u8]) {
+    /// A standby logs the history's next record at its own LSN, with the
+    /// primary's timestamp (ids age by it).
+    fn log_replicated(&mut self, lsn: u64, ts_ms: u64, record: &[u8]) {
         if lsn != self.submitted + 1 {
             fatal(format!(
                 "record {lsn} of the topic follows local record {}: the local log does not fit the topic",
@@ -297,7 +298,7 @@ impl Reader {
             )),
             Err(why) => fatal(format!("record {lsn} of the topic cannot be read: {why}")),
         };
-        if self.p.wal.submit(record.to_vec(), token).is_err() {
+        if self.p.wal.submit_at(record.to_vec(), ts_ms, token).is_err() {
             return; // the writer stopped: shutting down
         }
         self.submitted = lsn;
