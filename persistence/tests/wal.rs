@@ -201,7 +201,11 @@ fn submit_at_keeps_the_given_timestamps_never_going_back() {
     drop(w);
     handle.join().unwrap();
     let got: Vec<(u64, u64)> = rx.iter().collect();
-    assert_eq!(&got[..4], &[(1, 1_000), (2, 1_000), (3, 2_000), (4, 2_000)], "kept, and never below the last");
+    assert_eq!(
+        &got[..4],
+        &[(1, 1_000), (2, 1_000), (3, 2_000), (4, 2_000)],
+        "kept, and never below the last"
+    );
     assert!(got[4].1 > 1_000_000_000_000, "the writer's clock for its own records");
     let mut replayed = Vec::new();
     wal::replay(dir.path(), 0, |r| replayed.push((r.lsn, r.ts_ms))).unwrap();
