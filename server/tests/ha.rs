@@ -449,3 +449,36 @@ async fn a_primary_cut_off_from_kafka_acknowledges_nothing_the_new_primary_lacks
     converges(a_port, &rows(b_port).await).await;
     drop((a, b, proxy));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_with_another_shard_count_stops_and_says_which() {
+    let _serial = SERIAL.lock().await;
+    let Pair { kafka, dirs: _dirs, ports: [_, _], primary: a, standby: b } = pair().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut standby = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--shard-port-base", "0", "--shards", "3"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--kafka-brokers", &kafka.brokers(), "--standby"])
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = standby.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = standby.kill();
+            panic!("a standby with the wrong shard count still runs after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut standby.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("restart it with --shards 2"), "{stderr}");
+    drop((a, b));
+}
