@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use stockd_client::{prefetch, Applied, Client, Error as ClientError, Key, Line};
+use tokio::sync::{oneshot, watch};
 
 /// What a request does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +130,8 @@ pub struct Config {
     pub preload_qty: u32,
     /// Print a progress line every second.
     pub progress: bool,
+    /// Threads, each with its own share of the connections (at most one per connection).
+    pub threads: usize,
 }
 
 impl Config {
@@ -149,6 +152,7 @@ impl Config {
             preload: false,
             preload_qty: 1_000_000,
             progress: false,
+            threads: 2,
         }
     }
 }
@@ -641,13 +645,10 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         return Err("connections, pipeline, batch and lines must be at least 1".into());
     }
     let keys = KeyGen::new(cfg.keys, cfg.centers, cfg.zipf);
-    let mut conns = Vec::with_capacity(cfg.connections);
-    for _ in 0..cfg.connections {
-        conns.push(Conn::open(&cfg.target).await?);
-    }
     if cfg.preload {
         let t = Instant::now();
-        let n = preload(&conns[0], &keys, cfg.preload_qty, cfg.seed).await?;
+        let conn = Conn::open(&cfg.target).await?;
+        let n = preload(&conn, &keys, cfg.preload_qty, cfg.seed).await?;
         if cfg.progress {
             eprintln!(
                 "preloaded {n} keys with {} units each in {:.1}s",
@@ -656,83 +657,46 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
             );
         }
     }
+    let threads = cfg.threads.clamp(1, cfg.connections);
     let recorder = Arc::new(Recorder::new());
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = cfg.connections * cfg.pipeline;
-    let interval = cfg.rate.map(|r| Duration::from_secs_f64(workers as f64 / r.max(1e-9)));
+    let (go_tx, go_rx) = watch::channel(None);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut finished = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let (done_tx, done_rx) = oneshot::channel();
+        let run = ThreadRun {
+            t,
+            threads,
+            cfg: cfg.clone(),
+            keys: keys.clone(),
+            recorder: recorder.clone(),
+            stop: stop.clone(),
+            go: go_rx.clone(),
+            ready: ready_tx.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("stock-loadgen-{t}"))
+            .spawn(move || {
+                let _ = done_tx.send(run.run());
+            })
+            .map_err(|e| format!("cannot start a load generator thread: {e}"))?;
+        finished.push(done_rx);
+    }
+    drop(ready_tx);
+    for _ in 0..threads {
+        let ready =
+            ready_rx.recv().await.unwrap_or_else(|| Err("a load generator thread ended early".into()));
+        if let Err(e) = ready {
+            // Threads still waiting for the start see it with `stop` set, and end.
+            stop.store(true, Relaxed);
+            go_tx.send_replace(Some(Instant::now()));
+            return Err(e);
+        }
+    }
     let start = Instant::now();
     let cpu_at_start = process_cpu_seconds();
-    let id_base = receipt_base(cfg.seed);
-    let mut tasks = Vec::new();
-    for w in 0..workers {
-        let mut conn = conns[w % cfg.connections].clone();
-        let (keys, recorder, stop) = (keys.clone(), recorder.clone(), stop.clone());
-        let cfg = cfg.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng::new(cfg.seed.wrapping_add(w as u64 * 7919));
-            let mut seq: u64 = 0;
-            // Open loop: evenly spaced intended send times, staggered across workers.
-            let mut intended = interval.map(|i| start + i.mul_f64(w as f64 / workers as f64));
-            while !stop.load(Relaxed) {
-                let sent_at = match intended {
-                    Some(t) => {
-                        tokio::time::sleep_until(t.into()).await;
-                        if stop.load(Relaxed) {
-                            break;
-                        }
-                        t
-                    }
-                    None => Instant::now(),
-                };
-                let kind = pick(cfg.workload, &mut rng);
-                let (res, nkeys, units) = match kind {
-                    Kind::Query => (conn.query(keys.key(&mut rng)).await, 1, 0),
-                    Kind::Batch => {
-                        let ks = keys.keys(&mut rng, cfg.batch);
-                        let r = conn.query_batch(&ks).await.map_or_else(Res::Err, |_| Res::Ok);
-                        (r, ks.len() as u64, 0)
-                    }
-                    Kind::Order | Kind::Inbound => {
-                        seq += 1;
-                        let id = id_base | (w as u64) << 32 | seq;
-                        let lines: Vec<Line> = keys
-                            .distinct(&mut rng, cfg.lines)
-                            .into_iter()
-                            .map(|key| Line { key, qty: 1 })
-                            .collect();
-                        let units = lines.len() as u64;
-                        let r = if kind == Kind::Order {
-                            conn.order(id, &lines).await
-                        } else {
-                            conn.inbound(id, &lines).await
-                        };
-                        (r, 0, units)
-                    }
-                };
-                let done = Instant::now();
-                let us = done.saturating_duration_since(sent_at).as_micros().max(1) as u64;
-                recorder.record(|t| {
-                    t.hist.saturating_record(us);
-                    t.ops += 1;
-                    match res {
-                        Res::Ok => {
-                            t.keys += nkeys;
-                            match kind {
-                                Kind::Order => t.order_units += units,
-                                Kind::Inbound => t.inbound_units += units,
-                                _ => {}
-                            }
-                        }
-                        Res::Insufficient => t.insufficient += 1,
-                        Res::Err(kind) => *t.errors.entry(kind).or_default() += 1,
-                    }
-                });
-                if let (Some(t), Some(i)) = (intended.as_mut(), interval) {
-                    *t += i;
-                }
-            }
-        }));
-    }
+    go_tx.send_replace(Some(start));
     // Progress, once per second, until the duration is over.
     let mut last_ops = 0;
     let mut tick = tokio::time::interval_at((start + Duration::from_secs(1)).into(), Duration::from_secs(1));
@@ -757,8 +721,8 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     }
     stop.store(true, Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
-    for t in tasks {
-        t.await.map_err(|e| e.to_string())?;
+    for done in finished {
+        done.await.map_err(|_| "a load generator thread panicked".to_string())??;
     }
     let client_cpu_s = process_cpu_seconds() - cpu_at_start;
     let Tally {
@@ -784,6 +748,164 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         latency_us: Latency::of(&histogram),
     };
     Ok(Outcome { report, histogram, insufficient, errors_by_kind, order_units, inbound_units })
+}
+
+/// One load generator thread: a current-thread runtime that opens its share
+/// of the connections (connection `c` belongs to thread `c % threads`) and
+/// runs every worker of those connections. A connection's callers, its
+/// writer and its reader thus live on one thread and never wake each other
+/// across threads (docs/benchmarks.md, *Client and load generator cost per
+/// request*).
+struct ThreadRun {
+    t: usize,
+    threads: usize,
+    cfg: Config,
+    keys: KeyGen,
+    recorder: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+    /// The run's start, once every thread has its connections open.
+    go: watch::Receiver<Option<Instant>>,
+    /// Each thread says once whether it opened its connections.
+    ready: tokio::sync::mpsc::UnboundedSender<Result<(), String>>,
+}
+
+impl ThreadRun {
+    fn run(self) -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot build a load generator runtime: {e}"))?;
+        rt.block_on(self.serve())
+    }
+
+    async fn serve(mut self) -> Result<(), String> {
+        let (t, threads, connections) = (self.t, self.threads, self.cfg.connections);
+        let mut conns = Vec::new();
+        for _ in (t..connections).step_by(threads) {
+            match Conn::open(&self.cfg.target).await {
+                Ok(c) => conns.push(c),
+                Err(e) => {
+                    let _ = self.ready.send(Err(e.clone()));
+                    return Err(e);
+                }
+            }
+        }
+        let _ = self.ready.send(Ok(()));
+        let start = loop {
+            if let Some(start) = *self.go.borrow_and_update() {
+                break start;
+            }
+            if self.go.changed().await.is_err() {
+                return Ok(()); // the run was abandoned
+            }
+        };
+        let workers = connections * self.cfg.pipeline;
+        let interval = self.cfg.rate.map(|r| Duration::from_secs_f64(workers as f64 / r.max(1e-9)));
+        let id_base = receipt_base(self.cfg.seed);
+        let mut tasks = Vec::new();
+        for w in (0..workers).filter(|w| w % connections % threads == t) {
+            let worker = Worker {
+                w,
+                workers,
+                conn: conns[w % connections / threads].clone(),
+                keys: self.keys.clone(),
+                recorder: self.recorder.clone(),
+                stop: self.stop.clone(),
+                cfg: self.cfg.clone(),
+                interval,
+                start,
+                id_base,
+            };
+            tasks.push(tokio::spawn(worker.run()));
+        }
+        for task in tasks {
+            task.await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// One caller: a request at a time, recorded into its thread's tally.
+struct Worker {
+    w: usize,
+    workers: usize,
+    conn: Conn,
+    keys: KeyGen,
+    recorder: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+    cfg: Config,
+    /// Open loop: the time between this worker's intended sends.
+    interval: Option<Duration>,
+    start: Instant,
+    id_base: u64,
+}
+
+impl Worker {
+    async fn run(self) {
+        let Worker { w, workers, mut conn, keys, recorder, stop, cfg, interval, start, id_base } = self;
+        let mut rng = Rng::new(cfg.seed.wrapping_add(w as u64 * 7919));
+        let mut seq: u64 = 0;
+        // Open loop: evenly spaced intended send times, staggered across workers.
+        let mut intended = interval.map(|i| start + i.mul_f64(w as f64 / workers as f64));
+        while !stop.load(Relaxed) {
+            let sent_at = match intended {
+                Some(t) => {
+                    tokio::time::sleep_until(t.into()).await;
+                    if stop.load(Relaxed) {
+                        break;
+                    }
+                    t
+                }
+                None => Instant::now(),
+            };
+            let kind = pick(cfg.workload, &mut rng);
+            let (res, nkeys, units) = match kind {
+                Kind::Query => (conn.query(keys.key(&mut rng)).await, 1, 0),
+                Kind::Batch => {
+                    let ks = keys.keys(&mut rng, cfg.batch);
+                    let r = conn.query_batch(&ks).await.map_or_else(Res::Err, |_| Res::Ok);
+                    (r, ks.len() as u64, 0)
+                }
+                Kind::Order | Kind::Inbound => {
+                    seq += 1;
+                    let id = id_base | (w as u64) << 32 | seq;
+                    let lines: Vec<Line> = keys
+                        .distinct(&mut rng, cfg.lines)
+                        .into_iter()
+                        .map(|key| Line { key, qty: 1 })
+                        .collect();
+                    let units = lines.len() as u64;
+                    let r = if kind == Kind::Order {
+                        conn.order(id, &lines).await
+                    } else {
+                        conn.inbound(id, &lines).await
+                    };
+                    (r, 0, units)
+                }
+            };
+            let done = Instant::now();
+            let us = done.saturating_duration_since(sent_at).as_micros().max(1) as u64;
+            recorder.record(|t| {
+                t.hist.saturating_record(us);
+                t.ops += 1;
+                match res {
+                    Res::Ok => {
+                        t.keys += nkeys;
+                        match kind {
+                            Kind::Order => t.order_units += units,
+                            Kind::Inbound => t.inbound_units += units,
+                            _ => {}
+                        }
+                    }
+                    Res::Insufficient => t.insufficient += 1,
+                    Res::Err(kind) => *t.errors.entry(kind).or_default() += 1,
+                }
+            });
+            if let (Some(t), Some(i)) = (intended.as_mut(), interval) {
+                *t += i;
+            }
+        }
+    }
 }
 
 /// The HdrHistogram percentile distribution (".hgrm" text), values in microseconds.

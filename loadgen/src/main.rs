@@ -78,7 +78,8 @@ struct RunArgs {
     /// Write the HdrHistogram percentile distribution here.
     #[arg(long)]
     hgrm: Option<PathBuf>,
-    /// Worker threads of the load generator.
+    /// Threads of the load generator: each opens its share of the connections
+    /// and runs their callers on itself (a current-thread runtime).
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// No progress lines.
@@ -147,15 +148,14 @@ fn main() -> ExitCode {
     cfg.preload = a.preload;
     cfg.preload_qty = a.preload_qty;
     cfg.progress = !a.quiet;
+    cfg.threads = a.threads.max(1);
     if cfg.keys == 0 || cfg.centers == 0 {
         eprintln!("stock-loadgen: --keys and --centers must be at least 1");
         return ExitCode::from(2);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(a.threads.max(1))
-        .enable_all()
-        .build()
-    {
+    // Workers run on threads of their own (see `run`); this runtime only
+    // preloads and prints progress.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("stock-loadgen: {e}");
