@@ -204,11 +204,17 @@ impl Shard {
 
     fn internal(&mut self, msg: Internal) {
         match msg {
-            Internal::Prepare { txn, coord, m } => {
+            Internal::Prepare { txn, coord, m, log_if_ready } => {
                 let result = self.store.prepare(txn, &m);
-                self.mailbox(coord).push_internal(Internal::Vote { txn, from: self.index, result });
+                match (result, log_if_ready) {
+                    (Ok(()), Some(participants)) => self.log_for(txn, coord, participants, m),
+                    (result, _) => {
+                        self.mailbox(coord).push_internal(Internal::Vote { txn, from: self.index, result })
+                    }
+                }
             }
             Internal::Vote { txn, from, result } => self.vote(txn, from, result),
+            Internal::NotLogged { txn, error } => self.not_logged(txn, error),
             Internal::Abort { txn } => self.store.abort(txn),
             Internal::Committed(list) => {
                 for chunk in list.chunks(PREFETCH_KEYS) {

@@ -107,22 +107,72 @@ impl Shard {
         self.prepare_everywhere(txn);
     }
 
+    /// Prepares `txn` on every participant. With exactly one other shard
+    /// among them, and this shard's own lines (if any) ready, that shard is
+    /// asked to log the record itself when its lines are ready too: one
+    /// message between the shards instead of two (prepare and vote), and
+    /// the record reaches the log a hop sooner.
     fn prepare_everywhere(&mut self, txn: u64) {
         let Some(t) = self.txns.get_mut(&txn) else { return };
         let (participants, m) = (t.participants, t.m.clone());
         t.waiting = participants.count_ones();
         t.prepared = 0;
         t.contended = None;
+        let me = 1u64 << self.index;
+        let others = participants & !me;
+        let mut local_ready = true;
+        if participants & me != 0 {
+            let result = self.store.prepare(txn, &m);
+            local_ready = result.is_ok();
+            self.vote(txn, self.index, result);
+        }
+        if others.count_ones() == 1 && local_ready {
+            let i = others.trailing_zeros() as usize;
+            // Counted as prepared from now on: if the mutation is aborted
+            // after all (the record fenced, say), `i` is told to drop what
+            // it may have reserved; an abort of nothing is a no-op.
+            self.txns.get_mut(&txn).expect("present").prepared |= 1 << i;
+            let log_if_ready = Some(participants);
+            self.mailbox(i).push_internal(Internal::Prepare { txn, coord: self.index, m, log_if_ready });
+            return;
+        }
         for i in 0..self.shared.shards() {
-            if participants & (1 << i) == 0 {
-                continue;
+            if others & (1 << i) != 0 {
+                let m = m.clone();
+                self.mailbox(i).push_internal(Internal::Prepare {
+                    txn,
+                    coord: self.index,
+                    m,
+                    log_if_ready: None,
+                });
             }
-            if i == self.index {
-                let result = self.store.prepare(txn, &m);
-                self.vote(txn, i, result);
-            } else {
-                self.mailbox(i).push_internal(Internal::Prepare { txn, coord: self.index, m: m.clone() });
-            }
+        }
+    }
+
+    /// Hands the record of `txn` to the log writer: it comes back through
+    /// the commit callback (`commits.rs`) once durable.
+    fn log(&self, txn: u64, coord: usize, participants: u64, m: Arc<Mutation>) -> Result<(), SubmitError> {
+        let mut payload = Vec::with_capacity(16 + 16 * m.lines.len());
+        m.encode(&mut payload);
+        let token = WalToken::Own { txn, coord, participants, m };
+        self.shared.wal.try_submit(payload, token).map_err(|(e, _)| e)
+    }
+
+    /// Logs `txn` for its coordinator, as the last participant to be ready
+    /// (see `prepare_everywhere`); if the log writer cannot take it, drops
+    /// this shard's reservation and tells the coordinator.
+    pub(super) fn log_for(&mut self, txn: u64, coord: usize, participants: u64, m: Arc<Mutation>) {
+        if let Err(error) = self.log(txn, coord, participants, m) {
+            self.store.abort(txn);
+            self.mailbox(coord).push_internal(Internal::NotLogged { txn, error });
+        }
+    }
+
+    /// The participant that was to log `txn` could not.
+    pub(super) fn not_logged(&mut self, txn: u64, error: SubmitError) {
+        if self.txns.contains_key(&txn) {
+            self.abort_everywhere(txn);
+            self.finish(txn, &log_refused(error));
         }
     }
 
@@ -167,19 +217,10 @@ impl Shard {
             self.abort_everywhere(txn);
             return self.finish(txn, &refusal_response(&r));
         }
-        let mut payload = Vec::with_capacity(16 + 16 * t.m.lines.len());
-        t.m.encode(&mut payload);
-        let token = WalToken::Own { txn, coord: self.index, participants: t.participants, m: t.m.clone() };
-        if let Err((e, _)) = self.shared.wal.try_submit(payload, token) {
+        let (participants, m) = (t.participants, t.m.clone());
+        if let Err(e) = self.log(txn, self.index, participants, m) {
             self.abort_everywhere(txn);
-            let resp = Response::Error {
-                status: if e == SubmitError::Full { Status::Overloaded } else { Status::Internal },
-                message: match e {
-                    SubmitError::Full => "the log writer is saturated; retry".into(),
-                    SubmitError::Closed => "the log writer has stopped".into(),
-                },
-            };
-            self.finish(txn, &resp);
+            self.finish(txn, &log_refused(e));
         }
     }
 
@@ -245,6 +286,19 @@ impl Shard {
             if !self.busy_ids.contains(&IdKey::OrderOrHold(id)) {
                 self.start(opcode::RELEASE, 0, Command::Release { id, expired: true }, None);
             }
+        }
+    }
+}
+
+/// What the client is told when the log writer could not take its record.
+fn log_refused(e: SubmitError) -> Response {
+    match e {
+        SubmitError::Full => Response::Error {
+            status: Status::Overloaded,
+            message: "the log writer is saturated; retry".into(),
+        },
+        SubmitError::Closed => {
+            Response::Error { status: Status::Internal, message: "the log writer has stopped".into() }
         }
     }
 }

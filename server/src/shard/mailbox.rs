@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use crossbeam::queue::{ArrayQueue, SegQueue};
+use stockd_persistence::wal::SubmitError;
 use stockd_protocol::Key;
 use tokio::sync::{mpsc, Notify};
 
@@ -51,9 +52,16 @@ impl Forwarded {
 /// Messages between shards and from the log writer.
 pub enum Internal {
     /// Check and reserve this shard's lines of `m` for `txn`; vote to `coord`.
-    Prepare { txn: u64, coord: usize, m: Arc<Mutation> },
+    /// With `log_if_ready` (the mutation's participants), this shard is the
+    /// last one undecided, every other one is ready: if its lines are ready
+    /// too it logs the record itself instead of voting (a refusal is still a
+    /// vote), and the coordinator next hears of it when it is durable.
+    Prepare { txn: u64, coord: usize, m: Arc<Mutation>, log_if_ready: Option<u64> },
     /// A participant's answer to `Prepare`.
     Vote { txn: u64, from: usize, result: Result<(), Refusal> },
+    /// A participant that was to log `txn` found the log writer full or
+    /// stopped; it dropped its reservation.
+    NotLogged { txn: u64, error: SubmitError },
     /// Drop what `Prepare` reserved.
     Abort { txn: u64 },
     /// Durable records this shard takes part in, in LSN order: apply them.

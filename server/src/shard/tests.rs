@@ -27,8 +27,19 @@ fn shared_with(
     queue_capacity: usize,
     on_commit: impl FnMut(Vec<Committed<mailbox::WalToken>>) + Send + 'static,
 ) -> Arc<Shared> {
+    shared_from(dir, n, queue_capacity, 1, on_commit)
+}
+
+/// As [`shared_with`], the log writer's first record at `next_lsn`.
+fn shared_from(
+    dir: &std::path::Path,
+    n: usize,
+    queue_capacity: usize,
+    next_lsn: u64,
+    on_commit: impl FnMut(Vec<Committed<mailbox::WalToken>>) + Send + 'static,
+) -> Arc<Shared> {
     let cfg = WalConfig { queue_capacity, ..WalConfig::new(dir) };
-    let (wal, _writer) = Wal::start(cfg, 1, 0, on_commit).unwrap();
+    let (wal, _writer) = Wal::start(cfg, next_lsn, 0, on_commit).unwrap();
     let (snapshots, _) = crossbeam::channel::unbounded();
     Arc::new(Shared {
         mailboxes: Arc::new((0..n).map(|_| Mailbox::new()).collect()),
@@ -238,4 +249,126 @@ fn a_reserve_retried_while_its_hold_expires_answers_duplicate() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Two shards, an order id coordinated by one and a key owned by the
+/// other; the log writer's batches come back to the test.
+struct Pair {
+    shared: Arc<Shared>,
+    coord: Shard,
+    rows: Shard,
+    id: u64,
+    key: Key,
+    batches: std_mpsc::Receiver<Vec<Committed<mailbox::WalToken>>>,
+    _dir: tempfile::TempDir,
+}
+
+fn pair(units: u32) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let (batch_tx, batches) = std_mpsc::channel();
+    // The stocked rows are LSN 1.
+    let shared = shared_from(dir.path(), 2, 1024, 2, move |b| {
+        let _ = batch_tx.send(b);
+    });
+    let id = 1000;
+    let c = shard_of(id, 2);
+    let key = Key { item: (1..).find(|i| shard_of(*i, 2) != c).unwrap(), fc: 1 };
+    let coord = Shard::new(c, shared.clone(), Store::new(c, 2, IdLimits::default()));
+    let rows = Shard::new(1 - c, shared.clone(), stocked(1 - c, 2, key, units));
+    Pair { shared, coord, rows, id, key, batches, _dir: dir }
+}
+
+impl Pair {
+    fn next_batch(&self) -> Vec<Committed<mailbox::WalToken>> {
+        self.batches.recv_timeout(Duration::from_secs(10)).expect("a group commit")
+    }
+}
+
+#[test]
+fn the_one_other_participant_logs_the_record_itself_and_the_coordinator_answers_once_durable() {
+    let mut p = pair(10);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    p.coord.start(opcode::ORDER, 1, order(p.id, p.key, 3), Some(tx));
+    // The owner of the row prepares and logs; it sends no vote.
+    assert_eq!(p.shared.mailboxes[p.rows.index()].depths().1, 1, "one prepare");
+    p.rows.drain();
+    assert_eq!(p.shared.mailboxes[p.coord.index()].depths().1, 0, "no vote");
+    let batch = p.next_batch();
+    assert_eq!(batch.len(), 1);
+    commits::route_commits(&p.shared.mailboxes, batch, |_| false);
+    p.rows.drain();
+    p.coord.drain();
+    assert!(matches!(answer(&mut rx), Some(Response::Ok(stockd_protocol::Reply::Committed { lsn: 2 }))));
+    assert_eq!(p.rows.read_one(p.key), 7);
+    assert!(p.coord.txns.is_empty() && p.coord.busy_ids.is_empty());
+}
+
+#[test]
+fn the_one_other_participant_that_refuses_votes_and_nothing_is_logged() {
+    let mut p = pair(2);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    p.coord.start(opcode::ORDER, 1, order(p.id, p.key, 3), Some(tx));
+    p.rows.drain();
+    assert!(answer(&mut rx).is_none());
+    p.coord.drain();
+    assert_eq!(answer(&mut rx), Some(Response::Insufficient { line: 0, available: 2 }));
+    // The coordinator's abort reaches the row's owner, which reserved nothing.
+    p.rows.drain();
+    assert_eq!(p.rows.read_one(p.key), 2);
+    assert!(p.batches.recv_timeout(Duration::from_millis(100)).is_err(), "nothing was logged");
+}
+
+#[test]
+fn a_record_logged_by_the_other_participant_and_then_fenced_releases_its_units() {
+    let mut p = pair(10);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    p.coord.start(opcode::ORDER, 1, order(p.id, p.key, 10), Some(tx));
+    p.rows.drain();
+    let batch = p.next_batch();
+    commits::fence_commits(&p.shared.mailboxes, batch, &Arc::from("another node is the primary"));
+    p.coord.drain();
+    match answer(&mut rx) {
+        Some(Response::Error { status: Status::NotPrimary, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    p.rows.drain();
+    let all = Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key: p.key, qty: 10 }] };
+    assert!(p.rows.store.prepare(99, &all).is_ok(), "the fenced order's 10 units are free again");
+}
+
+#[test]
+fn the_one_other_participant_that_finds_the_log_full_drops_its_reservation_and_the_client_hears_overloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    // The writer takes the first record, then waits in its callback; one more fills the queue.
+    let (gate_tx, gate_rx) = std_mpsc::channel::<()>();
+    let (took_tx, took_rx) = std_mpsc::channel::<()>();
+    let shared = shared_with(dir.path(), 2, 1, move |_| {
+        let _ = took_tx.send(());
+        let _ = gate_rx.recv();
+    });
+    let c = shard_of(1000, 2);
+    let key = Key { item: (1..).find(|i| shard_of(*i, 2) != c).unwrap(), fc: 1 };
+    let mut coord = Shard::new(c, shared.clone(), Store::new(c, 2, IdLimits::default()));
+    let mut rows = Shard::new(1 - c, shared.clone(), stocked(1 - c, 2, key, 100));
+    let ids: Vec<u64> = (1000..).filter(|i| shard_of(*i, 2) == c).take(3).collect();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    coord.start(opcode::ORDER, 1, order(ids[0], key, 1), Some(tx.clone()));
+    rows.drain();
+    took_rx.recv_timeout(Duration::from_secs(10)).expect("the writer took the first record");
+    coord.start(opcode::ORDER, 2, order(ids[1], key, 1), Some(tx.clone()));
+    coord.start(opcode::ORDER, 3, order(ids[2], key, 90), Some(tx));
+    rows.drain(); // the first fills the queue, the second finds it full
+    coord.drain();
+    match answer(&mut rx) {
+        Some(Response::Error { status: Status::Overloaded, message }) => {
+            assert!(message.contains("log writer is saturated"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(answer(&mut rx).is_none(), "the other two are logged, not answered");
+    rows.drain();
+    // 100 units, 1 + 1 logged and still reserved: 98 free, so the 90 were given back.
+    let rest = Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key, qty: 98 }] };
+    assert!(rows.store.prepare(99, &rest).is_ok());
+    drop(gate_tx);
 }
