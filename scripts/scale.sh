@@ -8,7 +8,9 @@
 # with one thread per server CPU) runs pinned to SERVER_CPUS, the load
 # generator to LOADGEN_CPUS with one thread per CPU there. Workloads:
 # unbatched queries, 64-key batches (MGET for Valkey), durable 1-line
-# orders (a Lua check-and-decrement for Valkey), after a preload of 100,000
+# orders (a Lua check-and-decrement for Valkey), and those orders again in
+# an open loop at half the rate the closed loop reached (the tail below
+# saturation), after a preload of 100,000
 # items x 4 centers through each target's own write path. Each row: the
 # server's CPU seconds in the run (/proc), its CPU per operation, and the
 # load generator's own CPU per operation (so a client-bound row shows
@@ -91,19 +93,15 @@ WORKLOADS=(
 
 ROWS="$OUT/rows.tsv"
 : > "$ROWS"
-measure() { # target label
-    local target=$1 label=$2
+run_one() { # target label name index loadgen-args...: one run, one row
+    local target=$1 label=$2 name=$3 i=$4
+    shift 4
+    local before after
+    before=$(cpu_seconds "$SERVER_PID")
     taskset -c "$LOADGEN_CPUS" $LG --target "$target" --keys "$KEYS" --centers 4 --threads "$LG_THREADS" \
-        --duration 1s --workload query --preload --quiet > "$OUT/$label-preload.txt"
-    local i=0
-    for w in "${WORKLOADS[@]}"; do
-        local name=${w%%|*} args=${w#*|}
-        local before after
-        before=$(cpu_seconds "$SERVER_PID")
-        taskset -c "$LOADGEN_CPUS" $LG --target "$target" --keys "$KEYS" --centers 4 --threads "$LG_THREADS" \
-            --duration "$DURATION" --zipf 0.99 --quiet --json "$OUT/$label-$i.json" $args > "$OUT/$label-$i.txt"
-        after=$(cpu_seconds "$SERVER_PID")
-        python3 - "$OUT/$label-$i.json" "$label" "$name" "$before" "$after" >> "$ROWS" <<'EOF'
+        --duration "$DURATION" --zipf 0.99 --quiet --json "$OUT/$label-$i.json" "$@" > "$OUT/$label-$i.txt"
+    after=$(cpu_seconds "$SERVER_PID")
+    python3 - "$OUT/$label-$i.json" "$label" "$name" "$before" "$after" >> "$ROWS" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 label, name, before, after = sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
@@ -115,9 +113,26 @@ print("\t".join([label, name, f"{rate:,.0f} {unit}", f"{l['p50']}/{l['p99']}/{l[
                  f"{cpu:.1f}", f"{cpu * 1e6 / max(r['ops'], 1):.2f}", f"{r['client_cpu_us_per_op']:.2f}",
                  str(r["errors"])]))
 EOF
-        tail -1 "$ROWS"
+    tail -1 "$ROWS"
+}
+
+measure() { # target label
+    local target=$1 label=$2
+    taskset -c "$LOADGEN_CPUS" $LG --target "$target" --keys "$KEYS" --centers 4 --threads "$LG_THREADS" \
+        --duration 1s --workload query --preload --quiet > "$OUT/$label-preload.txt"
+    local i=0
+    for w in "${WORKLOADS[@]}"; do
+        local name=${w%%|*} args=${w#*|}
+        run_one "$target" "$label" "$name" "$i" $args
         i=$((i + 1))
     done
+    # Tail latency below saturation: the order workload again, open loop at
+    # half the rate the closed loop just reached (latency from the intended
+    # send time, so a stall counts for every request it delays).
+    local order_args=${WORKLOADS[2]#*|}
+    local half
+    half=$(python3 -c "import json,sys; print(max(1, int(json.load(open(sys.argv[1]))['throughput_ops_s'] / 2)))" "$OUT/$label-2.json")
+    run_one "$target" "$label" "order 1 line, open loop at 50%" "$i" $order_args --rate "$half"
 }
 
 for n in $SHARDS; do
