@@ -407,8 +407,13 @@ impl<T> Clone for Wal<T> {
 impl<T: Send + 'static> Wal<T> {
     /// Starts the writer thread. It appends at `next_lsn` (from [`replay`]) in
     /// a fresh segment, and after every fdatasync advances [`Wal::durable`]
-    /// and calls `on_commit` with the batch it made durable, in LSN order. The thread ends when every `Wal`
-    /// handle is dropped; join the returned handle to wait for it.
+    /// and hands the batch it made durable to a second thread, which calls
+    /// `on_commit` with each batch in LSN order: the writer goes on to the
+    /// next write + fdatasync while the callback runs, with at most one
+    /// batch waiting between them (a slow callback slows the writer, so
+    /// nothing grows without bound). The threads end when every `Wal` handle
+    /// is dropped, after the last callback; join the returned handle to wait
+    /// for both.
     ///
     /// A failed write or fsync aborts the process: after a failed fsync the
     /// kernel may have dropped the dirty pages, so retrying could acknowledge
@@ -432,9 +437,24 @@ impl<T: Send + 'static> Wal<T> {
             stats: stats.clone(),
             durable: durable.clone(),
         };
+        // A rendezvous: the writer hands over a batch only when the callback
+        // thread is done with the previous one.
+        let (commits_tx, commits_rx) = channel::bounded::<Vec<Committed<T>>>(0);
+        let mut on_commit = on_commit;
+        let callbacks = std::thread::Builder::new()
+            .name("stockd-wal-commit".into())
+            .spawn(move || {
+                for batch in commits_rx {
+                    on_commit(batch);
+                }
+            })
+            .map_err(|e| Error::io(Path::new("<thread>"), e))?;
         let handle = std::thread::Builder::new()
             .name("stockd-wal".into())
-            .spawn(move || w.run(rx, on_commit))
+            .spawn(move || {
+                w.run(rx, commits_tx);
+                let _ = callbacks.join();
+            })
             .map_err(|e| Error::io(Path::new("<thread>"), e))?;
         Ok((Wal { tx, stats, durable }, handle))
     }
@@ -490,7 +510,7 @@ fn now_ms() -> u64 {
 }
 
 impl Writer {
-    fn run<T>(&mut self, rx: Receiver<Submission<T>>, mut on_commit: impl FnMut(Vec<Committed<T>>)) {
+    fn run<T>(&mut self, rx: Receiver<Submission<T>>, commits: Sender<Vec<Committed<T>>>) {
         let mut buf = Vec::with_capacity(1 << 20);
         let mut batch: Vec<Submission<T>> = Vec::with_capacity(self.cfg.max_batch);
         while let Ok(first) = rx.recv() {
@@ -528,7 +548,12 @@ impl Writer {
             self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
             self.written += buf.len() as u64;
             self.durable.advance(self.next_lsn - 1, buf.len() as u64);
-            on_commit(done);
+            if commits.send(done).is_err() {
+                // The callback thread is gone (it panicked): nothing durable
+                // can be acknowledged any more.
+                tracing::error!("the log's commit callback thread has stopped; aborting");
+                std::process::abort();
+            }
             if self.written >= self.cfg.segment_bytes {
                 match create_segment(&self.cfg.dir, self.next_lsn) {
                     Ok(f) => {

@@ -211,3 +211,34 @@ fn submit_at_keeps_the_given_timestamps_never_going_back() {
     wal::replay(dir.path(), 0, |r| replayed.push((r.lsn, r.ts_ms))).unwrap();
     assert_eq!(replayed, got);
 }
+
+/// The commit callback runs on a thread of its own: while it works on one
+/// batch the writer makes the next durable, and no further (a stuck
+/// callback stops the writer instead of queueing batches without bound).
+#[test]
+fn the_writer_makes_the_next_batch_durable_while_the_callback_runs_and_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let (seen_tx, seen_rx) = mpsc::channel::<Vec<u64>>();
+    let (w, handle) = Wal::start(WalConfig::new(dir.path()), 1, 0, move |batch| {
+        seen_tx.send(batch.iter().map(|c| c.lsn).collect()).unwrap();
+        let _ = gate_rx.recv();
+    })
+    .unwrap();
+    let timeout = std::time::Duration::from_secs(10);
+    w.submit(b"one".to_vec(), ()).unwrap();
+    assert_eq!(seen_rx.recv_timeout(timeout).unwrap(), vec![1]);
+    // The callback holds batch 1. Record 2 still becomes durable...
+    w.submit(b"two".to_vec(), ()).unwrap();
+    assert_eq!(w.durable.wait_past(1, timeout), 2);
+    // ...and then the writer waits to hand it over: record 3 is not written.
+    w.submit(b"three".to_vec(), ()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(w.durable.get(), 2);
+    // Released, the callback gets the rest in LSN order.
+    drop(gate_tx);
+    assert_eq!(seen_rx.recv_timeout(timeout).unwrap(), vec![2]);
+    assert_eq!(seen_rx.recv_timeout(timeout).unwrap(), vec![3]);
+    drop(w);
+    handle.join().unwrap();
+}

@@ -128,32 +128,45 @@ fn beyond_max_txns_a_shard_answers_overloaded() {
     assert_eq!(shard.txns.len(), MAX_TXNS);
 }
 
+/// A log writer whose commit callback waits on `gate` from the first batch
+/// on: the writer soon stops taking records and its queue of `capacity`
+/// fills.
+fn stuck_log(dir: &std::path::Path, n: usize, capacity: usize, gate: std_mpsc::Receiver<()>) -> Arc<Shared> {
+    shared_with(dir, n, capacity, move |_| {
+        let _ = gate.recv();
+    })
+}
+
 #[test]
 fn a_full_log_queue_answers_overloaded_and_reserves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    // The writer takes the first record, then waits in its callback; one more fills the queue.
     let (gate_tx, gate_rx) = std_mpsc::channel::<()>();
-    let (took_tx, took_rx) = std_mpsc::channel::<()>();
-    let shared = shared_with(dir.path(), 1, 1, move |_| {
-        let _ = took_tx.send(());
-        let _ = gate_rx.recv();
-    });
+    let shared = stuck_log(dir.path(), 1, 1, gate_rx);
     let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 100));
     let (tx, mut rx) = mpsc::unbounded_channel();
-    shard.start(opcode::ORDER, 1, order(1, KEY, 1), Some(tx.clone()));
-    took_rx.recv_timeout(Duration::from_secs(10)).expect("the writer took the first record");
-    shard.start(opcode::ORDER, 2, order(2, KEY, 1), Some(tx.clone()));
-    shard.start(opcode::ORDER, 3, order(3, KEY, 90), Some(tx));
-    match answer(&mut rx) {
-        Some(Response::Error { status: Status::Overloaded, message }) => {
+    // Orders of 10 units until the log refuses one: the writer takes a few
+    // (one to the waiting callback, one it waits to hand over), the queue one more.
+    let mut logged = 0;
+    let refused = loop {
+        assert!(logged < 8, "the log never filled");
+        shard.start(opcode::ORDER, logged, order(logged, KEY, 10), Some(tx.clone()));
+        std::thread::sleep(Duration::from_millis(20)); // let the writer take what it can
+        if let Some(resp) = answer(&mut rx) {
+            break resp;
+        }
+        logged += 1;
+    };
+    match refused {
+        Response::Error { status: Status::Overloaded, message } => {
             assert!(message.contains("log writer is saturated"), "{message}")
         }
         other => panic!("{other:?}"),
     }
-    // The refused order's reservation was dropped: 98 units are still free to reserve.
+    // The refused order's reservation was dropped: all but the logged ones' units are free.
+    let rest = 100 - 10 * logged as u32;
     assert!(shard
         .store
-        .prepare(99, &Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key: KEY, qty: 98 }] })
+        .prepare(99, &Mutation { op: Op::Order { id: 99 }, lines: vec![Line { key: KEY, qty: rest }] })
         .is_ok());
     drop(gate_tx);
 }
@@ -339,36 +352,35 @@ fn a_record_logged_by_the_other_participant_and_then_fenced_releases_its_units()
 #[test]
 fn the_one_other_participant_that_finds_the_log_full_drops_its_reservation_and_the_client_hears_overloaded() {
     let dir = tempfile::tempdir().unwrap();
-    // The writer takes the first record, then waits in its callback; one more fills the queue.
     let (gate_tx, gate_rx) = std_mpsc::channel::<()>();
-    let (took_tx, took_rx) = std_mpsc::channel::<()>();
-    let shared = shared_with(dir.path(), 2, 1, move |_| {
-        let _ = took_tx.send(());
-        let _ = gate_rx.recv();
-    });
+    let shared = stuck_log(dir.path(), 2, 1, gate_rx);
     let c = shard_of(1000, 2);
     let key = Key { item: (1..).find(|i| shard_of(*i, 2) != c).unwrap(), fc: 1 };
     let mut coord = Shard::new(c, shared.clone(), Store::new(c, 2, IdLimits::default()));
     let mut rows = Shard::new(1 - c, shared.clone(), stocked(1 - c, 2, key, 100));
-    let ids: Vec<u64> = (1000..).filter(|i| shard_of(*i, 2) == c).take(3).collect();
+    let ids: Vec<u64> = (1000..).filter(|i| shard_of(*i, 2) == c).take(8).collect();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    coord.start(opcode::ORDER, 1, order(ids[0], key, 1), Some(tx.clone()));
-    rows.drain();
-    took_rx.recv_timeout(Duration::from_secs(10)).expect("the writer took the first record");
-    coord.start(opcode::ORDER, 2, order(ids[1], key, 1), Some(tx.clone()));
-    coord.start(opcode::ORDER, 3, order(ids[2], key, 90), Some(tx));
-    rows.drain(); // the first fills the queue, the second finds it full
-    coord.drain();
-    match answer(&mut rx) {
-        Some(Response::Error { status: Status::Overloaded, message }) => {
+    let mut logged = 0;
+    let refused = loop {
+        assert!(logged < ids.len(), "the log never filled");
+        coord.start(opcode::ORDER, logged as u64, order(ids[logged], key, 10), Some(tx.clone()));
+        rows.drain(); // prepares, and logs or is refused by the log
+        std::thread::sleep(Duration::from_millis(20));
+        coord.drain();
+        if let Some(resp) = answer(&mut rx) {
+            break resp;
+        }
+        logged += 1;
+    };
+    match refused {
+        Response::Error { status: Status::Overloaded, message } => {
             assert!(message.contains("log writer is saturated"), "{message}")
         }
         other => panic!("{other:?}"),
     }
-    assert!(answer(&mut rx).is_none(), "the other two are logged, not answered");
     rows.drain();
-    // 100 units, 1 + 1 logged and still reserved: 98 free, so the 90 were given back.
-    let rest = Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key, qty: 98 }] };
+    // The logged orders keep their 10 units each; the refused one's are free again.
+    let rest = Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key, qty: 100 - 10 * logged as u32 }] };
     assert!(rows.store.prepare(99, &rest).is_ok());
     drop(gate_tx);
 }
