@@ -79,6 +79,8 @@ pub struct Store {
     pub applied_lsn: u64,
     /// A snapshot being written part by part.
     capture: Option<Capture>,
+    /// Slots of the id tables one snapshot step writes at most.
+    snapshot_step_slots: usize,
 }
 
 impl Store {
@@ -96,6 +98,7 @@ impl Store {
             pending: IdMap::default(),
             applied_lsn: 0,
             capture: None,
+            snapshot_step_slots: snapshot::SNAPSHOT_STEP_SLOTS,
         }
     }
 

@@ -1,8 +1,10 @@
 //! The table under each part of a [`super::SplitMap`]: id -> value, as a
 //! small [`Index`] (id -> slot, 12 bytes an entry) over a slab of values.
 //!
-//! Values are appended to the slab, and the slots of removed ids are used
-//! again. A general hash map keeps each (80-byte) value in its bucket, so
+//! Values are appended to the slab with their ids, and the slots of
+//! removed ids are used again; a slot never moves, so a snapshot can walk
+//! the slab a stretch at a time while the table changes (see
+//! `state/snapshot.rs`). A general hash map keeps each (80-byte) value in its bucket, so
 //! every new id writes a random place of a table of hundreds of megabytes
 //! and reads its control bytes first; here it probes one line of the small
 //! index and writes the slab's end. And because where an id's index entry
@@ -14,7 +16,7 @@ use super::index::{Index, EMPTY};
 pub struct IdTable<V> {
     /// Id -> its value's slot.
     index: Index,
-    slab: Vec<Option<V>>,
+    slab: Vec<Option<(u64, V)>>,
     /// Slots of removed ids, used again first.
     free: Vec<u32>,
 }
@@ -35,26 +37,26 @@ impl<V> IdTable<V> {
     }
 
     pub fn get(&self, id: &u64) -> Option<&V> {
-        self.index.get(*id).and_then(|s| self.slab[s as usize].as_ref())
+        self.index.get(*id).and_then(|s| self.slab[s as usize].as_ref().map(|(_, v)| v))
     }
 
     pub fn get_mut(&mut self, id: &u64) -> Option<&mut V> {
-        self.index.get(*id).and_then(|s| self.slab[s as usize].as_mut())
+        self.index.get(*id).and_then(|s| self.slab[s as usize].as_mut().map(|(_, v)| v))
     }
 
     /// Sets the value of `id`; the old one back if it had one.
     pub fn insert(&mut self, id: u64, v: V) -> Option<V> {
         if let Some(slot) = self.index.get(id) {
-            return self.slab[slot as usize].replace(v);
+            return self.slab[slot as usize].replace((id, v)).map(|(_, old)| old);
         }
         let slot = match self.free.pop() {
             Some(slot) => {
-                self.slab[slot as usize] = Some(v);
+                self.slab[slot as usize] = Some((id, v));
                 slot
             }
             None => {
                 assert!(self.slab.len() < EMPTY as usize, "invariant: fewer than 2^32 - 1 ids in one table");
-                self.slab.push(Some(v));
+                self.slab.push(Some((id, v)));
                 (self.slab.len() - 1) as u32
             }
         };
@@ -66,7 +68,7 @@ impl<V> IdTable<V> {
     pub fn remove(&mut self, id: &u64) -> Option<V> {
         let slot = self.index.remove(*id)?;
         self.free.push(slot);
-        self.slab[slot as usize].take()
+        self.slab[slot as usize].take().map(|(_, v)| v)
     }
 
     /// Room for `additional` more ids without growing the index or the slab.
@@ -81,17 +83,31 @@ impl<V> IdTable<V> {
         self.index.prefetch(id);
     }
 
-    /// Every id and its value, in no particular order.
+    /// Every id and its value, in slot order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &V)> + '_ {
-        self.index.iter().filter_map(|(id, slot)| Some((id, self.slab[slot as usize].as_ref()?)))
+        self.slab.iter().filter_map(|e| e.as_ref().map(|(id, v)| (*id, v)))
+    }
+
+    /// Slots in the slab (used or free): [`IdTable::at`] takes `0..slots()`.
+    pub fn slots(&self) -> usize {
+        self.slab.len()
+    }
+
+    /// The id and value in `slot`, if it is in use.
+    pub fn at(&self, slot: usize) -> Option<(u64, &V)> {
+        self.slab[slot].as_ref().map(|(id, v)| (*id, v))
+    }
+
+    /// The slot of `id`, if it is in the table.
+    pub fn slot_of(&self, id: u64) -> Option<usize> {
+        self.index.get(id).map(|s| s as usize)
     }
 
     /// Empties the table, yielding every id and its value.
     pub fn drain(&mut self) -> impl Iterator<Item = (u64, V)> + '_ {
-        let index = std::mem::take(&mut self.index);
-        let mut slab = std::mem::take(&mut self.slab);
+        self.index = Index::default();
         self.free.clear();
-        index.into_entries().filter_map(move |(id, slot)| Some((id, slab[slot as usize].take()?)))
+        std::mem::take(&mut self.slab).into_iter().flatten()
     }
 }
 

@@ -145,11 +145,6 @@ impl Index {
     pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
         self.entries.iter().filter(|e| e[2] != EMPTY).map(|e| (key_of(e), e[2]))
     }
-
-    /// Every key and its value, the table consumed.
-    pub fn into_entries(self) -> impl Iterator<Item = (u64, u32)> {
-        self.entries.into_iter().filter(|e| e[2] != EMPTY).map(|e| (key_of(&e), e[2]))
-    }
 }
 
 #[cfg(test)]

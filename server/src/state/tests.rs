@@ -250,8 +250,11 @@ proptest! {
         shards in 1usize..4,
         snap_at in any::<prop::sample::Index>(),
         parts_per_cmd in 1usize..12,
+        step_slots in 1usize..4,
     ) {
         let mut stores: Vec<Store> = (0..shards).map(|i| Store::new(i, shards, IdLimits::default())).collect();
+        // Steps of a slot or three: the cursor stops inside the tables' parts.
+        stores.iter_mut().for_each(|s| s.set_snapshot_step_slots(step_slots));
         let mut model = Model::default();
         let mut log = Vec::new();
         let mut lsn = 0;
@@ -461,4 +464,87 @@ fn an_id_entry_is_as_small_as_its_documentation_says() {
     // An id table's slab holds Option<IdEntry>: the boxed lines make None free.
     assert_eq!(std::mem::size_of::<Option<IdEntry>>(), 80);
     assert_eq!(std::mem::size_of::<IdState>(), 24);
+}
+
+fn wide_command() -> impl Strategy<Value = Command> {
+    let id = 0u64..400;
+    prop_oneof![
+        5 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Order { id, lines }),
+        3 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Inbound { id, lines }),
+        2 => id.clone().prop_map(|id| Command::Cancel { id }),
+        2 => (id.clone(), 1u32..50, lines()).prop_map(|(id, ttl_ms, lines)| Command::Reserve { id, ttl_ms, lines }),
+        1 => id.clone().prop_map(|id| Command::Confirm { id }),
+        1 => id.clone().prop_map(|id| Command::Release { id, expired: false }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// A snapshot written a few slots at a time while hundreds of ids are
+    /// created, changed and forgotten (a short window) holds exactly the
+    /// state at its LSN (the store encoded at once then), and rolled forward
+    /// with the later records it equals the live store, id for id and row
+    /// for row.
+    #[test]
+    fn a_snapshot_in_small_steps_is_exact_while_ids_change_and_are_forgotten(
+        cmds in prop::collection::vec(wide_command(), 50..400),
+        snap_at in any::<prop::sample::Index>(),
+        step_slots in 1usize..16,
+        steps_per_cmd in 0usize..3,
+    ) {
+        let limits = IdLimits { window_ms: 300, min_window_ms: 0, max_ids: 1_000 };
+        let mut stores = vec![Store::new(0, 1, limits)];
+        stores[0].set_snapshot_step_slots(step_slots);
+        let mut log = Vec::new();
+        let mut lsn = 0;
+        let snap_step = snap_at.index(cmds.len());
+        let mut snap_lsn = 0;
+        let mut snapshot = None;
+        let mut at_mark = Vec::new();
+        for (step, cmd) in cmds.into_iter().enumerate() {
+            if step == snap_step {
+                snap_lsn = lsn;
+                at_mark = stores[0].encode();
+                stores[0].begin_snapshot(lsn);
+            }
+            let now = 1_000 + step as u64 * 10;
+            let (_, m) = execute(&mut stores, cmd, step as u64, &mut lsn, now);
+            log.extend(m.map(|m| (lsn, now, m)));
+            for _ in 0..steps_per_cmd {
+                if let Some((_, bytes)) = stores[0].snapshot_step() {
+                    snapshot = Some(bytes);
+                }
+            }
+        }
+        if let Some((_, bytes)) = stores[0].finish_snapshot() {
+            snapshot = Some(bytes);
+        }
+        let mut restored = Store::new(0, 1, limits);
+        restored.absorb(&snapshot.expect("a snapshot was taken")).unwrap();
+        // The snapshot is the state at its mark, encoded at once then.
+        let mut mark = Store::new(0, 1, limits);
+        mark.absorb(&at_mark).unwrap();
+        for id in 0..400u64 {
+            prop_assert_eq!(restored.id(id), mark.id(id), "id {} at the mark {}", id, snap_lsn);
+            prop_assert_eq!(restored.remembers(IdKey::Receipt(id)), mark.remembers(IdKey::Receipt(id)));
+        }
+        prop_assert_eq!(restored.id_count(), mark.id_count());
+        for k in KEYS {
+            prop_assert_eq!(restored.row(k), mark.row(k), "key {:?} at the mark", k);
+        }
+        // Rolled forward with the later records, it is the live store.
+        for (l, ts, m) in log.iter().filter(|(l, _, _)| *l > snap_lsn) {
+            restored.apply(None, *l, *ts, m);
+        }
+        let live = &stores[0];
+        for id in 0..400u64 {
+            prop_assert_eq!(restored.id(id), live.id(id), "id {} (snapshot at {})", id, snap_lsn);
+            prop_assert_eq!(restored.remembers(IdKey::Receipt(id)), live.remembers(IdKey::Receipt(id)));
+        }
+        prop_assert_eq!(restored.id_count(), live.id_count());
+        for k in KEYS {
+            prop_assert_eq!(restored.row(k), live.row(k), "key {:?}", k);
+        }
+    }
 }
