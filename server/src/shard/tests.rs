@@ -128,6 +128,15 @@ fn beyond_max_txns_a_shard_answers_overloaded() {
     assert_eq!(shard.txns.len(), MAX_TXNS);
 }
 
+fn assert_log_saturated(resp: Response) {
+    match resp {
+        Response::Error { status: Status::Overloaded, message } => {
+            assert!(message.contains("log writer is saturated"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A log writer whose commit callback waits on `gate` from the first batch
 /// on: the writer soon stops taking records and its queue of `capacity`
 /// fills.
@@ -156,12 +165,7 @@ fn a_full_log_queue_answers_overloaded_and_reserves_nothing() {
         }
         logged += 1;
     };
-    match refused {
-        Response::Error { status: Status::Overloaded, message } => {
-            assert!(message.contains("log writer is saturated"), "{message}")
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_log_saturated(refused);
     // The refused order's reservation was dropped: all but the logged ones' units are free.
     let rest = 100 - 10 * logged as u32;
     assert!(shard
@@ -372,12 +376,7 @@ fn the_one_other_participant_that_finds_the_log_full_drops_its_reservation_and_t
         }
         logged += 1;
     };
-    match refused {
-        Response::Error { status: Status::Overloaded, message } => {
-            assert!(message.contains("log writer is saturated"), "{message}")
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_log_saturated(refused);
     rows.drain();
     // The logged orders keep their 10 units each; the refused one's are free again.
     let rest = Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key, qty: 100 - 10 * logged as u32 }] };

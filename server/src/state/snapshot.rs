@@ -13,6 +13,7 @@ use std::num::NonZeroU64;
 
 use stockd_protocol::{shard_of, DecodeError, Line, Reader, STOCK_MAX};
 
+use super::id_table::IdTable;
 use super::ids::{IdEntry, IdState, LogStamp};
 use super::{IdMap, Row, SplitMap, Store, SPLIT_PARTS};
 
@@ -58,21 +59,27 @@ enum Section {
 pub const SNAPSHOT_STEP_SLOTS: usize = 4096;
 
 impl Capture {
-    fn new(lsn: u64, step: usize, mut buf: Vec<u8>) -> Capture {
-        let count_at = buf.len();
-        buf.extend_from_slice(&0u64.to_le_bytes());
-        Capture {
+    fn new(lsn: u64, step: usize, buf: Vec<u8>) -> Capture {
+        let mut c = Capture {
             lsn,
             next_part: 0,
             section: Section::Receipts,
             cursor: 0,
-            count_at,
+            count_at: 0,
             written: 0,
             step,
             buf,
             ids_before: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(),
             receipts_before: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(),
-        }
+        };
+        c.begin_section();
+        c
+    }
+
+    /// Room for the entry count of the section about to be written.
+    fn begin_section(&mut self) {
+        self.count_at = self.buf.len();
+        self.buf.extend_from_slice(&0u64.to_le_bytes());
     }
 
     /// Whether the entry of `slot` in `part`'s `section` is still to be
@@ -98,58 +105,34 @@ impl Capture {
                 return true;
             }
             let part = self.next_part;
-            let end = match self.section {
-                Section::Receipts => {
-                    let table = receipts.part(part);
-                    let end = table.slots().min(self.cursor.saturating_add(budget));
-                    for slot in self.cursor..end {
-                        if let Some((id, r)) = table.at(slot) {
-                            if r.lsn <= self.lsn && !self.receipts_before[part].contains_key(&id) {
-                                put_receipt(&mut self.buf, id, r);
-                                self.written += 1;
-                            }
-                        }
-                    }
-                    (end, table.slots())
-                }
+            let (buf, written, cursor, lsn) = (&mut self.buf, &mut self.written, self.cursor, self.lsn);
+            let (end, slots) = match self.section {
+                Section::Receipts => write_live(
+                    receipts.part(part),
+                    cursor,
+                    budget,
+                    lsn,
+                    &self.receipts_before[part],
+                    buf,
+                    written,
+                ),
                 Section::Ids => {
-                    let table = ids.part(part);
-                    let end = table.slots().min(self.cursor.saturating_add(budget));
-                    for slot in self.cursor..end {
-                        if let Some((id, e)) = table.at(slot) {
-                            if e.lsn <= self.lsn && !self.ids_before[part].contains_key(&id) {
-                                put_id(&mut self.buf, id, e);
-                                self.written += 1;
-                            }
-                        }
-                    }
-                    (end, table.slots())
+                    write_live(ids.part(part), cursor, budget, lsn, &self.ids_before[part], buf, written)
                 }
             };
-            budget -= end.0 - self.cursor;
-            self.cursor = end.0;
-            if end.0 < end.1 {
+            budget -= end - self.cursor;
+            self.cursor = end;
+            if end < slots {
                 continue; // the budget ran out inside this section
             }
             // The section's live entries are written: its before-images, its count.
-            match self.section {
+            let kept = match self.section {
                 Section::Receipts => {
-                    let kept = std::mem::take(&mut self.receipts_before[part]);
-                    budget = budget.saturating_sub(kept.len());
-                    for (id, r) in kept.iter().filter_map(|(id, r)| r.as_ref().map(|r| (*id, r))) {
-                        put_receipt(&mut self.buf, id, r);
-                        self.written += 1;
-                    }
+                    write_kept(&std::mem::take(&mut self.receipts_before[part]), buf, written)
                 }
-                Section::Ids => {
-                    let kept = std::mem::take(&mut self.ids_before[part]);
-                    budget = budget.saturating_sub(kept.len());
-                    for (id, e) in kept.iter().filter_map(|(id, e)| e.as_ref().map(|e| (*id, e))) {
-                        put_id(&mut self.buf, id, e);
-                        self.written += 1;
-                    }
-                }
-            }
+                Section::Ids => write_kept(&std::mem::take(&mut self.ids_before[part]), buf, written),
+            };
+            budget = budget.saturating_sub(kept);
             self.buf[self.count_at..self.count_at + 8].copy_from_slice(&self.written.to_le_bytes());
             (self.section, self.next_part) = match self.section {
                 Section::Receipts => (Section::Ids, part),
@@ -158,8 +141,7 @@ impl Capture {
             self.cursor = 0;
             self.written = 0;
             if self.next_part < SPLIT_PARTS {
-                self.count_at = self.buf.len();
-                self.buf.extend_from_slice(&0u64.to_le_bytes());
+                self.begin_section();
             }
         }
         self.next_part == SPLIT_PARTS
@@ -296,6 +278,65 @@ impl Store {
         self.rebuild_fifo();
         Ok(())
     }
+}
+
+/// An entry of a snapshot's id sections: the LSN it was made at, and its encoding.
+trait Entry {
+    fn lsn(&self) -> u64;
+    fn put(&self, id: u64, out: &mut Vec<u8>);
+}
+
+impl Entry for LogStamp {
+    fn lsn(&self) -> u64 {
+        self.lsn
+    }
+    fn put(&self, id: u64, out: &mut Vec<u8>) {
+        put_receipt(out, id, self);
+    }
+}
+
+impl Entry for IdEntry {
+    fn lsn(&self) -> u64 {
+        self.lsn
+    }
+    fn put(&self, id: u64, out: &mut Vec<u8>) {
+        put_id(out, id, self);
+    }
+}
+
+/// Writes the entries of `table` in up to `budget` slots from `from` that
+/// existed at `lsn` and have no before-image (those are written by
+/// [`write_kept`]); adds them to `written`. Returns (the slot it stopped
+/// at, the table's slots).
+fn write_live<V: Entry>(
+    table: &IdTable<V>,
+    from: usize,
+    budget: usize,
+    lsn: u64,
+    before: &IdMap<Option<V>>,
+    out: &mut Vec<u8>,
+    written: &mut u64,
+) -> (usize, usize) {
+    let end = table.slots().min(from.saturating_add(budget));
+    for slot in from..end {
+        if let Some((id, v)) = table.at(slot) {
+            if v.lsn() <= lsn && !before.contains_key(&id) {
+                v.put(id, out);
+                *written += 1;
+            }
+        }
+    }
+    (end, table.slots())
+}
+
+/// Writes the before-images that hold an entry (the id existed at the
+/// mark); adds them to `written`. Returns how many images it looked at.
+fn write_kept<V: Entry>(kept: &IdMap<Option<V>>, out: &mut Vec<u8>, written: &mut u64) -> usize {
+    for (id, v) in kept.iter().filter_map(|(id, v)| v.as_ref().map(|v| (*id, v))) {
+        v.put(id, out);
+        *written += 1;
+    }
+    kept.len()
 }
 
 /// A receipt: u64 id, u64 lsn, u64 ts_ms.
