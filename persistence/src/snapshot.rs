@@ -26,10 +26,20 @@ pub fn snapshot_name(lsn: u64, shard: u32) -> String {
 
 /// Writes `bytes` to `dir/name` so that after return it survives a crash.
 pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    write_parts_durably(dir, name, &[bytes])
+}
+
+/// Writes `parts` one after another to `dir/name` (temporary file, fsync,
+/// rename, directory fsync), without joining them in memory first.
+fn write_parts_durably(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(), Error> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    parts
+        .iter()
+        .try_for_each(|p| f.write_all(p))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
     sync_dir(dir)
 }
@@ -40,18 +50,24 @@ fn read_all(path: &Path) -> Result<Vec<u8>, Error> {
     Ok(data)
 }
 
-/// Encodes one shard's snapshot around its payload.
-pub fn encode_snapshot(lsn: u64, shard: u32, shard_count: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 36);
-    out.extend_from_slice(SNAP_MAGIC);
-    out.extend_from_slice(&lsn.to_le_bytes());
-    out.extend_from_slice(&shard.to_le_bytes());
-    out.extend_from_slice(&shard_count.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(payload);
-    let sum = crc32c::crc32c(&out);
-    out.extend_from_slice(&sum.to_le_bytes());
-    out
+/// Writes one shard's snapshot file around its payload, durably. The
+/// payload is written as it is (a snapshot of millions of ids is hundreds
+/// of MB: no second copy of it is made to frame it).
+pub fn write_snapshot(
+    dir: &Path,
+    lsn: u64,
+    shard: u32,
+    shard_count: u32,
+    payload: &[u8],
+) -> Result<(), Error> {
+    let mut header = Vec::with_capacity(32);
+    header.extend_from_slice(SNAP_MAGIC);
+    header.extend_from_slice(&lsn.to_le_bytes());
+    header.extend_from_slice(&shard.to_le_bytes());
+    header.extend_from_slice(&shard_count.to_le_bytes());
+    header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let sum = crc32c::crc32c_append(crc32c::crc32c(&header), payload).to_le_bytes();
+    write_parts_durably(dir, &snapshot_name(lsn, shard), &[&header, payload, &sum])
 }
 
 /// Reads and checks one snapshot file; returns its payload.

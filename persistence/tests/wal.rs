@@ -145,8 +145,7 @@ fn snapshot_set_and_manifest() {
     assert_eq!(snapshot::read_manifest(dir.path()).unwrap(), None);
     for (lsn, payload) in [(5u64, b"old".as_slice()), (9, b"new")] {
         for shard in 0..2u32 {
-            let bytes = snapshot::encode_snapshot(lsn, shard, 2, payload);
-            snapshot::write_durably(dir.path(), &snapshot::snapshot_name(lsn, shard), &bytes).unwrap();
+            snapshot::write_snapshot(dir.path(), lsn, shard, 2, payload).unwrap();
         }
         snapshot::commit_manifest(dir.path(), Manifest { lsn, shard_count: 2 }).unwrap();
     }

@@ -429,12 +429,11 @@ fn snapshot_loop(
     let mut done: std::collections::BTreeMap<u64, (usize, Instant)> = Default::default();
     for (lsn, shard, payload) in rx {
         let first_seen = done.get(&lsn).map_or_else(Instant::now, |(_, t)| *t);
-        let bytes = snapshot::encode_snapshot(lsn, shard as u32, shards as u32, &payload);
-        if let Err(e) = snapshot::write_durably(dir, &snapshot::snapshot_name(lsn, shard as u32), &bytes) {
+        if let Err(e) = snapshot::write_snapshot(dir, lsn, shard as u32, shards as u32, &payload) {
             tracing::error!(error = %e, lsn, shard, "snapshot write failed; the log keeps everything meanwhile");
             continue;
         }
-        tracing::debug!(lsn, shard, bytes = bytes.len(), "snapshot part written");
+        tracing::debug!(lsn, shard, bytes = payload.len() + 36, "snapshot part written");
         let (count, _) = done.entry(lsn).or_insert((0, first_seen));
         *count += 1;
         if *count < shards {
