@@ -4,10 +4,10 @@
 //! Values are appended to the slab with their ids, and the slots of
 //! removed ids are used again; a slot never moves, so a snapshot can walk
 //! the slab a stretch at a time while the table changes (see
-//! `state/snapshot.rs`). A general hash map keeps each (80-byte) value in its bucket, so
-//! every new id writes a random place of a table of hundreds of megabytes
-//! and reads its control bytes first; here it probes one line of the small
-//! index and writes the slab's end. And because where an id's index entry
+//! `state/snapshot.rs`). A general hash map keeps each (80-byte) value in
+//! its bucket, so every new id writes a random place of a table of
+//! hundreds of megabytes and reads its control bytes first; here it probes
+//! one line of the small index and writes the slab's end. And because where an id's index entry
 //! lives is known from its hash alone, replay asks for a chunk's entries
 //! before it inserts them ([`IdTable::prefetch`]).
 
