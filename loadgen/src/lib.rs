@@ -673,7 +673,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
             recorder: recorder.clone(),
             stop: stop.clone(),
             go: go_rx.clone(),
-            ready: ready_tx.clone(),
+            ready: Ready(Some(ready_tx.clone())),
         };
         std::thread::Builder::new()
             .name(format!("stock-loadgen-{t}"))
@@ -766,7 +766,26 @@ struct ThreadRun {
     /// The run's start, once every thread has its connections open.
     go: watch::Receiver<Option<Instant>>,
     /// Each thread says once whether it opened its connections.
-    ready: tokio::sync::mpsc::UnboundedSender<Result<(), String>>,
+    ready: Ready,
+}
+
+/// A thread's one word on whether its connections are open. Dropped unsaid
+/// (the thread failed before, or panicked), it says the thread ended, so
+/// the run never waits for a thread that is gone.
+struct Ready(Option<tokio::sync::mpsc::UnboundedSender<Result<(), String>>>);
+
+impl Ready {
+    fn say(&mut self, r: Result<(), String>) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        self.say(Err("a load generator thread ended before its connections were open".into()));
+    }
 }
 
 impl ThreadRun {
@@ -785,12 +804,12 @@ impl ThreadRun {
             match Conn::open(&self.cfg.target).await {
                 Ok(c) => conns.push(c),
                 Err(e) => {
-                    let _ = self.ready.send(Err(e.clone()));
+                    self.ready.say(Err(e.clone()));
                     return Err(e);
                 }
             }
         }
-        let _ = self.ready.send(Ok(()));
+        self.ready.say(Ok(()));
         let start = loop {
             if let Some(start) = *self.go.borrow_and_update() {
                 break start;

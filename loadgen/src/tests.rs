@@ -166,3 +166,23 @@ fn hgrm_round_trips_through_the_plot_parser() {
     assert_eq!(svg.matches("<polyline").count(), 2);
     assert!(plot::parse_hgrm("nothing here").is_err());
 }
+
+/// A target that refuses connections ends the run at once with the
+/// connection's error, whichever thread met it; no thread is left waiting.
+#[test]
+fn a_target_that_refuses_connections_ends_the_run_with_its_error() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }; // nothing listens there any more
+    let mut cfg = Config::new(format!("stockd://127.0.0.1:{port}").parse().unwrap(), Workload::Query);
+    (cfg.connections, cfg.threads, cfg.duration) = (4, 4, Duration::from_secs(30));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let t = Instant::now();
+    let err = match rt.block_on(run(&cfg)) {
+        Ok(_) => panic!("a run against a closed port succeeded"),
+        Err(e) => e,
+    };
+    assert!(err.contains("127.0.0.1") && err.contains("refused"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+}
