@@ -115,6 +115,7 @@ impl Store {
     }
 
     fn row_mut(&mut self, key: Key) -> &mut Row {
+        self.capture_row(key);
         self.rows.get_or_insert(key)
     }
 
@@ -350,7 +351,7 @@ impl Store {
     }
 
     fn apply_delta(&mut self, d: Delta, m: &Mutation) {
-        let row = self.rows.get_or_insert(d.key);
+        let row = self.row_mut(d.key);
         let on_hand = row.on_hand.checked_add_signed(d.on_hand);
         let held = row.held.checked_add_signed(d.held);
         match (on_hand, held) {

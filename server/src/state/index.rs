@@ -91,6 +91,33 @@ impl Index {
         &mut e[2]
     }
 
+    /// Where `key`'s entry is, if it has one. Positions stay put until the
+    /// table grows (see [`Index::grows_on_insert`]); removal may move them.
+    pub fn position_of(&self, key: u64) -> Option<usize> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let at = self.probe(key);
+        (self.entries[at][2] != EMPTY).then_some(at)
+    }
+
+    /// Positions in the table (used or empty): [`Index::at`] takes `0..positions()`.
+    pub fn positions(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The key and value at `pos`, if it is in use.
+    pub fn at(&self, pos: usize) -> Option<(u64, u32)> {
+        let e = &self.entries[pos];
+        (e[2] != EMPTY).then(|| (key_of(e), e[2]))
+    }
+
+    /// Whether the next [`Index::get_or_insert`] (of any key) grows the
+    /// table, moving every entry.
+    pub fn grows_on_insert(&self) -> bool {
+        (self.len + 1) * 8 > self.entries.len() * MAX_LOAD_EIGHTHS
+    }
+
     /// Forgets `key`; its value back.
     pub fn remove(&mut self, key: u64) -> Option<u32> {
         if self.entries.is_empty() {

@@ -162,6 +162,33 @@ impl Rows {
         chain_from(&self.slots, head).map(|(at, fc)| (fc, &self.slots[at as usize].row))
     }
 
+    /// Positions of the item table, for a walk a stretch at a time:
+    /// [`Rows::rows_at`] takes `0..positions()`. Rows are never removed, so
+    /// an item keeps its position until the table grows
+    /// ([`Rows::grows_on_insert`]).
+    pub fn positions(&self) -> usize {
+        self.heads.positions()
+    }
+
+    /// The rows of the item at `pos` of the item table: (key, slot, row);
+    /// slots are numbered in the order rows were made.
+    pub fn rows_at(&self, pos: usize) -> impl Iterator<Item = (Key, usize, &Row)> + '_ {
+        self.heads.at(pos).into_iter().flat_map(move |(item, head)| {
+            chain_from(&self.slots, head & !INDEXED)
+                .map(move |(at, fc)| (Key { item, fc }, at as usize, &self.slots[at as usize].row))
+        })
+    }
+
+    /// The position of `item` in the item table, and the slot of `key`'s row.
+    pub fn place_of(&self, key: Key) -> (Option<usize>, Option<usize>) {
+        (self.heads.position_of(key.item), self.find(key))
+    }
+
+    /// Whether making the next row moves every item in the item table.
+    pub fn grows_on_insert(&self) -> bool {
+        self.heads.grows_on_insert()
+    }
+
     /// Every row: its key and quantities.
     pub fn iter(&self) -> impl Iterator<Item = (Key, &Row)> + '_ {
         self.heads.iter().flat_map(move |(item, head)| {

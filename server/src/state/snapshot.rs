@@ -11,11 +11,14 @@
 
 use std::num::NonZeroU64;
 
-use stockd_protocol::{shard_of, DecodeError, Line, Reader, STOCK_MAX};
+use std::collections::HashMap;
+
+use stockd_protocol::{shard_of, DecodeError, Key, Line, Reader, STOCK_MAX};
 
 use super::id_table::IdTable;
 use super::ids::{IdEntry, IdState, LogStamp};
-use super::{IdMap, Row, SplitMap, Store, SPLIT_PARTS};
+use super::rows::Rows;
+use super::{IdHashBuilder, IdMap, Row, SplitMap, Store, SPLIT_PARTS};
 
 /// A snapshot being serialized: the rows exactly as of `lsn` at once (~20 ms
 /// for 400,000 rows), then the id tables a stretch of at most `step` slots
@@ -31,6 +34,8 @@ use super::{IdMap, Row, SplitMap, Store, SPLIT_PARTS};
 /// live shard had, and forgets the same ids.
 pub(super) struct Capture {
     lsn: u64,
+    /// The rows still to write, if any (they go first).
+    rows: Option<RowsCursor>,
     /// The part being written and where in it.
     next_part: usize,
     section: Section,
@@ -47,6 +52,18 @@ pub(super) struct Capture {
     receipts_before: Vec<IdMap<Option<LogStamp>>>,
 }
 
+/// Where a snapshot's rows section stands: the rows are walked item by
+/// item in the order of the item table, whose positions stay put while no
+/// item is added that grows it (then the rest is written at once first).
+/// A row is "not yet written" if its item sits at or after `pos`; before
+/// such a row changes, its value at the mark is kept in `before`. Rows
+/// made after the mark have slots from `slots_at_mark` on and are left out.
+struct RowsCursor {
+    pos: usize,
+    slots_at_mark: usize,
+    before: HashMap<Key, Row, IdHashBuilder>,
+}
+
 /// Each part is written as its receipts, then its order and hold ids.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Section {
@@ -59,9 +76,13 @@ enum Section {
 pub const SNAPSHOT_STEP_SLOTS: usize = 4096;
 
 impl Capture {
-    fn new(lsn: u64, step: usize, buf: Vec<u8>) -> Capture {
+    /// A capture whose `buf` holds the header; `rows_at_mark` (the store's
+    /// row count at the mark) rows are still to be written, unless `buf`
+    /// has them already (None).
+    fn new(lsn: u64, step: usize, buf: Vec<u8>, rows_at_mark: Option<usize>) -> Capture {
         let mut c = Capture {
             lsn,
+            rows: rows_at_mark.map(|n| RowsCursor { pos: 0, slots_at_mark: n, before: HashMap::default() }),
             next_part: 0,
             section: Section::Receipts,
             cursor: 0,
@@ -72,8 +93,48 @@ impl Capture {
             ids_before: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(),
             receipts_before: (0..SPLIT_PARTS).map(|_| IdMap::default()).collect(),
         };
-        c.begin_section();
+        if c.rows.is_none() {
+            c.begin_section();
+        }
         c
+    }
+
+    /// Writes the rows of up to `budget` positions of the item table; what
+    /// is left of the budget (all of it once the rows are written).
+    fn step_rows(&mut self, rows: &Rows, mut budget: usize) -> usize {
+        let Some(r) = self.rows.as_mut() else { return budget };
+        let end = rows.positions().min(r.pos.saturating_add(budget));
+        for pos in r.pos..end {
+            for (key, slot, row) in rows.rows_at(pos) {
+                if slot < r.slots_at_mark {
+                    put_row(&mut self.buf, key, r.before.get(&key).unwrap_or(row));
+                }
+            }
+        }
+        budget -= end - r.pos;
+        r.pos = end;
+        if end == rows.positions() {
+            self.rows = None;
+            self.begin_section();
+        }
+        budget
+    }
+
+    /// Before the row of `key` changes (or is made): keeps its value at the
+    /// mark if it is still to be written; if making it would grow the item
+    /// table (moving every item), writes the rest of the rows first.
+    fn before_row_change(&mut self, rows: &Rows, key: Key) {
+        let Some(r) = self.rows.as_mut() else { return };
+        if rows.grows_on_insert() {
+            self.step_rows(rows, usize::MAX);
+            return;
+        }
+        if let (Some(pos), Some(slot)) = rows.place_of(key) {
+            if pos >= r.pos && slot < r.slots_at_mark && !r.before.contains_key(&key) {
+                let row = *rows.get(key).expect("a row with a slot");
+                r.before.insert(key, row);
+            }
+        }
     }
 
     /// Room for the entry count of the section about to be written.
@@ -98,8 +159,8 @@ impl Capture {
 
     /// Writes up to `self.step` slots' worth of the id tables of `ids` and
     /// `receipts`; true once every part is written.
-    fn step(&mut self, ids: &SplitMap<IdEntry>, receipts: &SplitMap<LogStamp>) -> bool {
-        let mut budget = self.step;
+    fn step(&mut self, rows: &Rows, ids: &SplitMap<IdEntry>, receipts: &SplitMap<LogStamp>) -> bool {
+        let mut budget = self.step_rows(rows, self.step);
         while budget > 0 {
             if self.next_part == SPLIT_PARTS {
                 return true;
@@ -161,6 +222,13 @@ impl Store {
         c.ids_before[part].insert(id, before);
     }
 
+    /// Keeps a row as of the snapshot's LSN before it changes or is made.
+    pub(super) fn capture_row(&mut self, key: Key) {
+        if let Some(c) = self.capture.as_mut() {
+            c.before_row_change(&self.rows, key);
+        }
+    }
+
     /// Keeps a receipt as of the snapshot's LSN before it changes.
     pub(super) fn capture_receipt(&mut self, id: u64) {
         let Some(c) = self.capture.as_mut() else { return };
@@ -176,9 +244,12 @@ impl Store {
     /// Serializes the durable state (rows, ids, receipts; not pending) at once.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        self.write_rows(self.applied_lsn, &mut out);
-        let mut c = Capture::new(self.applied_lsn, usize::MAX, out);
-        c.step(&self.ids, &self.receipts);
+        write_header(self.applied_lsn, self.row_count(), &mut out);
+        for (key, r) in self.rows.iter() {
+            put_row(&mut out, key, r);
+        }
+        let mut c = Capture::new(self.applied_lsn, usize::MAX, out, None);
+        c.step(&self.rows, &self.ids, &self.receipts);
         c.buf
     }
 
@@ -187,8 +258,8 @@ impl Store {
     pub fn begin_snapshot(&mut self, lsn: u64) {
         assert!(self.capture.is_none(), "invariant: one snapshot at a time per shard");
         let mut buf = Vec::with_capacity(self.row_count() * 32 + self.id_count() * 80 + 64);
-        self.write_rows(lsn, &mut buf);
-        self.capture = Some(Capture::new(lsn, self.snapshot_step_slots, buf));
+        write_header(lsn, self.row_count(), &mut buf);
+        self.capture = Some(Capture::new(lsn, self.snapshot_step_slots, buf, Some(self.row_count())));
     }
 
     /// Slots of the id tables one step writes at most (tests make it tiny).
@@ -205,7 +276,7 @@ impl Store {
     /// when the snapshot is complete.
     pub fn snapshot_step(&mut self) -> Option<(u64, Vec<u8>)> {
         let mut c = self.capture.take()?;
-        if !c.step(&self.ids, &self.receipts) {
+        if !c.step(&self.rows, &self.ids, &self.receipts) {
             self.capture = Some(c);
             return None;
         }
@@ -216,21 +287,8 @@ impl Store {
     pub fn finish_snapshot(&mut self) -> Option<(u64, Vec<u8>)> {
         let mut c = self.capture.take()?;
         c.step = usize::MAX;
-        c.step(&self.ids, &self.receipts);
+        c.step(&self.rows, &self.ids, &self.receipts);
         Some((c.lsn, c.buf))
-    }
-
-    /// Layout: magic, u64 lsn, u64 row count, rows (item, center, on_hand, held).
-    fn write_rows(&self, lsn: u64, out: &mut Vec<u8>) {
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.extend_from_slice(&lsn.to_le_bytes());
-        out.extend_from_slice(&(self.row_count() as u64).to_le_bytes());
-        for (key, r) in self.rows.iter() {
-            out.extend_from_slice(&key.item.to_le_bytes());
-            out.extend_from_slice(&key.fc.to_le_bytes());
-            out.extend_from_slice(&r.on_hand.to_le_bytes());
-            out.extend_from_slice(&r.held.to_le_bytes());
-        }
     }
 
     /// Adds the state of an encoded snapshot (of any shard count) to this store,
@@ -337,6 +395,21 @@ fn write_kept<V: Entry>(kept: &IdMap<Option<V>>, out: &mut Vec<u8>, written: &mu
         *written += 1;
     }
     kept.len()
+}
+
+/// Magic, u64 lsn, u64 row count; the rows follow.
+fn write_header(lsn: u64, rows: usize, out: &mut Vec<u8>) {
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.extend_from_slice(&(rows as u64).to_le_bytes());
+}
+
+/// A row: u64 item, u32 center, u64 on_hand, u64 held.
+fn put_row(out: &mut Vec<u8>, key: Key, r: &Row) {
+    out.extend_from_slice(&key.item.to_le_bytes());
+    out.extend_from_slice(&key.fc.to_le_bytes());
+    out.extend_from_slice(&r.on_hand.to_le_bytes());
+    out.extend_from_slice(&r.held.to_le_bytes());
 }
 
 /// A receipt: u64 id, u64 lsn, u64 ts_ms.
