@@ -20,13 +20,13 @@ use super::ids::{IdEntry, IdState, LogStamp};
 use super::rows::Rows;
 use super::{IdHashBuilder, IdMap, Row, SplitMap, Store, SPLIT_PARTS};
 
-/// A snapshot being serialized: the rows exactly as of `lsn` at once (~20 ms
-/// for 400,000 rows), then the id tables a stretch of at most `step` slots
-/// per step, so that a shard with millions of ids never stops for long (a
-/// whole part of a table per step took ~5 ms with 1 M ids, and open-loop
-/// orders showed it).
+/// A snapshot being serialized a stretch of at most `step` positions or
+/// slots per step, so that a shard with millions of rows and ids never
+/// stops for long (all rows at once took ~20 ms for 400,000 rows, a whole
+/// part of an id table ~5 ms with 1 M ids, and open-loop orders showed
+/// both): first the rows ([`RowsCursor`]), then the id tables.
 ///
-/// The id tables are exact as of `lsn` too: before a change after `lsn`
+/// Both are exact as of `lsn`. For ids: before a change after `lsn`
 /// touches an id not yet written, its entry as of `lsn` is kept aside (a
 /// before-image) and written instead, at the end of its part. Slots never
 /// move (`IdTable`), so "not yet written" is: a later part, or this part at
@@ -71,8 +71,9 @@ enum Section {
     Ids,
 }
 
-/// Slots of the id tables a snapshot step looks at: ~0.3 us each (a cache
-/// miss or two), so a step stops the shard for about a millisecond.
+/// Positions of the item table, or slots of the id tables, a snapshot step
+/// looks at: ~0.3-0.5 us each (a cache miss or two), so a step stops the
+/// shard for 1-2 ms.
 pub const SNAPSHOT_STEP_SLOTS: usize = 4096;
 
 impl Capture {
