@@ -126,15 +126,19 @@ impl Capture {
     /// table (moving every item), writes the rest of the rows first.
     fn before_row_change(&mut self, rows: &Rows, key: Key) {
         let Some(r) = self.rows.as_mut() else { return };
-        if rows.grows_on_insert() {
-            self.step_rows(rows, usize::MAX);
-            return;
-        }
-        if let (Some(pos), Some(slot)) = rows.place_of(key) {
-            if pos >= r.pos && slot < r.slots_at_mark && !r.before.contains_key(&key) {
-                let row = *rows.get(key).expect("a row with a slot");
-                r.before.insert(key, row);
+        match rows.place_of(key) {
+            (Some(pos), Some(slot)) if pos >= r.pos && slot < r.slots_at_mark => {
+                if let std::collections::hash_map::Entry::Vacant(e) = r.before.entry(key) {
+                    e.insert(*rows.get(key).expect("a row with a slot"));
+                }
             }
+            (Some(_), Some(_)) => {} // written already, or made after the mark
+            // A row to be made: its item's entry is set or added, which
+            // grows the table when it is full.
+            _ if rows.grows_on_insert() => {
+                self.step_rows(rows, usize::MAX);
+            }
+            _ => {}
         }
     }
 
