@@ -222,7 +222,12 @@ impl Store {
     }
 
     fn reserve(&mut self, d: Delta, how: Reservation) {
-        let row = *self.row_mut(d.key);
+        // Taking makes the row if it is new; returning finds the row taking
+        // made (rows are never removed), and changes nothing in it.
+        let row = match how {
+            Reservation::Take => *self.row_mut(d.key),
+            Reservation::Return => *self.rows.get(d.key).expect("invariant: a reserved row exists"),
+        };
         let (take, add) = (units_taken(d), d.on_hand.max(0) as u64);
         let pend = match how {
             Reservation::Take => {
