@@ -378,6 +378,8 @@ struct Tally {
     order_units: u64,
     inbound_units: u64,
     errors: BTreeMap<String, u64>,
+    /// The longest latency since the last progress line took it (us).
+    slowest: u64,
 }
 
 impl Default for Tally {
@@ -390,6 +392,7 @@ impl Default for Tally {
             order_units: 0,
             inbound_units: 0,
             errors: BTreeMap::new(),
+            slowest: 0,
         }
     }
 }
@@ -405,6 +408,7 @@ impl Tally {
         for (k, n) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += n;
         }
+        self.slowest = self.slowest.max(o.slowest);
     }
 }
 
@@ -445,6 +449,12 @@ impl Recorder {
             all.add(&t.lock().unwrap());
         }
         all
+    }
+
+    /// The longest latency any thread recorded since the last call (us).
+    fn take_slowest(&self) -> u64 {
+        let tallies = self.tallies.lock().unwrap();
+        tallies.iter().map(|t| std::mem::take(&mut t.lock().unwrap().slowest)).max().unwrap_or(0)
     }
 }
 
@@ -709,12 +719,13 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         if cfg.progress {
             let now = recorder.sum();
             eprintln!(
-                "[{:>3.0}s] {:>10} ops/s  errors {}  insufficient {}  p99 so far {} us",
+                "[{:>3.0}s] {:>10} ops/s  errors {}  insufficient {}  p99 so far {} us  slowest this second {} us",
                 start.elapsed().as_secs_f64(),
                 now.ops - last_ops,
                 now.errors.values().sum::<u64>(),
                 now.insufficient,
-                now.hist.value_at_quantile(0.99)
+                now.hist.value_at_quantile(0.99),
+                recorder.take_slowest()
             );
             last_ops = now.ops;
         }
@@ -733,6 +744,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         order_units,
         inbound_units,
         errors: errors_by_kind,
+        slowest: _,
     } = recorder.sum();
     let client_cpu_us_per_op = client_cpu_s * 1e6 / ops.max(1) as f64;
     let errors = errors_by_kind.values().sum();
@@ -906,6 +918,7 @@ impl Worker {
             let us = done.saturating_duration_since(sent_at).as_micros().max(1) as u64;
             recorder.record(|t| {
                 t.hist.saturating_record(us);
+                t.slowest = t.slowest.max(us);
                 t.ops += 1;
                 match res {
                     Res::Ok => {
