@@ -9,6 +9,7 @@ use std::fs::File;
 use std::path::Path;
 
 pub mod histogram;
+pub mod remove;
 pub mod retention;
 pub mod snapshot;
 pub mod tail;

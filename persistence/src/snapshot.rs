@@ -14,6 +14,7 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::Path;
 
+use crate::remove::remove_gently;
 use crate::{sync_dir, Error};
 
 const SNAP_MAGIC: &[u8; 8] = b"STKSNAP1";
@@ -35,13 +36,74 @@ fn write_parts_durably(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(), Er
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    parts
-        .iter()
-        .try_for_each(|p| f.write_all(p))
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
+    write_with_bounded_writeback(&mut f, parts).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
     fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
     sync_dir(dir)
+}
+
+/// A file is handed to the disk in chunks of this size as it is written.
+const WRITEBACK_CHUNK: u64 = 1 << 20;
+
+/// Writes `parts` so that at most about two chunks of it wait to reach
+/// the disk at any time: each chunk's writeback starts as soon as it is
+/// written, and the one before it is waited for. A snapshot file is
+/// hundreds of MB and shares the disk with the log: written at once and
+/// then fsynced, its whole writeback queued ahead of the log's fdatasync
+/// and durable orders waited tens of ms behind it (docs/architecture.md,
+/// *Known stalls*). The writeback calls are hints: an error there (a
+/// platform without them) is ignored, and the fsync that follows is what
+/// makes the file durable and reports a failed write.
+fn write_with_bounded_writeback(f: &mut File, parts: &[&[u8]]) -> std::io::Result<()> {
+    let (mut written, mut started, mut waited) = (0u64, 0u64, 0u64);
+    for part in parts {
+        for piece in part.chunks(WRITEBACK_CHUNK as usize) {
+            f.write_all(piece)?;
+            written += piece.len() as u64;
+            if written - started >= WRITEBACK_CHUNK {
+                writeback::start(f, started, written - started);
+                writeback::wait(f, waited, started - waited);
+                (waited, started) = (started, written);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+mod writeback {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    fn sync_file_range(f: &File, offset: u64, len: u64, flags: libc::c_uint) {
+        if len > 0 {
+            // SAFETY: a valid open descriptor; the call only starts or
+            // awaits writeback of the file's own pages.
+            unsafe { libc::sync_file_range(f.as_raw_fd(), offset as i64, len as i64, flags) };
+        }
+    }
+
+    /// Starts writeback of the range without waiting for it.
+    pub fn start(f: &File, offset: u64, len: u64) {
+        sync_file_range(f, offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    }
+
+    /// Waits until the range's writeback is done.
+    pub fn wait(f: &File, offset: u64, len: u64) {
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        sync_file_range(f, offset, len, flags)
+    }
+}
+
+/// Elsewhere the writeback is left to the final fsync.
+#[cfg(not(target_os = "linux"))]
+mod writeback {
+    use std::fs::File;
+
+    pub fn start(_: &File, _: u64, _: u64) {}
+
+    pub fn wait(_: &File, _: u64, _: u64) {}
 }
 
 fn read_all(path: &Path) -> Result<Vec<u8>, Error> {
@@ -127,12 +189,14 @@ pub fn commit_manifest(dir: &Path, m: Manifest) -> Result<(), Error> {
     out.extend_from_slice(&sum.to_le_bytes());
     write_durably(dir, MANIFEST, &out)?;
     let keep = format!("snap-{:020}-", m.lsn);
-    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("snap-") && !name.starts_with(&keep) {
-            let _ = fs::remove_file(entry.path());
-        }
+    let old: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("snap-") && !n.starts_with(&keep)))
+        .map(|e| e.path())
+        .collect();
+    for path in old {
+        let _ = remove_gently(&path); // a leftover is removed after the next snapshot
     }
     Ok(())
 }

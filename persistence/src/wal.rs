@@ -24,6 +24,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 
 use crate::histogram::AtomicHistogram;
+use crate::remove::{remove_gently, remove_leftovers};
 use crate::tail::Durable;
 use crate::{sync_dir, Error};
 
@@ -230,15 +231,17 @@ pub(crate) fn parse_record(buf: &[u8]) -> Option<(Record<'_>, usize)> {
     Some((Record { lsn, ts_ms, payload }, RECORD_HEADER + len))
 }
 
-/// Deletes segments whose records all have LSN <= `lsn` (a snapshot covers them).
-/// The newest segment is never deleted.
+/// Deletes segments whose records all have LSN <= `lsn` (a snapshot covers
+/// them), a few MiB at a time ([`remove_gently`]), and finishes deletions a
+/// crash interrupted. The newest segment is never deleted.
 pub fn delete_segments_through(dir: &Path, lsn: u64) -> Result<usize, Error> {
+    remove_leftovers(dir)?;
     let segs = list_segments(dir)?;
     let mut deleted = 0;
     for pair in segs.windows(2) {
         let (next_first, _) = pair[1];
         if next_first <= lsn + 1 {
-            fs::remove_file(&pair[0].1).map_err(|e| Error::io(&pair[0].1, e))?;
+            remove_gently(&pair[0].1)?;
             deleted += 1;
         }
     }
