@@ -18,6 +18,12 @@ use crate::state::Store;
 pub const CONTENDED_RETRY_PAUSE: Duration = Duration::from_micros(500);
 /// How often expired holds are looked for.
 pub const HOLD_EXPIRY_TICK: Duration = Duration::from_millis(100);
+/// A snapshot is written in turns of about this much shard time...
+pub const SNAPSHOT_TURN: Duration = Duration::from_micros(300);
+/// ...each followed by at least this pause (the timer's granularity is a
+/// millisecond, so 1-2 ms): a snapshot takes at most about a fifth of its
+/// shard's time, and no order waits behind more than one turn.
+pub const SNAPSHOT_PAUSE: Duration = Duration::from_millis(1);
 /// Pause after a failed accept (out of file descriptors, say).
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
@@ -50,18 +56,17 @@ pub fn shard_main(
         }
         tokio::task::spawn_local(retry_loop(shard.clone()));
         tokio::task::spawn_local(expiry_loop(shard.clone()));
+        tokio::task::spawn_local(snapshot_loop(shard.clone()));
         let mailbox = &shared.mailboxes[index];
         loop {
             mailbox.notify.notified().await;
             if shared.stop.load(Relaxed) {
                 break;
             }
-            // A drain that left work (a snapshot part per turn, a full
-            // budget of forwarded requests) has notified itself again, and
-            // a stored notification completes `notified()` at once: without
-            // this yield the next drain would start before any connection
-            // ran, and a snapshot's 64 parts would go in one stall (orders
-            // waited up to 0.4-0.7 s behind 1 M ids being written).
+            // A drain that left work (a full budget of forwarded requests)
+            // has notified itself again, and a stored notification
+            // completes `notified()` at once: without this yield the next
+            // drain would start before any connection ran.
             if shard.borrow_mut().drain() {
                 tokio::task::yield_now().await;
             }
@@ -114,6 +119,22 @@ async fn retry_loop(shard: Rc<RefCell<Shard>>) {
         wake.notified().await;
         tokio::time::sleep(CONTENDED_RETRY_PAUSE).await;
         shard.borrow_mut().retry_contended();
+    }
+}
+
+/// Writes each snapshot in turns of [`SNAPSHOT_TURN`] with a pause of
+/// [`SNAPSHOT_PAUSE`] after each. Before, a step of 4,096 slots (1-4 ms)
+/// ran on every drain of the mailbox, which, under load, came every few
+/// hundred microseconds: the snapshot took all of the shard's spare time
+/// and more, and orders offered at a third of the maximum waited up to
+/// 0.1 s behind it (docs/architecture.md, *Known stalls*).
+async fn snapshot_loop(shard: Rc<RefCell<Shard>>) {
+    let wake = shard.borrow().snapshot_wake();
+    loop {
+        wake.notified().await;
+        while shard.borrow_mut().snapshot_turn(SNAPSHOT_TURN) {
+            tokio::time::sleep(SNAPSHOT_PAUSE).await;
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed, Ordering::Release};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -202,13 +202,15 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     let observed = Arc::new(Observed::default());
     observed.recovery_ms.store(rec.recovery_ms, Relaxed);
     observed.recovered_records.store(rec.replayed, Relaxed);
+    let snapshot_in_flight = Arc::new(AtomicBool::new(false));
     let snapshot_thread = {
         let dir = dir.clone();
         let observed_by_snapshots = observed.clone();
         let retention = retention.clone();
+        let in_flight = snapshot_in_flight.clone();
         std::thread::Builder::new()
             .name("stockd-snapshot".into())
-            .spawn(move || snapshot_loop(&dir, n, snap_rx, &retention, &observed_by_snapshots))
+            .spawn(move || snapshot_loop(&dir, n, snap_rx, &retention, &observed_by_snapshots, &in_flight))
             .map_err(|e| e.to_string())?
     };
     let stats: Arc<Vec<ShardStats>> = Arc::new((0..n).map(|_| ShardStats::default()).collect());
@@ -216,7 +218,8 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     // Records count from the last snapshot, not from this start: a server
     // restarted again and again (a crash loop) still snapshots once the log
     // tail is long, instead of replaying an ever longer tail.
-    let policy = SnapshotPolicy::new(interval, min_records, rec.snapshot_lsn, stats.clone());
+    let policy =
+        SnapshotPolicy::new(interval, min_records, rec.snapshot_lsn, stats.clone(), snapshot_in_flight);
     let mut router = Router { mailboxes: mailboxes.clone(), policy };
     let replica = cfg.replication.as_ref().map(|_| Arc::new(Replica::new(id)));
     let (wal, wal_thread, replication) = match (&cfg.replication, &replica, synced) {
@@ -417,13 +420,15 @@ fn spawn_shards(
 
 /// Writes each shard's part of a snapshot set; when all parts of one LSN are
 /// in, makes the set current and deletes the log segments it covers that no
-/// sink still needs.
+/// sink still needs. Clears `in_flight` when a set is done or failed, so
+/// the policy may mark the next.
 fn snapshot_loop(
     dir: &Path,
     shards: usize,
     rx: crossbeam::channel::Receiver<SnapshotPart>,
     retention: &Retention,
     observed: &Observed,
+    in_flight: &AtomicBool,
 ) {
     // Per LSN: parts written, and when the first one arrived.
     let mut done: std::collections::BTreeMap<u64, (usize, Instant)> = Default::default();
@@ -431,6 +436,7 @@ fn snapshot_loop(
         let first_seen = done.get(&lsn).map_or_else(Instant::now, |(_, t)| *t);
         if let Err(e) = snapshot::write_snapshot(dir, lsn, shard as u32, shards as u32, &payload) {
             tracing::error!(error = %e, lsn, shard, "snapshot write failed; the log keeps everything meanwhile");
+            in_flight.store(false, Release);
             continue;
         }
         tracing::debug!(lsn, shard, bytes = payload.len() + 36, "snapshot part written");
@@ -458,6 +464,7 @@ fn snapshot_loop(
             }
             Err(e) => tracing::error!(error = %e, lsn, "snapshot manifest failed"),
         }
+        in_flight.store(false, Release);
     }
 }
 

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use stockd_protocol::{opcode, Key, Reply, Response};
 use tokio::sync::Notify;
@@ -53,6 +53,8 @@ pub struct Shard {
     /// prepared again after a short pause (see [`Shard::retry_contended`]).
     retries: Vec<u64>,
     retry_wake: Rc<Notify>,
+    /// Woken when a snapshot begins.
+    snapshot_wake: Rc<Notify>,
 }
 
 pub fn now_ms() -> u64 {
@@ -80,6 +82,7 @@ impl Shard {
             next_txn: 0,
             retries: Vec::new(),
             retry_wake: Rc::new(Notify::new()),
+            snapshot_wake: Rc::new(Notify::new()),
         }
     }
 
@@ -102,6 +105,11 @@ impl Shard {
     /// Woken when a contended mutation should be prepared again.
     pub fn retry_wake(&self) -> Rc<Notify> {
         self.retry_wake.clone()
+    }
+
+    /// Woken when a snapshot begins: the event loop writes it in turns.
+    pub fn snapshot_wake(&self) -> Rc<Notify> {
+        self.snapshot_wake.clone()
     }
 
     fn mailbox(&self, i: usize) -> &Mailbox {
@@ -148,9 +156,9 @@ impl Shard {
     /// loop, and by connections before they answer a read, so that a client
     /// that saw an acknowledgement never reads older state afterwards.
     ///
-    /// Returns true if it left work for a later turn (a snapshot part, or
-    /// forwarded requests beyond its budget); it has then notified itself,
-    /// and the caller must yield to the connections before draining again.
+    /// Returns true if it left forwarded requests beyond its budget; it has
+    /// then notified itself, and the caller must yield to the connections
+    /// before draining again.
     pub fn drain(&mut self) -> bool {
         self.drain_internal();
         let mut budget = DRAIN_BUDGET;
@@ -161,16 +169,27 @@ impl Shard {
             // Commits that arrive meanwhile go first: they finish work and free memory.
             self.drain_internal();
         }
-        if self.store.snapshot_in_progress() {
-            match self.store.snapshot_step() {
-                Some(done) => self.send_snapshot(done),
-                None => budget = 0, // come back for the next part after connections had a turn
-            }
-        }
         if budget == 0 {
             self.mailbox(self.index).notify.notify_one(); // more to do; yield to connections first
         }
         budget == 0
+    }
+
+    /// Writes the snapshot in progress, a step at a time, for about `budget`;
+    /// true while some of it is left (the event loop pauses, then calls
+    /// again: see `event_loop::snapshot_loop`).
+    pub fn snapshot_turn(&mut self, budget: Duration) -> bool {
+        let start = Instant::now();
+        while self.store.snapshot_in_progress() {
+            if let Some(done) = self.store.snapshot_step() {
+                self.send_snapshot(done);
+                return false;
+            }
+            if start.elapsed() >= budget {
+                return true;
+            }
+        }
+        false
     }
 
     fn send_snapshot(&self, (lsn, payload): (u64, Vec<u8>)) {
@@ -239,14 +258,15 @@ impl Shard {
                 }
             }
             Internal::Snapshot { lsn } => {
-                // Rows now, exactly at the mark; the id tables a part per
-                // event-loop turn (see `Store::snapshot_step`). A mark that
-                // arrives while one is still being written finishes that one first.
+                // Exactly at the mark, written in paced turns (see
+                // `Store::snapshot_step`, `event_loop::snapshot_loop`). The
+                // policy marks no snapshot while one is in flight; should a
+                // mark come anyway, the one still being written is finished first.
                 if let Some(done) = self.store.finish_snapshot() {
                     self.send_snapshot(done);
                 }
                 self.store.begin_snapshot(lsn);
-                self.mailbox(self.index).notify.notify_one();
+                self.snapshot_wake.notify_one();
             }
         }
     }

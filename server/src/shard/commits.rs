@@ -2,7 +2,8 @@
 //! apply them, then to the coordinators that answer; and the policy that
 //! decides when the shards take a snapshot.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,28 +101,41 @@ pub fn fence_commits(mailboxes: &[Mailbox], batch: Vec<Committed<WalToken>>, mes
 /// so take one only once the log has grown by half of that (and by at least
 /// `min_records`); or after `interval`, by an eighth: snapshot work stays
 /// proportional to the records written, and replay after a crash stays
-/// shorter than about one snapshot's worth.
+/// shorter than about one snapshot's worth. Never while the last one is
+/// still being written (`in_flight`, cleared by the snapshot thread): a
+/// mark that found a shard still writing would make it finish at once.
 pub struct SnapshotPolicy {
     pub interval: Duration,
     pub min_records: u64,
     last_at: Instant,
     last_lsn: u64,
     stats: Arc<Vec<ShardStats>>,
+    in_flight: Arc<AtomicBool>,
 }
 
 impl SnapshotPolicy {
-    pub fn new(interval: Duration, min_records: u64, last_lsn: u64, stats: Arc<Vec<ShardStats>>) -> Self {
-        SnapshotPolicy { interval, min_records, last_at: Instant::now(), last_lsn, stats }
+    pub fn new(
+        interval: Duration,
+        min_records: u64,
+        last_lsn: u64,
+        stats: Arc<Vec<ShardStats>>,
+        in_flight: Arc<AtomicBool>,
+    ) -> Self {
+        SnapshotPolicy { interval, min_records, last_at: Instant::now(), last_lsn, stats, in_flight }
     }
 
     /// True if the shards should snapshot at `lsn`, the last record of a group commit.
     pub fn due(&mut self, lsn: u64) -> bool {
+        if self.in_flight.load(Acquire) {
+            return false;
+        }
         let state: u64 = self.stats.iter().map(|s| s.rows.load(Relaxed) + s.ids.load(Relaxed)).sum();
         let grown = lsn.saturating_sub(self.last_lsn);
         let due = grown >= self.min_records.max(state / 2)
             || (grown > 0 && self.last_at.elapsed() >= self.interval && grown >= state / 8);
         if due {
             (self.last_at, self.last_lsn) = (Instant::now(), lsn);
+            self.in_flight.store(true, Release);
         }
         due
     }
