@@ -35,13 +35,18 @@ pub fn remove_gently(path: &Path) -> Result<(), Error> {
     cut_and_unlink(&doomed)
 }
 
-/// Finishes the deletion of every `*.deleting` file in `dir` (left by a
-/// crash); returns how many there were.
-pub fn remove_leftovers(dir: &Path) -> Result<usize, Error> {
+/// Finishes the deletion of every `{prefix}*.deleting` file in `dir` (left
+/// by a crash); returns how many there were. Each kind of file is finished
+/// by the one thread that deletes its kind (log segments: the collector of
+/// `retention.rs`; snapshot files: the snapshot thread, which removes every
+/// `snap-` file that is not current).
+pub fn remove_leftovers(dir: &Path, prefix: &str) -> Result<usize, Error> {
     let mut removed = 0;
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        if path.to_str().is_some_and(|p| p.ends_with(DELETING)) {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        if name.to_str().is_some_and(|n| n.starts_with(prefix) && n.ends_with(DELETING)) {
+            let path = entry.path();
             cut_and_unlink(&path)?;
             removed += 1;
         }
@@ -57,9 +62,14 @@ fn doomed_name(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Cuts and unlinks `path`; one already gone counts as done.
 fn cut_and_unlink(path: &Path) -> Result<(), Error> {
     let io = |e| Error::io(path, e);
-    let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+    let f = match OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
     let mut len = f.metadata().map_err(io)?.len();
     while len > CUT_BYTES {
         len -= CUT_BYTES;
@@ -84,12 +94,19 @@ mod tests {
             "nothing left, not even the renamed file"
         );
 
-        // A crash after the rename and a cut: the next collector finishes it.
-        let left = dir.path().join(format!("snap-1-0.bin{DELETING}"));
-        fs::write(&left, vec![1u8; 100]).unwrap();
+        // A crash after the rename and a cut: the next collector of that
+        // kind of file finishes it, and leaves other kinds alone.
+        fs::write(dir.path().join(format!("wal-00000000000000000002.log{DELETING}")), vec![1u8; 100])
+            .unwrap();
+        fs::write(dir.path().join(format!("snap-1-0.bin{DELETING}")), vec![1u8; 100]).unwrap();
         fs::write(dir.path().join("keep"), b"x").unwrap();
-        assert_eq!(remove_leftovers(dir.path()).unwrap(), 1);
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("keep")]);
+        assert_eq!(remove_leftovers(dir.path(), "wal-").unwrap(), 1);
+        let mut names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, vec![std::ffi::OsString::from("keep"), format!("snap-1-0.bin{DELETING}").into()]);
+        // A doomed file already gone counts as done; a file never there is an error.
+        assert!(cut_and_unlink(&dir.path().join(format!("gone{DELETING}"))).is_ok());
+        let err = remove_gently(&dir.path().join("never-there")).unwrap_err();
+        assert!(err.to_string().contains("never-there"), "{err}");
     }
 }

@@ -235,7 +235,7 @@ pub(crate) fn parse_record(buf: &[u8]) -> Option<(Record<'_>, usize)> {
 /// them), a few MiB at a time ([`remove_gently`]), and finishes deletions a
 /// crash interrupted. The newest segment is never deleted.
 pub fn delete_segments_through(dir: &Path, lsn: u64) -> Result<usize, Error> {
-    remove_leftovers(dir)?;
+    remove_leftovers(dir, "wal-")?;
     let segs = list_segments(dir)?;
     let mut deleted = 0;
     for pair in segs.windows(2) {

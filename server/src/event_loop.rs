@@ -126,8 +126,8 @@ async fn retry_loop(shard: Rc<RefCell<Shard>>) {
 /// [`SNAPSHOT_PAUSE`] after each. Before, a step of 4,096 slots (1-4 ms)
 /// ran on every drain of the mailbox, which, under load, came every few
 /// hundred microseconds: the snapshot took all of the shard's spare time
-/// and more, and orders offered at a third of the maximum waited up to
-/// 0.1 s behind it (docs/architecture.md, *Known stalls*).
+/// and more, and orders offered at a quarter of the maximum (2-core
+/// machine) waited up to 0.1 s behind it (docs/architecture.md, *Known stalls*).
 async fn snapshot_loop(shard: Rc<RefCell<Shard>>) {
     let wake = shard.borrow().snapshot_wake();
     loop {
