@@ -129,7 +129,13 @@ pub fn scan(dir: &Path, after_lsn: u64, mut each: impl FnMut(Record<'_>)) -> Res
     for (i, (first_lsn, path)) in segs.iter().enumerate().skip(first) {
         let last_segment = i + 1 == segs.len();
         let mut data = Vec::new();
-        File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|e| Error::io(path, e))?;
+        File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|e| {
+            if path.exists() {
+                Error::io(path, e)
+            } else {
+                deleted_while_read(path)
+            }
+        })?;
         match expect {
             Some(want) if *first_lsn != want => {
                 return Err(Error::Corrupt(format!(
@@ -147,6 +153,9 @@ pub fn scan(dir: &Path, after_lsn: u64, mut each: impl FnMut(Record<'_>)) -> Res
         let (lsn_here, bad) = scan_segment(&data, *first_lsn, after_lsn, &mut end, &mut each);
         if let Some((offset, why)) = bad {
             if !last_segment {
+                if !path.exists() {
+                    return Err(deleted_while_read(path)); // cut while it was read
+                }
                 return Err(Error::Corrupt(format!("{}: offset {offset}: {why}", path.display())));
             }
             let bytes = (data.len() - offset) as u64;
@@ -156,6 +165,15 @@ pub fn scan(dir: &Path, after_lsn: u64, mut each: impl FnMut(Record<'_>)) -> Res
         end.next_lsn = end.next_lsn.max(lsn_here);
     }
     Ok(end)
+}
+
+/// A running server deleted `path` (behind a snapshot) while a scan read
+/// it: renamed to `*.deleting`, then cut from the end (`remove.rs`).
+fn deleted_while_read(path: &Path) -> Error {
+    Error::Io(format!(
+        "{}: deleted behind a snapshot while it was read (the server is running); read again from a later LSN",
+        path.display()
+    ))
 }
 
 /// Hands the good records of one segment to `each`; returns the LSN after

@@ -122,6 +122,23 @@ fn corruption_before_the_last_segment_refuses_to_start() {
 }
 
 #[test]
+fn a_scan_that_meets_a_segment_deleted_while_it_reads_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lsn = 1;
+    for _ in 0..3 {
+        lsn = wal::write_one(dir.path(), lsn, 0, b"x").unwrap(); // one segment per record
+    }
+    // The middle segment goes while a reader has it listed: a dangling
+    // link under its name stands for one a running server just renamed
+    // to *.deleting.
+    let (_, middle) = wal::list_segments(dir.path()).unwrap().remove(1);
+    std::fs::remove_file(&middle).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("gone"), &middle).unwrap();
+    let e = wal::scan(dir.path(), 0, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("deleted behind a snapshot while it was read"), "{e}");
+}
+
+#[test]
 fn segments_roll_and_are_deleted_behind_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = WalConfig { segment_bytes: 1000, max_batch: 8, ..WalConfig::new(dir.path()) };
