@@ -113,7 +113,7 @@ pub fn render(shared: &Shared, observed: &Observed) -> String {
     );
     registry.register_with_unit(
         "snapshot",
-        "Time to write a snapshot set, first part to manifest",
+        "Time to take a snapshot set, from its mark (the shards begin, in paced turns) to the manifest",
         Unit::Seconds,
         histogram(&observed.snapshot_ms, 1e-3),
     );

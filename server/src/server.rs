@@ -430,21 +430,22 @@ fn snapshot_loop(
     observed: &Observed,
     in_flight: &AtomicBool,
 ) {
-    // Per LSN: parts written, and when the first one arrived.
+    // Per LSN: parts written, and when the first shard began its part.
     let mut done: std::collections::BTreeMap<u64, (usize, Instant)> = Default::default();
-    for (lsn, shard, payload) in rx {
-        let first_seen = done.get(&lsn).map_or_else(Instant::now, |(_, t)| *t);
+    for (lsn, shard, payload, began) in rx {
         if let Err(e) = snapshot::write_snapshot(dir, lsn, shard as u32, shards as u32, &payload) {
             tracing::error!(error = %e, lsn, shard, "snapshot write failed; the log keeps everything meanwhile");
             in_flight.store(false, Release);
             continue;
         }
         tracing::debug!(lsn, shard, bytes = payload.len() + 36, "snapshot part written");
-        let (count, _) = done.entry(lsn).or_insert((0, first_seen));
+        let (count, first_began) = done.entry(lsn).or_insert((0, began));
         *count += 1;
+        *first_began = (*first_began).min(began);
         if *count < shards {
             continue;
         }
+        let began = *first_began;
         done.retain(|l, _| *l > lsn);
         let t = Instant::now();
         let res =
@@ -454,11 +455,13 @@ fn snapshot_loop(
             });
         match res {
             Ok(deleted) => {
-                observed.snapshot_ms.observe(first_seen.elapsed().as_millis() as u64);
+                let took_ms = began.elapsed().as_millis() as u64;
+                observed.snapshot_ms.observe(took_ms);
                 tracing::info!(
                     lsn,
                     deleted_segments = deleted,
-                    ms = t.elapsed().as_millis() as u64,
+                    took_ms,
+                    manifest_and_deletes_ms = t.elapsed().as_millis() as u64,
                     "snapshot"
                 )
             }

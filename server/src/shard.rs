@@ -55,6 +55,8 @@ pub struct Shard {
     retry_wake: Rc<Notify>,
     /// Woken when a snapshot begins.
     snapshot_wake: Rc<Notify>,
+    /// When the snapshot in progress began (its mark arrived).
+    snapshot_began: Option<Instant>,
 }
 
 pub fn now_ms() -> u64 {
@@ -83,6 +85,7 @@ impl Shard {
             retries: Vec::new(),
             retry_wake: Rc::new(Notify::new()),
             snapshot_wake: Rc::new(Notify::new()),
+            snapshot_began: None,
         }
     }
 
@@ -192,8 +195,9 @@ impl Shard {
         false
     }
 
-    fn send_snapshot(&self, (lsn, payload): (u64, Vec<u8>)) {
-        let _ = self.shared.snapshots.send((lsn, self.index, payload));
+    fn send_snapshot(&mut self, (lsn, payload): (u64, Vec<u8>)) {
+        let began = self.snapshot_began.take().unwrap_or_else(Instant::now);
+        let _ = self.shared.snapshots.send((lsn, self.index, payload, began));
     }
 
     /// Applies queued commits and votes (not forwarded requests).
@@ -266,6 +270,7 @@ impl Shard {
                     self.send_snapshot(done);
                 }
                 self.store.begin_snapshot(lsn);
+                self.snapshot_began = Some(Instant::now());
                 self.snapshot_wake.notify_one();
             }
         }

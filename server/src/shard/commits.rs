@@ -136,6 +136,11 @@ impl SnapshotPolicy {
         if due {
             (self.last_at, self.last_lsn) = (Instant::now(), lsn);
             self.in_flight.store(true, Release);
+            tracing::info!(
+                lsn,
+                state,
+                "snapshot begins (written in paced turns; a line follows when it is done)"
+            );
         }
         due
     }

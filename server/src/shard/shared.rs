@@ -28,8 +28,8 @@ pub struct ShardStats {
     pub txns_open: AtomicU64,
 }
 
-/// A finished snapshot part: (lsn, shard, payload).
-pub type SnapshotPart = (u64, usize, Vec<u8>);
+/// A finished snapshot part: (lsn, shard, payload, when the shard began it).
+pub type SnapshotPart = (u64, usize, Vec<u8>, std::time::Instant);
 
 /// Everything the shard threads share.
 pub struct Shared {
