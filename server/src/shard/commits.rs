@@ -145,3 +145,24 @@ impl SnapshotPolicy {
         due
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_due_by_the_log_grown_and_never_while_the_last_is_written() {
+        let stats: Arc<Vec<ShardStats>> = Arc::new(vec![ShardStats::default()]);
+        stats[0].rows.store(1_200, Relaxed);
+        stats[0].ids.store(800, Relaxed); // state 2,000: due after 1,000 records
+        let in_flight = Arc::new(AtomicBool::new(false));
+        let mut policy = SnapshotPolicy::new(Duration::from_secs(3600), 100, 0, stats, in_flight.clone());
+        assert!(!policy.due(999), "the log grew by less than half the state");
+        assert!(policy.due(1_000));
+        assert!(in_flight.load(Acquire), "marked: in flight until the snapshot thread is done");
+        assert!(!policy.due(50_000), "no mark while the last set is still being written");
+        in_flight.store(false, Release);
+        assert!(!policy.due(1_999), "counted from the last mark, at 1,000");
+        assert!(policy.due(2_000));
+    }
+}
