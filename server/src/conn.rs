@@ -13,15 +13,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use stockd_protocol::{
-    begin_frame, constant_time_eq, end_frame, opcode, parse_frame, shard_of, FrameError, HelloInfo, Key,
-    Reply, Request, Response, Status, HEADER_LEN, MAX_BODY, RESPONSE_BIT,
+    begin_frame, constant_time_eq, end_frame, opcode, parse_frame, shard_of, DecodeError, FrameError,
+    HelloInfo, Key, Reply, Request, Response, Status, HEADER_LEN, MAX_BODY, RESPONSE_BIT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::shard::{Forwarded, Out, Shard};
-use crate::state::Command;
+use crate::state::{Command, IdKey, PREFETCH_KEYS};
 
 /// Requests of one connection that may wait for another shard or the log.
 pub const MAX_INFLIGHT: usize = 1024;
@@ -45,8 +45,23 @@ struct PendingBatch {
     failed: bool,
 }
 
+/// Frames decoded ahead of being served, their lookups prefetched together.
+const DECODE_AHEAD: usize = PREFETCH_KEYS;
+
+/// A frame decoded ahead of being served.
+struct Ahead {
+    op: u8,
+    rid: u64,
+    /// Its length in the read buffer, header included.
+    len: usize,
+    req: Result<Request, DecodeError>,
+}
+
 struct Conn {
     tx: mpsc::UnboundedSender<Out>,
+    /// Lookups of the frames decoded ahead (buffers kept between reads).
+    keys: Vec<Key>,
+    ids: Vec<IdKey>,
     inflight: usize,
     authed: bool,
     batches: HashMap<u64, PendingBatch>,
@@ -60,12 +75,15 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut conn = Conn {
         tx,
+        keys: Vec::with_capacity(DECODE_AHEAD),
+        ids: Vec::with_capacity(DECODE_AHEAD),
         inflight: 0,
         authed: ctx.auth_token.is_none(),
         batches: HashMap::new(),
         wbuf: Vec::with_capacity(BUFFER_BYTES),
     };
     let mut rbuf: Vec<u8> = Vec::with_capacity(BUFFER_BYTES);
+    let mut ahead: Vec<Ahead> = Vec::with_capacity(DECODE_AHEAD);
     // The peer will send nothing more (it closed or half-closed the socket).
     let mut peer_done = false;
     loop {
@@ -73,18 +91,51 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
         let mut consumed = 0;
         {
             let mut sh = shard.borrow_mut();
-            while conn.inflight < MAX_INFLIGHT {
-                match parse_frame(&rbuf[consumed..]) {
-                    Ok(Some((h, body))) => {
-                        conn.handle(&mut sh, &ctx, h.opcode, h.request_id, body);
-                        consumed += HEADER_LEN + h.body_len;
+            'frames: while conn.inflight < MAX_INFLIGHT {
+                // Decode a run of frames first and ask memory for the rows
+                // and ids they will look up, all at once; then serve them.
+                let mut at = consumed;
+                let mut broken = None;
+                while ahead.len() < DECODE_AHEAD {
+                    match parse_frame(&rbuf[at..]) {
+                        Ok(Some((h, body))) => {
+                            let req = Request::decode(h.opcode, body);
+                            ahead.push(Ahead {
+                                op: h.opcode,
+                                rid: h.request_id,
+                                len: HEADER_LEN + h.body_len,
+                                req,
+                            });
+                            at += HEADER_LEN + h.body_len;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            broken = Some(e);
+                            break;
+                        }
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        conn.frame_error(&mut sh, &e);
-                        close = true;
+                }
+                let more = ahead.len() == DECODE_AHEAD;
+                if conn.authed {
+                    conn.prefetch(&sh, &ahead);
+                }
+                for a in ahead.drain(..) {
+                    if conn.inflight >= MAX_INFLIGHT {
+                        // The rest stay in the buffer, decoded again later.
+                        broken = None;
                         break;
                     }
+                    conn.handle(&mut sh, &ctx, a.op, a.rid, a.req);
+                    consumed += a.len;
+                }
+                ahead.clear();
+                if let Some(e) = broken {
+                    conn.frame_error(&mut sh, &e);
+                    close = true;
+                    break 'frames;
+                }
+                if !more {
+                    break;
                 }
             }
         }
@@ -177,7 +228,35 @@ impl Conn {
         }
     }
 
-    fn handle(&mut self, sh: &mut Shard, ctx: &ConnCtx, op: u8, rid: u64, body: &[u8]) {
+    /// Asks memory for the rows and ids of this shard that the decoded
+    /// requests will look up, so that their cache misses overlap (see
+    /// `Store::prefetch_lookups`). Changes nothing.
+    fn prefetch(&mut self, sh: &Shard, ahead: &[Ahead]) {
+        self.keys.clear();
+        self.ids.clear();
+        for a in ahead {
+            match &a.req {
+                Ok(Request::Query { key }) => self.keys.push(*key),
+                Ok(Request::Order { id, lines } | Request::Reserve { id, lines, .. }) => {
+                    self.ids.push(IdKey::OrderOrHold(*id));
+                    self.keys.extend(lines.iter().map(|l| l.key));
+                }
+                Ok(Request::Inbound { id, lines }) => {
+                    self.ids.push(IdKey::Receipt(*id));
+                    self.keys.extend(lines.iter().map(|l| l.key));
+                }
+                Ok(Request::Cancel { id } | Request::Confirm { id } | Request::Release { id }) => {
+                    self.ids.push(IdKey::OrderOrHold(*id))
+                }
+                _ => {}
+            }
+        }
+        // Beyond this, the first lines would leave L1 before they are read.
+        self.keys.truncate(PREFETCH_KEYS);
+        sh.prefetch_lookups(&self.keys, &self.ids);
+    }
+
+    fn handle(&mut self, sh: &mut Shard, ctx: &ConnCtx, op: u8, rid: u64, req: Result<Request, DecodeError>) {
         if op & RESPONSE_BIT != 0 {
             return self.error(
                 op & !RESPONSE_BIT,
@@ -194,7 +273,7 @@ impl Conn {
                 "this server requires HELLO with a valid token first",
             );
         }
-        let req = match Request::decode(op, body) {
+        let req = match req {
             Ok(r) => r,
             Err(e) => {
                 sh.stats().errors.fetch_add(1, Relaxed);

@@ -149,6 +149,12 @@ impl Shard {
         self.store.item(item)
     }
 
+    /// Asks memory for the rows and ids a run of requests will look up
+    /// (those this shard owns), all at once. Changes nothing.
+    pub fn prefetch_lookups(&self, keys: &[Key], ids: &[IdKey]) {
+        self.store.prefetch_lookups(keys, ids);
+    }
+
     fn count_read(&self, keys: usize) {
         let s = self.stats();
         s.queries.fetch_add(1, Relaxed);

@@ -160,6 +160,19 @@ impl Store {
         }
     }
 
+    /// Brings the rows of `keys` and the entries of `ids` that this store
+    /// owns into the cache, all at once, before requests look them up one
+    /// by one. Changes nothing.
+    pub fn prefetch_lookups(&self, keys: &[Key], ids: &[IdKey]) {
+        for id in ids.iter().filter(|k| self.owns_id(k.id())) {
+            match *id {
+                IdKey::OrderOrHold(id) => self.ids.prefetch(id),
+                IdKey::Receipt(id) => self.receipts.prefetch(id),
+            }
+        }
+        self.rows.prefetch(keys.iter().copied().filter(|k| self.owns_item(k.item)));
+    }
+
     /// Every center of one item, ascending by center id.
     pub fn item(&self, item: u64) -> Vec<(u32, u64)> {
         let mut v: Vec<_> = self.rows.of_item(item).map(|(fc, r)| (fc, r.available())).collect();

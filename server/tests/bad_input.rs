@@ -186,3 +186,59 @@ fn requests_before_hello_are_unauthorized_when_a_token_is_set() {
     assert_eq!(status(&mut s, 5, &order), Status::Ok);
     srv.shutdown();
 }
+
+/// Frames that arrive in one write are decoded a run at a time before they
+/// are served (their lookups prefetched together): still, every frame is
+/// served in order and judged as if alone. Frames before a HELLO with the
+/// token are unauthorized, those after it are served, the frames before a
+/// broken one are answered, and nothing behind the broken one is served.
+#[test]
+fn frames_in_one_write_are_served_in_order_up_to_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 1);
+    cfg.auth_token = Some("tok".into());
+    let srv = stockd::start(cfg).unwrap();
+    let key = Key { item: 1, fc: 1 };
+    let mut out = Vec::new();
+    Request::Query { key }.encode(1, &mut out);
+    Request::Hello { token: b"tok".to_vec() }.encode(2, &mut out);
+    let queries = 10..50u64; // more than one run of frames decoded ahead
+    for rid in queries.clone() {
+        Request::Query { key }.encode(rid, &mut out);
+    }
+    put_header(&mut out, opcode::ORDER, 99, MAX_BODY + 1);
+    Request::Inbound { id: 7, lines: vec![Line::new(1, 1, 5)] }.encode(100, &mut out);
+    let mut s = connect(srv.addr);
+    s.write_all(&out).unwrap();
+
+    let (mut buf, mut chunk, mut answers) = (Vec::new(), [0u8; 4096], Vec::new());
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("neither answers nor a close: {e}"),
+        }
+    }
+    let mut at = 0;
+    while let Some((h, body)) = parse_frame(&buf[at..]).expect("server frames are well formed") {
+        answers.push((h.request_id, Response::decode(h.opcode, body).unwrap()));
+        at += HEADER_LEN + h.body_len;
+    }
+    assert_eq!(at, buf.len(), "nothing but whole answers");
+    let rids: Vec<u64> = answers.iter().map(|(rid, _)| *rid).collect();
+    let want: Vec<u64> = [1, 2].into_iter().chain(queries).chain([99]).collect();
+    assert_eq!(rids, want, "answered in order, nothing behind the broken frame");
+    assert_eq!(answers[0].1.status(), Status::Unauthorized);
+    assert!(matches!(answers[1].1, Response::Ok(Reply::Hello(_))), "{:?}", answers[1].1);
+    for (rid, r) in &answers[2..answers.len() - 1] {
+        assert_eq!(*r, Response::Ok(Reply::Available(0)), "query {rid}");
+    }
+    assert_eq!(answers.last().unwrap().1.status(), Status::FrameTooLarge);
+
+    // The inbound behind the broken frame was never applied.
+    let mut s = connect(srv.addr);
+    assert_eq!(status(&mut s, 1, &Request::Hello { token: b"tok".to_vec() }), Status::Ok);
+    assert_eq!(call(&mut s, 2, &Request::Query { key }), Response::Ok(Reply::Available(0)));
+    srv.shutdown();
+}
