@@ -45,6 +45,16 @@ fn write_parts_durably(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(), Er
 const WRITEBACK_CHUNK: u64 = 1 << 20;
 
 /// Writes `parts` so that at most about two chunks of it wait to reach
+/// the disk at any time (see [`BoundedWriter`]).
+fn write_with_bounded_writeback(f: &mut File, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut w = BoundedWriter::default();
+    for part in parts {
+        w.write(f, part)?;
+    }
+    Ok(())
+}
+
+/// Appends to a file so that at most about two chunks of it wait to reach
 /// the disk at any time: each chunk's writeback starts as soon as it is
 /// written, and the one before it is waited for. A snapshot file is
 /// hundreds of MB and shares the disk with the log: written at once and
@@ -53,20 +63,26 @@ const WRITEBACK_CHUNK: u64 = 1 << 20;
 /// *Known stalls*). The writeback calls are hints: an error there (a
 /// platform without them) is ignored, and the fsync that follows is what
 /// makes the file durable and reports a failed write.
-fn write_with_bounded_writeback(f: &mut File, parts: &[&[u8]]) -> std::io::Result<()> {
-    let (mut written, mut started, mut waited) = (0u64, 0u64, 0u64);
-    for part in parts {
-        for piece in part.chunks(WRITEBACK_CHUNK as usize) {
+#[derive(Default)]
+struct BoundedWriter {
+    written: u64,
+    started: u64,
+    waited: u64,
+}
+
+impl BoundedWriter {
+    fn write(&mut self, f: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+        for piece in bytes.chunks(WRITEBACK_CHUNK as usize) {
             f.write_all(piece)?;
-            written += piece.len() as u64;
-            if written - started >= WRITEBACK_CHUNK {
-                writeback::start(f, started, written - started);
-                writeback::wait(f, waited, started - waited);
-                (waited, started) = (started, written);
+            self.written += piece.len() as u64;
+            if self.written - self.started >= WRITEBACK_CHUNK {
+                writeback::start(f, self.started, self.written - self.started);
+                writeback::wait(f, self.waited, self.started - self.waited);
+                (self.waited, self.started) = (self.started, self.written);
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(target_os = "linux")]
@@ -112,9 +128,7 @@ fn read_all(path: &Path) -> Result<Vec<u8>, Error> {
     Ok(data)
 }
 
-/// Writes one shard's snapshot file around its payload, durably. The
-/// payload is written as it is (a snapshot of millions of ids is hundreds
-/// of MB: no second copy of it is made to frame it).
+/// Writes one shard's snapshot file around its payload, durably.
 pub fn write_snapshot(
     dir: &Path,
     lsn: u64,
@@ -122,14 +136,69 @@ pub fn write_snapshot(
     shard_count: u32,
     payload: &[u8],
 ) -> Result<(), Error> {
-    let mut header = Vec::with_capacity(32);
-    header.extend_from_slice(SNAP_MAGIC);
-    header.extend_from_slice(&lsn.to_le_bytes());
-    header.extend_from_slice(&shard.to_le_bytes());
-    header.extend_from_slice(&shard_count.to_le_bytes());
-    header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    let sum = crc32c::crc32c_append(crc32c::crc32c(&header), payload).to_le_bytes();
-    write_parts_durably(dir, &snapshot_name(lsn, shard), &[&header, payload, &sum])
+    let mut w = SnapshotWriter::create(dir, lsn, shard, shard_count)?;
+    w.append(payload)?;
+    w.finish()
+}
+
+/// Writes one shard's snapshot file as its payload arrives piece by piece
+/// (a snapshot of millions of ids is hundreds of MB: the shard hands it
+/// over a few MB at a time instead of holding all of it), into a
+/// temporary file that [`SnapshotWriter::finish`] makes durable and names.
+/// Dropped unfinished, it leaves the temporary file (a crash would too);
+/// the next snapshot of the same LSN and shard, if any, truncates it.
+pub struct SnapshotWriter {
+    dir: std::path::PathBuf,
+    name: String,
+    tmp: std::path::PathBuf,
+    file: File,
+    writer: BoundedWriter,
+    header: [u8; 32],
+    payload_len: u64,
+    payload_crc: u32,
+}
+
+impl SnapshotWriter {
+    /// Starts the file with its header; the payload length goes in at the end.
+    pub fn create(dir: &Path, lsn: u64, shard: u32, shard_count: u32) -> Result<SnapshotWriter, Error> {
+        let name = snapshot_name(lsn, shard);
+        let tmp = dir.join(format!("{name}.tmp"));
+        let mut file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut header = [0u8; 32];
+        header[..8].copy_from_slice(SNAP_MAGIC);
+        header[8..16].copy_from_slice(&lsn.to_le_bytes());
+        header[16..20].copy_from_slice(&shard.to_le_bytes());
+        header[20..24].copy_from_slice(&shard_count.to_le_bytes());
+        let mut writer = BoundedWriter::default();
+        writer.write(&mut file, &header).map_err(|e| Error::io(&tmp, e))?;
+        let dir = dir.to_path_buf();
+        Ok(SnapshotWriter { dir, name, tmp, file, writer, header, payload_len: 0, payload_crc: 0 })
+    }
+
+    /// Appends the next piece of the payload.
+    pub fn append(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.writer.write(&mut self.file, bytes).map_err(|e| Error::io(&self.tmp, e))?;
+        self.payload_crc = crc32c::crc32c_append(self.payload_crc, bytes);
+        self.payload_len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Puts the payload length into the header and the checksum after the
+    /// payload, fsyncs, and gives the file its name: after return it
+    /// survives a crash.
+    pub fn finish(mut self) -> Result<(), Error> {
+        use std::os::unix::fs::FileExt;
+        self.header[24..32].copy_from_slice(&self.payload_len.to_le_bytes());
+        let sum =
+            crc32c::crc32c_combine(crc32c::crc32c(&self.header), self.payload_crc, self.payload_len as usize);
+        let io = |e| Error::io(&self.tmp, e);
+        self.writer.write(&mut self.file, &sum.to_le_bytes()).map_err(io)?;
+        self.file.write_all_at(&self.header[24..32], 24).map_err(io)?;
+        self.file.sync_all().map_err(io)?;
+        let dst = self.dir.join(&self.name);
+        fs::rename(&self.tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        sync_dir(&self.dir)
+    }
 }
 
 /// Reads and checks one snapshot file; returns its payload.

@@ -94,16 +94,21 @@ fn main() {
     let whole_ms = t.elapsed().as_secs_f64() * 1e3;
     s.begin_snapshot(lsn);
     let (mut longest, mut stepped) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-    let parts = loop {
+    let (mut parts, mut pieces) = (Vec::new(), 0);
+    loop {
         let t = Instant::now();
-        let done = s.snapshot_step();
+        let piece = s.snapshot_step();
         longest = longest.max(t.elapsed());
         stepped += t.elapsed();
-        if let Some((_, bytes)) = done {
-            break bytes;
+        if let Some(p) = piece {
+            parts.extend_from_slice(&p.bytes);
+            pieces += 1;
+            if p.last {
+                break;
+            }
         }
-    };
-    assert_eq!(parts.len(), whole.len());
+    }
+    assert!(parts == whole, "a snapshot in pieces is the whole store's encoding");
     println!("state machine, one core, {} rows, median of 5 x {OPS} ops", ITEMS * CENTERS as u64);
     println!("{:<34} {:>14} {:>12}", "operation", "ops/s", "vs baseline");
     println!("{:<34} {:>14.0} {:>12}", "baseline: HashMap get", base_read, "1.00");
@@ -112,7 +117,7 @@ fn main() {
     println!("{:<34} {:>14.0} {:>12.2}", "order, 1 line (plan+prepare+apply)", order1, order1 / base_write);
     println!("{:<34} {:>14.0} {:>12.2}", "order, 3 lines", order3, order3 / base_write);
     println!(
-        "snapshot of {} rows + {} ids ({} MB): whole store {:.0} ms; part by part {:.0} ms in all, longest step {:.1} ms",
+        "snapshot of {} rows + {} ids ({} MB): whole store {:.0} ms; part by part {:.0} ms in all ({pieces} pieces), longest step {:.1} ms",
         s.row_count(),
         s.id_count(),
         whole.len() >> 20,

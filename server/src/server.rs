@@ -1,5 +1,6 @@
 //! Startup (recovery, threads, listeners), snapshots, and shutdown.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ use crate::replication::reader::{self, ReaderParts, ReaderThread};
 use crate::replication::{sync, Replica, ReplicationConfig};
 use crate::shard::commits::{Router, SnapshotPolicy};
 use crate::shard::mailbox::WalToken;
-use crate::shard::shared::SnapshotPart;
+use crate::shard::shared::{SnapshotPart, SnapshotQueue};
 use crate::shard::{now_ms, Mailbox, ShardStats, Shared, MAX_SHARDS};
 use crate::state::{IdLimits, LogRecord, Store};
 
@@ -203,14 +204,19 @@ pub fn start(cfg: Config) -> Result<Running, String> {
     observed.recovery_ms.store(rec.recovery_ms, Relaxed);
     observed.recovered_records.store(rec.replayed, Relaxed);
     let snapshot_in_flight = Arc::new(AtomicBool::new(false));
+    let snapshot_queues: Arc<Vec<SnapshotQueue>> =
+        Arc::new((0..n).map(|_| SnapshotQueue::default()).collect());
     let snapshot_thread = {
         let dir = dir.clone();
         let observed_by_snapshots = observed.clone();
         let retention = retention.clone();
         let in_flight = snapshot_in_flight.clone();
+        let queues = snapshot_queues.clone();
         std::thread::Builder::new()
             .name("stockd-snapshot".into())
-            .spawn(move || snapshot_loop(&dir, n, snap_rx, &retention, &observed_by_snapshots, &in_flight))
+            .spawn(move || {
+                snapshot_loop(&dir, n, snap_rx, &queues, &retention, &observed_by_snapshots, &in_flight)
+            })
             .map_err(|e| e.to_string())?
     };
     let stats: Arc<Vec<ShardStats>> = Arc::new((0..n).map(|_| ShardStats::default()).collect());
@@ -268,6 +274,7 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         wal,
         stop: AtomicBool::new(false),
         snapshots: snap_tx,
+        snapshot_queues,
         max_connections: cfg.max_connections,
         replica,
     });
@@ -418,27 +425,50 @@ fn spawn_shards(
     Ok(threads)
 }
 
-/// Writes each shard's part of a snapshot set; when all parts of one LSN are
-/// in, makes the set current and deletes the log segments it covers that no
-/// sink still needs. Clears `in_flight` when a set is done or failed, so
-/// the policy may mark the next.
+/// Writes each shard's part of a snapshot set as its pieces come; when all
+/// parts of one LSN are in, makes the set current and deletes the log
+/// segments it covers that no sink still needs. Clears `in_flight` when a
+/// set is done or failed, so the policy may mark the next.
 fn snapshot_loop(
     dir: &Path,
     shards: usize,
     rx: crossbeam::channel::Receiver<SnapshotPart>,
+    queues: &[SnapshotQueue],
     retention: &Retention,
     observed: &Observed,
     in_flight: &AtomicBool,
 ) {
     // Per LSN: parts written, and when the first shard began its part.
     let mut done: std::collections::BTreeMap<u64, (usize, Instant)> = Default::default();
-    for (lsn, shard, payload, began) in rx {
-        if let Err(e) = snapshot::write_snapshot(dir, lsn, shard as u32, shards as u32, &payload) {
-            tracing::error!(error = %e, lsn, shard, "snapshot write failed; the log keeps everything meanwhile");
-            in_flight.store(false, Release);
+    // Per (LSN, shard): the part's file being written; None once it failed
+    // (the rest of its pieces are dropped).
+    let mut open: HashMap<(u64, usize), Option<snapshot::SnapshotWriter>> = HashMap::new();
+    for SnapshotPart { lsn, shard, bytes, last, began } in rx {
+        let writer = open.entry((lsn, shard)).or_insert_with(|| {
+            snapshot::SnapshotWriter::create(dir, lsn, shard as u32, shards as u32)
+                .map_err(|e| snapshot_failed(&e, lsn, shard, in_flight))
+                .ok()
+        });
+        if let Some(Err(e)) = writer.as_mut().map(|w| w.append(&bytes)) {
+            snapshot_failed(&e, lsn, shard, in_flight);
+            *writer = None;
+        }
+        let queue = &queues[shard];
+        queue.queued.fetch_sub(bytes.len(), Release);
+        if !last {
+            let mut spare = bytes;
+            spare.clear();
+            let _ = queue.spares.push(spare); // beyond a few, dropped
             continue;
         }
-        tracing::debug!(lsn, shard, bytes = payload.len() + 36, "snapshot part written");
+        // The shard's part is complete: the buffers it would fill again are freed.
+        while queue.spares.pop().is_some() {}
+        let Some(w) = open.remove(&(lsn, shard)).flatten() else { continue };
+        if let Err(e) = w.finish() {
+            snapshot_failed(&e, lsn, shard, in_flight);
+            continue;
+        }
+        tracing::debug!(lsn, shard, "snapshot part written");
         let (count, first_began) = done.entry(lsn).or_insert((0, began));
         *count += 1;
         *first_began = (*first_began).min(began);
@@ -469,6 +499,13 @@ fn snapshot_loop(
         }
         in_flight.store(false, Release);
     }
+}
+
+/// A part of a snapshot set could not be written: the set will not be
+/// made current, and the policy may mark the next one.
+fn snapshot_failed(e: &stockd_persistence::Error, lsn: u64, shard: usize, in_flight: &AtomicBool) {
+    tracing::error!(error = %e, lsn, shard, "snapshot write failed; the log keeps everything meanwhile");
+    in_flight.store(false, Release);
 }
 
 impl Running {

@@ -15,7 +15,7 @@
 
 use std::collections::HashSet;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,9 +30,9 @@ pub mod shared;
 
 pub use coordinator::{CONTENDED_RETRY_FOR, MAX_TXNS};
 pub use mailbox::{Forwarded, Internal, Mailbox, Out, ReplyTo, FORWARD_CAPACITY};
-pub use shared::{ShardStats, Shared};
+pub use shared::{ShardStats, Shared, SnapshotPart, SnapshotQueue, SNAPSHOT_QUEUED_BYTES};
 
-use crate::state::{IdHashBuilder, IdKey, IdMap, Store, PREFETCH_KEYS};
+use crate::state::{IdHashBuilder, IdKey, IdMap, SnapshotPiece, Store, PREFETCH_KEYS};
 use answers::frame;
 use coordinator::Txn;
 
@@ -189,10 +189,21 @@ impl Shard {
     /// again: see `event_loop::snapshot_loop`).
     pub fn snapshot_turn(&mut self, budget: Duration) -> bool {
         let start = Instant::now();
+        let queues = self.shared.snapshot_queues.clone();
+        let queue = &queues[self.index];
+        while let Some(spare) = queue.spares.pop() {
+            self.store.give_snapshot_buffer(spare);
+        }
         while self.store.snapshot_in_progress() {
-            if let Some(done) = self.store.snapshot_step() {
-                self.send_snapshot(done);
-                return false;
+            if queue.queued.load(Acquire) >= SNAPSHOT_QUEUED_BYTES {
+                return true; // the disk is behind: try again after a pause
+            }
+            if let Some(piece) = self.store.snapshot_step() {
+                let last = piece.last;
+                self.send_snapshot(piece);
+                if last {
+                    return false;
+                }
             }
             if start.elapsed() >= budget {
                 return true;
@@ -201,9 +212,15 @@ impl Shard {
         false
     }
 
-    fn send_snapshot(&mut self, (lsn, payload): (u64, Vec<u8>)) {
-        let began = self.snapshot_began.take().unwrap_or_else(Instant::now);
-        let _ = self.shared.snapshots.send((lsn, self.index, payload, began));
+    fn send_snapshot(&mut self, piece: SnapshotPiece) {
+        let SnapshotPiece { lsn, bytes, last } = piece;
+        let began = *self.snapshot_began.get_or_insert_with(Instant::now);
+        if last {
+            self.snapshot_began = None;
+        }
+        self.shared.snapshot_queues[self.index].queued.fetch_add(bytes.len(), Release);
+        let part = SnapshotPart { lsn, shard: self.index, bytes, last, began };
+        let _ = self.shared.snapshots.send(part);
     }
 
     /// Applies queued commits and votes (not forwarded requests).
@@ -272,8 +289,8 @@ impl Shard {
                 // `Store::snapshot_step`, `event_loop::snapshot_loop`). The
                 // policy marks no snapshot while one is in flight; should a
                 // mark come anyway, the one still being written is finished first.
-                if let Some(done) = self.store.finish_snapshot() {
-                    self.send_snapshot(done);
+                if let Some(last) = self.store.finish_snapshot() {
+                    self.send_snapshot(last);
                 }
                 self.store.begin_snapshot(lsn);
                 self.snapshot_began = Some(Instant::now());

@@ -44,6 +44,7 @@ pub use plan::{Command, IdKey};
 pub use rows::Row;
 use rows::{Pending, PendingRows, RowKey, Rows};
 use snapshot::Capture;
+pub use snapshot::SnapshotPiece;
 
 /// Keys whose lookups are started together (see `Rows::prefetch`): enough
 /// to keep the memory system busy, few enough that their lines stay in L1.
@@ -81,6 +82,11 @@ pub struct Store {
     capture: Option<Capture>,
     /// Slots of the id tables one snapshot step writes at most.
     snapshot_step_slots: usize,
+    /// Bytes of a snapshot held before they are handed over as a piece.
+    snapshot_piece_bytes: usize,
+    /// Buffers of pieces already written, to be filled again while the
+    /// snapshot lasts.
+    snapshot_spares: Vec<Vec<u8>>,
 }
 
 impl Store {
@@ -99,6 +105,8 @@ impl Store {
             applied_lsn: 0,
             capture: None,
             snapshot_step_slots: snapshot::SNAPSHOT_STEP_SLOTS,
+            snapshot_piece_bytes: snapshot::SNAPSHOT_PIECE_BYTES,
+            snapshot_spares: Vec::new(),
         }
     }
 

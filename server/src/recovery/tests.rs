@@ -38,6 +38,9 @@ type SnapshotSet = (u64, Vec<Vec<u8>>);
 /// Every remembered order/hold id and receipt id, sorted by id.
 type Remembered = (Vec<(u64, IdEntry)>, Vec<(u64, LogStamp)>);
 
+/// One shard's snapshot pieces so far, and whether the last one came.
+type Pieces = (Vec<u8>, bool);
+
 /// Shards driven the way the server drives them, with their log and snapshots.
 struct Cluster {
     stores: Vec<Store>,
@@ -49,7 +52,8 @@ struct Cluster {
     /// The last complete snapshot set (what the manifest names).
     snapshot: Option<SnapshotSet>,
     /// Parts of the snapshot being written.
-    writing: Option<(u64, Vec<Option<Vec<u8>>>)>,
+    /// The snapshot being written: its LSN, and per shard its pieces so far.
+    writing: Option<(u64, Vec<Pieces>)>,
 }
 
 impl Cluster {
@@ -117,8 +121,11 @@ impl Cluster {
     fn begin_snapshot(&mut self) {
         if self.writing.is_none() {
             let lsn = self.lsn;
-            self.stores.iter_mut().for_each(|s| s.begin_snapshot(lsn));
-            self.writing = Some((lsn, vec![None; self.stores.len()]));
+            for s in self.stores.iter_mut() {
+                s.set_snapshot_piece_bytes(64); // handed over in many pieces
+                s.begin_snapshot(lsn);
+            }
+            self.writing = Some((lsn, vec![(Vec::new(), false); self.stores.len()]));
         }
     }
 
@@ -126,15 +133,17 @@ impl Cluster {
         let Some((lsn, done)) = self.writing.as_mut() else { return };
         for (s, out) in self.stores.iter_mut().zip(done.iter_mut()) {
             for _ in 0..parts {
-                if let Some((_, bytes)) = s.snapshot_step() {
-                    *out = Some(bytes);
+                if let Some(piece) = s.snapshot_step() {
+                    assert!(!out.1, "no piece after the last");
+                    out.0.extend_from_slice(&piece.bytes);
+                    out.1 = piece.last;
                 }
             }
         }
-        if done.iter().all(Option::is_some) {
+        if done.iter().all(|(_, last)| *last) {
             let lsn = *lsn;
             let (_, done) = self.writing.take().expect("present");
-            self.snapshot = Some((lsn, done.into_iter().flatten().collect()));
+            self.snapshot = Some((lsn, done.into_iter().map(|(bytes, _)| bytes).collect()));
         }
     }
 

@@ -2,8 +2,10 @@
 //! writer's handle, the stop flag and the snapshot channel; and STATS, the
 //! counters summed over shards.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+
+use crossbeam::queue::ArrayQueue;
 
 use stockd_persistence::wal::Wal;
 use stockd_sinks::SinkStatus;
@@ -28,8 +30,38 @@ pub struct ShardStats {
     pub txns_open: AtomicU64,
 }
 
-/// A finished snapshot part: (lsn, shard, payload, when the shard began it).
-pub type SnapshotPart = (u64, usize, Vec<u8>, std::time::Instant);
+/// A piece of one shard's part of a snapshot set, in order (the snapshot
+/// thread writes it to that part's file as it comes).
+pub struct SnapshotPart {
+    pub lsn: u64,
+    pub shard: usize,
+    pub bytes: Vec<u8>,
+    /// The part's last piece: its file can be finished.
+    pub last: bool,
+    /// When the shard began its part (its mark arrived).
+    pub began: std::time::Instant,
+}
+
+/// Most bytes of one shard's snapshot handed over and not yet written: the
+/// shard writes no more of it until the snapshot thread has caught up.
+/// Without the bound, a disk slower than the shard let the pieces (so,
+/// much of the snapshot) pile up in memory.
+pub const SNAPSHOT_QUEUED_BYTES: usize = 16 << 20;
+
+/// One shard's snapshot pieces on their way to the snapshot thread.
+pub struct SnapshotQueue {
+    /// Bytes handed over and not yet written.
+    pub queued: AtomicUsize,
+    /// Buffers of written pieces, back to be filled again while the
+    /// snapshot lasts (pages already in memory, not fresh ones to fault in).
+    pub spares: ArrayQueue<Vec<u8>>,
+}
+
+impl Default for SnapshotQueue {
+    fn default() -> Self {
+        SnapshotQueue { queued: AtomicUsize::new(0), spares: ArrayQueue::new(4) }
+    }
+}
 
 /// Everything the shard threads share.
 pub struct Shared {
@@ -40,6 +72,8 @@ pub struct Shared {
     pub wal: Wal<WalToken>,
     pub stop: AtomicBool,
     pub snapshots: crossbeam::channel::Sender<SnapshotPart>,
+    /// Per shard: its snapshot pieces in flight (see [`SnapshotQueue`]).
+    pub snapshot_queues: Arc<Vec<SnapshotQueue>>,
     /// Client connections open at once, over all shards.
     pub max_connections: usize,
     /// The role of a replicating server (none: not replicating).

@@ -48,6 +48,7 @@ fn shared_from(
         wal,
         stop: AtomicBool::new(false),
         snapshots,
+        snapshot_queues: Arc::new((0..n).map(|_| Default::default()).collect()),
         max_connections: 100,
         replica: None,
     })

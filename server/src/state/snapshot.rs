@@ -71,6 +71,21 @@ enum Section {
     Ids,
 }
 
+/// Bytes of a snapshot a shard holds before it hands them over as a piece
+/// (at the next boundary between sections, where no count is left open):
+/// what a snapshot holds in memory is a piece and one part's section, not
+/// the whole payload (~80 bytes an id: 1.3 GB for a shard at its 16 M id
+/// cap).
+pub const SNAPSHOT_PIECE_BYTES: usize = 4 << 20;
+
+/// A stretch of the payload of the snapshot in progress, handed over in
+/// order; the one with `last` set completes it.
+pub struct SnapshotPiece {
+    pub lsn: u64,
+    pub bytes: Vec<u8>,
+    pub last: bool,
+}
+
 /// Positions of the item table, or slots of the id tables, a snapshot step
 /// looks at: ~0.3-0.5 us each (a cache miss or two), so a step takes
 /// 0.15-0.25 ms; the shard runs steps for a turn's time budget
@@ -141,6 +156,28 @@ impl Capture {
             }
             _ => {}
         }
+    }
+
+    /// How much of `buf` is final: everything but the section still open
+    /// (its count is written when it closes).
+    fn final_len(&self) -> usize {
+        if self.rows.is_some() || self.next_part == SPLIT_PARTS {
+            self.buf.len()
+        } else {
+            self.count_at
+        }
+    }
+
+    /// Takes the final bytes of `buf`; what follows them (the open section
+    /// so far) starts `next`, the next buffer, with room for `room` more.
+    fn take_final(&mut self, mut next: Vec<u8>, room: usize) -> Vec<u8> {
+        let n = self.final_len();
+        next.clear();
+        next.reserve(room.max(self.buf.len() - n));
+        next.extend_from_slice(&self.buf[n..]);
+        self.buf.truncate(n);
+        self.count_at -= n.min(self.count_at);
+        std::mem::replace(&mut self.buf, next)
     }
 
     /// Room for the entry count of the section about to be written.
@@ -263,7 +300,9 @@ impl Store {
     /// after): writes the rows now; [`Store::snapshot_step`] writes the ids.
     pub fn begin_snapshot(&mut self, lsn: u64) {
         assert!(self.capture.is_none(), "invariant: one snapshot at a time per shard");
-        let mut buf = Vec::with_capacity(self.row_count() * 32 + self.id_count() * 80 + 64);
+        let mut buf = self.snapshot_spares.pop().unwrap_or_default();
+        buf.clear();
+        buf.reserve(2 * self.snapshot_piece_bytes);
         write_header(lsn, self.row_count(), &mut buf);
         self.capture = Some(Capture::new(lsn, self.snapshot_step_slots, buf, Some(self.row_count())));
     }
@@ -274,27 +313,52 @@ impl Store {
         self.snapshot_step_slots = slots.max(1);
     }
 
+    /// A buffer of a written piece, to be filled again (kept only while a
+    /// snapshot is in progress).
+    pub fn give_snapshot_buffer(&mut self, buf: Vec<u8>) {
+        if self.capture.is_some() && self.snapshot_spares.len() < 4 {
+            self.snapshot_spares.push(buf);
+        }
+    }
+
+    /// Bytes held before they go as a piece (tests make it tiny).
+    #[cfg(test)]
+    pub(crate) fn set_snapshot_piece_bytes(&mut self, bytes: usize) {
+        self.snapshot_piece_bytes = bytes;
+    }
+
     pub fn snapshot_in_progress(&self) -> bool {
         self.capture.is_some()
     }
 
-    /// Writes the next stretch of the id tables; returns (lsn, payload)
-    /// when the snapshot is complete.
-    pub fn snapshot_step(&mut self) -> Option<(u64, Vec<u8>)> {
+    /// Writes the next stretch of the snapshot; returns a piece of its
+    /// payload when enough of it is final, and the last piece when the
+    /// snapshot is complete.
+    pub fn snapshot_step(&mut self) -> Option<SnapshotPiece> {
         let mut c = self.capture.take()?;
-        if !c.step(&self.rows, &self.ids, &self.receipts) {
-            self.capture = Some(c);
-            return None;
+        if c.step(&self.rows, &self.ids, &self.receipts) {
+            self.snapshot_spares.clear();
+            return Some(SnapshotPiece { lsn: c.lsn, bytes: c.buf, last: true });
         }
-        Some((c.lsn, c.buf))
+        let piece = (c.final_len() >= self.snapshot_piece_bytes.max(1)).then(|| {
+            let next = self.snapshot_spares.pop().unwrap_or_default();
+            SnapshotPiece {
+                lsn: c.lsn,
+                bytes: c.take_final(next, 2 * self.snapshot_piece_bytes),
+                last: false,
+            }
+        });
+        self.capture = Some(c);
+        piece
     }
 
-    /// Finishes a snapshot in progress at once.
-    pub fn finish_snapshot(&mut self) -> Option<(u64, Vec<u8>)> {
+    /// Finishes a snapshot in progress at once: its last piece.
+    pub fn finish_snapshot(&mut self) -> Option<SnapshotPiece> {
         let mut c = self.capture.take()?;
         c.step = usize::MAX;
         c.step(&self.rows, &self.ids, &self.receipts);
-        Some((c.lsn, c.buf))
+        self.snapshot_spares.clear();
+        Some(SnapshotPiece { lsn: c.lsn, bytes: c.buf, last: true })
     }
 
     /// Adds the state of an encoded snapshot (of any shard count) to this store,

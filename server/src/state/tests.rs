@@ -228,6 +228,14 @@ fn execute(stores: &mut [Store], cmd: Command, txn: u64, lsn: &mut u64, now: u64
     (Got::Committed, Some(m))
 }
 
+/// Adds a snapshot piece to what came before it; pieces come in order and
+/// none after the last.
+fn take_piece(out: &mut (Vec<u8>, bool), piece: SnapshotPiece) {
+    assert!(!out.1, "no piece after the last");
+    out.0.extend_from_slice(&piece.bytes);
+    out.1 = piece.last;
+}
+
 fn check_rows(stores: &[Store], model: &Model) -> Result<(), TestCaseError> {
     for k in KEYS {
         let owner = &stores[shard_of(k.item, stores.len())];
@@ -251,17 +259,21 @@ proptest! {
         snap_at in any::<prop::sample::Index>(),
         parts_per_cmd in 1usize..12,
         step_slots in 1usize..4,
+        piece_bytes in 1usize..200,
     ) {
         let mut stores: Vec<Store> = (0..shards).map(|i| Store::new(i, shards, IdLimits::default())).collect();
         // Steps of a slot or three: the cursor stops inside the tables' parts.
         stores.iter_mut().for_each(|s| s.set_snapshot_step_slots(step_slots));
+        // Pieces of a few bytes: handed over at almost every section's end.
+        stores.iter_mut().for_each(|s| s.set_snapshot_piece_bytes(piece_bytes));
         let mut model = Model::default();
         let mut log = Vec::new();
         let mut lsn = 0;
         // A snapshot begun at one step and written part by part while commands keep coming.
         let snap_step = snap_at.index(cmds.len());
         let mut snap_lsn = 0;
-        let mut snapshot: Vec<Option<Vec<u8>>> = vec![None; shards];
+        // Each store's pieces so far, and whether its last one came.
+        let mut snapshot: Vec<(Vec<u8>, bool)> = vec![(Vec::new(), false); shards];
         for (step, cmd) in cmds.into_iter().enumerate() {
             if step == snap_step {
                 snap_lsn = lsn;
@@ -283,17 +295,19 @@ proptest! {
             check_rows(&stores, &model)?;
             for (s, out) in stores.iter_mut().zip(snapshot.iter_mut()) {
                 for _ in 0..parts_per_cmd {
-                    if let Some((_, bytes)) = s.snapshot_step() {
-                        *out = Some(bytes);
+                    if let Some(piece) = s.snapshot_step() {
+                        take_piece(out, piece);
                     }
                 }
             }
         }
         for (s, out) in stores.iter_mut().zip(snapshot.iter_mut()) {
-            if let Some((_, bytes)) = s.finish_snapshot() {
-                *out = Some(bytes);
+            if let Some(piece) = s.finish_snapshot() {
+                take_piece(out, piece);
             }
         }
+        let snapshot: Vec<Option<Vec<u8>>> =
+            snapshot.into_iter().map(|(bytes, done)| done.then_some(bytes)).collect();
         // Replay of the log (encoded and decoded, as on disk) into one store.
         let mut replayed = Store::new(0, 1, IdLimits::default());
         for (lsn, ts, m) in &log {
@@ -504,11 +518,12 @@ proptest! {
         let limits = IdLimits { window_ms: 300, min_window_ms: 0, max_ids: 1_000 };
         let mut stores = vec![Store::new(0, 1, limits)];
         stores[0].set_snapshot_step_slots(step_slots);
+        stores[0].set_snapshot_piece_bytes(step_slots * 16);
         let mut log = Vec::new();
         let mut lsn = 0;
         let snap_step = snap_at.index(cmds.len());
         let mut snap_lsn = 0;
-        let mut snapshot = None;
+        let mut snapshot = (Vec::new(), false);
         let mut at_mark = Vec::new();
         for (step, cmd) in cmds.into_iter().enumerate() {
             if step == snap_step {
@@ -520,16 +535,17 @@ proptest! {
             let (_, m) = execute(&mut stores, cmd, step as u64, &mut lsn, now);
             log.extend(m.map(|m| (lsn, now, m)));
             for _ in 0..steps_per_cmd {
-                if let Some((_, bytes)) = stores[0].snapshot_step() {
-                    snapshot = Some(bytes);
+                if let Some(piece) = stores[0].snapshot_step() {
+                    take_piece(&mut snapshot, piece);
                 }
             }
         }
-        if let Some((_, bytes)) = stores[0].finish_snapshot() {
-            snapshot = Some(bytes);
+        if let Some(piece) = stores[0].finish_snapshot() {
+            take_piece(&mut snapshot, piece);
         }
+        assert!(snapshot.1, "a snapshot was taken");
         let mut restored = Store::new(0, 1, limits);
-        restored.absorb(&snapshot.expect("a snapshot was taken")).unwrap();
+        restored.absorb(&snapshot.0).unwrap();
         // The snapshot is the state at its mark, encoded at once then.
         let mut mark = Store::new(0, 1, limits);
         mark.absorb(&at_mark).unwrap();
