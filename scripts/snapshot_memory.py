@@ -4,10 +4,13 @@
     cargo build --release -p stockd -p stock-loadgen
     python3 scripts/snapshot_memory.py [--stockd target/release/stockd] [--duration 20s]
 
-Starts stockd (1 shard, on CPU 0, a fresh data dir, a free 127.0.0.1
-port), preloads 100,000 items x 4 centers, then runs 1-line orders
-(16 x 16, the load generator on CPU 1) for --duration, sampling the
-server's RSS every 10 ms. For each snapshot it prints the RSS when its
+Starts stockd (by default 1 shard on CPU 0: --shards, --server-cpus)
+with a fresh data dir on a free 127.0.0.1 port, preloads 100,000 items x 4
+centers, then runs 1-line orders (16 connections x 16; the load
+generator on CPU 1 with 1 thread by default: --loadgen-cpus, --threads,
+--connections) for --duration, sampling the server's RSS every 10 ms.
+With several shards every shard snapshots at the same mark, so a
+window's growth is all of theirs. For each snapshot it prints the RSS when its
 "snapshot begins" line was logged, the most RSS while it was written (up
 to its closing line), the growth between the two, and how long it took.
 The state itself grows meanwhile (every order adds an id), so the growth
@@ -34,6 +37,11 @@ def main():
     ap.add_argument("--stockd", default="target/release/stockd")
     ap.add_argument("--loadgen", default="target/release/stock-loadgen")
     ap.add_argument("--duration", default="20s")
+    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--server-cpus", default="0", help="taskset list for stockd")
+    ap.add_argument("--loadgen-cpus", default="1", help="taskset list for the load generator")
+    ap.add_argument("--threads", type=int, default=1, help="load generator threads")
+    ap.add_argument("--connections", type=int, default=16)
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="stockd-snapmem.")
     port = free_port()
@@ -41,13 +49,13 @@ def main():
     env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
     with open(log_path, "w") as log:
         srv = subprocess.Popen(
-            ["taskset", "-c", "0", a.stockd, "--listen", f"127.0.0.1:{port}", "--shard-port-base", "0",
-             "--shards", "1", "--data-dir", os.path.join(work, "data")],
+            ["taskset", "-c", a.server_cpus, a.stockd, "--listen", f"127.0.0.1:{port}", "--shard-port-base", "0",
+             "--shards", str(a.shards), "--data-dir", os.path.join(work, "data")],
             stdout=log, stderr=log, env=env)
     try:
         wait_port(port, "stockd", srv)
-        lg = ["taskset", "-c", "1", a.loadgen, "--target", f"stockd://127.0.0.1:{port}", "--keys", "100000",
-              "--centers", "4", "--quiet", "--threads", "1"]
+        lg = ["taskset", "-c", a.loadgen_cpus, a.loadgen, "--target", f"stockd://127.0.0.1:{port}", "--keys",
+              "100000", "--centers", "4", "--quiet", "--threads", str(a.threads)]
         subprocess.run(lg + ["--duration", "1s", "--workload", "query", "--preload"], check=True,
                        stdout=subprocess.DEVNULL)
         samples, done = [], threading.Event()
@@ -60,8 +68,9 @@ def main():
         sampler = threading.Thread(target=sample)
         sampler.start()
         report = os.path.join(work, "orders.json")
-        subprocess.run(lg + ["--duration", a.duration, "--workload", "order", "--pipeline", "16", "--json", report],
-                       check=True, stdout=subprocess.DEVNULL)
+        orders = ["--duration", a.duration, "--workload", "order", "--pipeline", "16",
+                  "--connections", str(a.connections), "--json", report]
+        subprocess.run(lg + orders, check=True, stdout=subprocess.DEVNULL)
         time.sleep(3)  # a snapshot under way at the end may finish
         done.set()
         sampler.join()
