@@ -25,34 +25,25 @@ pub fn snapshot_name(lsn: u64, shard: u32) -> String {
     format!("snap-{lsn:020}-{shard}.bin")
 }
 
-/// Writes `bytes` to `dir/name` so that after return it survives a crash.
+/// Writes a small file (a manifest, a cursor, the server id) to
+/// `dir/name` so that after return it survives a crash: temporary file,
+/// fsync, rename, directory fsync.
 pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
-    write_parts_durably(dir, name, &[bytes])
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    publish(dir, &tmp, name)
 }
 
-/// Writes `parts` one after another to `dir/name` (temporary file, fsync,
-/// rename, directory fsync), without joining them in memory first.
-fn write_parts_durably(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(), Error> {
-    let tmp = dir.join(format!("{name}.tmp"));
+/// Gives a fsynced temporary file its name, durably.
+fn publish(dir: &Path, tmp: &Path, name: &str) -> Result<(), Error> {
     let dst = dir.join(name);
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write_with_bounded_writeback(&mut f, parts).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+    fs::rename(tmp, &dst).map_err(|e| Error::io(&dst, e))?;
     sync_dir(dir)
 }
 
 /// A file is handed to the disk in chunks of this size as it is written.
 const WRITEBACK_CHUNK: u64 = 1 << 20;
-
-/// Writes `parts` so that at most about two chunks of it wait to reach
-/// the disk at any time (see [`BoundedWriter`]).
-fn write_with_bounded_writeback(f: &mut File, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut w = BoundedWriter::default();
-    for part in parts {
-        w.write(f, part)?;
-    }
-    Ok(())
-}
 
 /// Appends to a file so that at most about two chunks of it wait to reach
 /// the disk at any time: each chunk's writeback starts as soon as it is
@@ -195,9 +186,7 @@ impl SnapshotWriter {
         self.writer.write(&mut self.file, &sum.to_le_bytes()).map_err(io)?;
         self.file.write_all_at(&self.header[24..32], 24).map_err(io)?;
         self.file.sync_all().map_err(io)?;
-        let dst = self.dir.join(&self.name);
-        fs::rename(&self.tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-        sync_dir(&self.dir)
+        publish(&self.dir, &self.tmp, &self.name)
     }
 }
 

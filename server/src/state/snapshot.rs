@@ -300,9 +300,7 @@ impl Store {
     /// after): writes the rows now; [`Store::snapshot_step`] writes the ids.
     pub fn begin_snapshot(&mut self, lsn: u64) {
         assert!(self.capture.is_none(), "invariant: one snapshot at a time per shard");
-        let mut buf = self.snapshot_spares.pop().unwrap_or_default();
-        buf.clear();
-        buf.reserve(2 * self.snapshot_piece_bytes);
+        let mut buf = Vec::with_capacity(2 * self.snapshot_piece_bytes);
         write_header(lsn, self.row_count(), &mut buf);
         self.capture = Some(Capture::new(lsn, self.snapshot_step_slots, buf, Some(self.row_count())));
     }
