@@ -38,7 +38,9 @@ use tokio::sync::{Notify, Semaphore};
 pub use stockd_protocol::{
     constant_time_eq, fmix64, prefetch, HelloInfo, Key, Line, Reply, Request, Response, Status,
 };
-use stockd_protocol::{parse_frame, shard_of, HASH_FMIX64_MOD, HEADER_LEN, MAX_BATCH_KEYS};
+use stockd_protocol::{
+    encode_lines_frame, opcode, parse_frame, shard_of, HASH_FMIX64_MOD, HEADER_LEN, MAX_BATCH_KEYS,
+};
 
 mod replicated;
 pub use replicated::Replicated;
@@ -306,9 +308,14 @@ impl Conn {
         Ok(Conn { shared, permits })
     }
 
-    /// One lock to send (taking a slot, encoding the frame, leaving the
-    /// waker), one to take the answer (freeing the slot).
     async fn call(&self, req: &Request) -> Result<Response, Error> {
+        self.call_with(|request_id, out| req.encode(request_id, out)).await
+    }
+
+    /// Sends the frame `encode` appends for a request id. One lock to send
+    /// (taking a slot, encoding the frame, leaving the waker), one to take
+    /// the answer (freeing the slot).
+    async fn call_with(&self, encode: impl Fn(u64, &mut Vec<u8>)) -> Result<Response, Error> {
         // Held until the answer came (or the call was dropped).
         let _permit = self.permits.acquire().await.map_err(|_| Error::Disconnected)?;
         // Gives the slot back if the caller gives up (a late answer then
@@ -325,7 +332,7 @@ impl Conn {
                 let id = st.generation << SLOT_BITS | index as u64;
                 st.slots[index] = Slot::Waiting { id, waker: Some(cx.waker().clone()) };
                 let first = st.out.is_empty();
-                req.encode(id, &mut st.out);
+                encode(id, &mut st.out);
                 drop(st);
                 slot.index = Some(index);
                 if first {
@@ -554,22 +561,39 @@ impl Client {
             .collect())
     }
 
-    async fn mutate(&self, req: Request) -> Result<Applied, Error> {
-        match self.call(&req).await? {
+    fn applied(answer: Response) -> Result<Applied, Error> {
+        match answer {
             Response::Ok(Reply::Committed { lsn }) => Ok(Applied::New { lsn }),
             Response::Duplicate { lsn } => Ok(Applied::Duplicate { lsn }),
             other => Err(unexpected(other)),
         }
     }
 
+    async fn mutate(&self, req: Request) -> Result<Applied, Error> {
+        Client::applied(self.call(&req).await?)
+    }
+
+    /// A mutation with lines, encoded from the caller's slice (no copy).
+    async fn mutate_lines(
+        &self,
+        op: u8,
+        id: u64,
+        ttl_ms: Option<u32>,
+        lines: &[Line],
+    ) -> Result<Applied, Error> {
+        let encode =
+            |request_id, out: &mut Vec<u8>| encode_lines_frame(op, request_id, id, ttl_ms, lines, out);
+        Client::applied(self.conn_for(id).call_with(encode).await?)
+    }
+
     /// Places an order: all lines or none. `id` is the idempotency key.
     pub async fn order(&self, id: u64, lines: &[Line]) -> Result<Applied, Error> {
-        self.mutate(Request::Order { id, lines: lines.to_vec() }).await
+        self.mutate_lines(opcode::ORDER, id, None, lines).await
     }
 
     /// Books an inbound receipt (stock goes up). `id` is the idempotency key.
     pub async fn inbound(&self, id: u64, lines: &[Line]) -> Result<Applied, Error> {
-        self.mutate(Request::Inbound { id, lines: lines.to_vec() }).await
+        self.mutate_lines(opcode::INBOUND, id, None, lines).await
     }
 
     /// Cancels an order (or a confirmed hold): its units come back, once.
@@ -579,7 +603,7 @@ impl Client {
 
     /// Holds units for `ttl_ms`; confirm or release before the deadline.
     pub async fn reserve(&self, id: u64, ttl_ms: u32, lines: &[Line]) -> Result<Applied, Error> {
-        self.mutate(Request::Reserve { id, ttl_ms, lines: lines.to_vec() }).await
+        self.mutate_lines(opcode::RESERVE, id, Some(ttl_ms), lines).await
     }
 
     /// Turns a hold into an order with the same id.

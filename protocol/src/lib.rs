@@ -339,7 +339,28 @@ fn put_key(out: &mut Vec<u8>, k: Key) {
     out.extend_from_slice(&k.fc.to_le_bytes());
 }
 
-fn put_lines(out: &mut Vec<u8>, lines: &[Line]) {
+/// Appends a whole ORDER, INBOUND or RESERVE frame (`ttl_ms` only for
+/// RESERVE) from borrowed lines: what [`Request::encode`] writes for them,
+/// for a client that has no reason to copy the lines into a [`Request`].
+pub fn encode_lines_frame(
+    op: u8,
+    request_id: u64,
+    id: u64,
+    ttl_ms: Option<u32>,
+    lines: &[Line],
+    out: &mut Vec<u8>,
+) {
+    let start = begin_frame(out, op, request_id);
+    put_lines_body(out, id, ttl_ms, lines);
+    end_frame(out, start);
+}
+
+/// The body of ORDER, INBOUND (no `ttl_ms`) and RESERVE.
+fn put_lines_body(out: &mut Vec<u8>, id: u64, ttl_ms: Option<u32>, lines: &[Line]) {
+    out.extend_from_slice(&id.to_le_bytes());
+    if let Some(ttl_ms) = ttl_ms {
+        out.extend_from_slice(&ttl_ms.to_le_bytes());
+    }
     out.extend_from_slice(&(lines.len() as u16).to_le_bytes());
     for l in lines {
         put_key(out, l.key);
@@ -454,17 +475,12 @@ impl Request {
             }
             Request::QueryItem { item } => out.extend_from_slice(&item.to_le_bytes()),
             Request::Order { id, lines } | Request::Inbound { id, lines } => {
-                out.extend_from_slice(&id.to_le_bytes());
-                put_lines(out, lines);
+                put_lines_body(out, *id, None, lines)
             }
             Request::Cancel { id } | Request::Confirm { id } | Request::Release { id } => {
                 out.extend_from_slice(&id.to_le_bytes())
             }
-            Request::Reserve { id, ttl_ms, lines } => {
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(&ttl_ms.to_le_bytes());
-                put_lines(out, lines);
-            }
+            Request::Reserve { id, ttl_ms, lines } => put_lines_body(out, *id, Some(*ttl_ms), lines),
             Request::Adjust { key, on_hand, reason } => {
                 put_key(out, *key);
                 out.extend_from_slice(&on_hand.to_le_bytes());

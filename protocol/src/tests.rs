@@ -87,7 +87,18 @@ proptest! {
         let (h, body) = one_frame(&buf);
         prop_assert_eq!(h.request_id, rid);
         prop_assert_eq!(h.opcode, req.opcode());
-        prop_assert_eq!(Request::decode(h.opcode, body).unwrap(), req);
+        prop_assert_eq!(&Request::decode(h.opcode, body).unwrap(), &req);
+        // The client's borrowed encoding of lines requests is the same frame.
+        let borrowed = match &req {
+            Request::Order { id, lines } | Request::Inbound { id, lines } => Some((*id, None, lines)),
+            Request::Reserve { id, ttl_ms, lines } => Some((*id, Some(*ttl_ms), lines)),
+            _ => None,
+        };
+        if let Some((id, ttl_ms, lines)) = borrowed {
+            let mut same = Vec::new();
+            encode_lines_frame(req.opcode(), rid, id, ttl_ms, lines, &mut same);
+            prop_assert_eq!(&same, &buf);
+        }
         // Every strict prefix is incomplete, never an error or a frame.
         for cut in 0..buf.len() {
             prop_assert_eq!(parse_frame(&buf[..cut]).unwrap(), None);
