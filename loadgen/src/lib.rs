@@ -11,6 +11,7 @@
 //! one Lua script (EVALSHA) that checks every line and decrements all or
 //! none, inbounds INCRBY per line (one pipeline per receipt).
 
+mod pacer;
 pub mod plot;
 
 use std::collections::BTreeMap;
@@ -23,6 +24,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use stockd_client::{prefetch, Applied, Client, Error as ClientError, Key, Line};
 use tokio::sync::{oneshot, watch};
+
+use pacer::Pacer;
 
 /// What a request does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,17 +286,24 @@ impl KeyGen {
 
     /// `n` distinct keys (fewer if the key space is smaller).
     pub fn distinct(&self, rng: &mut Rng, n: usize) -> Vec<Key> {
+        let mut lines = Vec::with_capacity(n);
+        self.distinct_lines(rng, n, &mut lines);
+        lines.into_iter().map(|l| l.key).collect()
+    }
+
+    /// Fills `out` with lines of one unit on `n` distinct keys drawn as
+    /// [`KeyGen::distinct`] draws them (no allocation once `out` has room).
+    pub fn distinct_lines(&self, rng: &mut Rng, n: usize, out: &mut Vec<Line>) {
+        out.clear();
         let n = n.min((self.keys * self.centers as u64) as usize);
-        let mut out: Vec<Key> = Vec::with_capacity(n);
         let mut tries = 0;
         while out.len() < n && tries < n * 100 {
-            let k = self.key(rng);
-            if !out.contains(&k) {
-                out.push(k);
+            let key = self.key(rng);
+            if !out.iter().any(|l| l.key == key) {
+                out.push(Line { key, qty: 1 });
             }
             tries += 1;
         }
-        out
     }
 
     /// Every key, for preloading and conservation checks.
@@ -317,6 +327,10 @@ pub struct Report {
     /// bottleneck measures the client.
     pub client_cpu_us_per_op: f64,
     pub latency_us: Latency,
+    /// Open loop: how late the load generator sent requests after their
+    /// intended times (latency counts from the intended time, so this is
+    /// part of it). Large values mean the load generator did not keep up.
+    pub send_late_us: Option<Latency>,
 }
 
 /// CPU seconds (user + system) this process has used so far.
@@ -372,6 +386,8 @@ pub struct Outcome {
 #[derive(Clone)]
 struct Tally {
     hist: Histogram<u64>,
+    /// Open loop: how late each request was sent (us after its intended time).
+    late: Histogram<u64>,
     ops: u64,
     keys: u64,
     insufficient: u64,
@@ -386,6 +402,7 @@ impl Default for Tally {
     fn default() -> Tally {
         Tally {
             hist: new_histogram(),
+            late: new_histogram(),
             ops: 0,
             keys: 0,
             insufficient: 0,
@@ -400,6 +417,7 @@ impl Default for Tally {
 impl Tally {
     fn add(&mut self, o: &Tally) {
         self.hist.add(&o.hist).expect("histograms of the same bounds");
+        self.late.add(&o.late).expect("histograms of the same bounds");
         self.ops += o.ops;
         self.keys += o.keys;
         self.insufficient += o.insufficient;
@@ -738,6 +756,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     let client_cpu_s = process_cpu_seconds() - cpu_at_start;
     let Tally {
         hist: histogram,
+        late,
         ops,
         keys,
         insufficient,
@@ -758,6 +777,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         keys_per_s: keys as f64 / elapsed,
         client_cpu_us_per_op,
         latency_us: Latency::of(&histogram),
+        send_late_us: (!late.is_empty()).then(|| Latency::of(&late)),
     };
     Ok(Outcome { report, histogram, insufficient, errors_by_kind, order_units, inbound_units })
 }
@@ -832,6 +852,10 @@ impl ThreadRun {
         };
         let workers = connections * self.cfg.pipeline;
         let interval = self.cfg.rate.map(|r| Duration::from_secs_f64(workers as f64 / r.max(1e-9)));
+        let pacer = match interval {
+            Some(_) => Some(Pacer::start(self.stop.clone())?),
+            None => None,
+        };
         let id_base = receipt_base(self.cfg.seed);
         let mut tasks = Vec::new();
         for w in (0..workers).filter(|w| w % connections % threads == t) {
@@ -844,6 +868,7 @@ impl ThreadRun {
                 stop: self.stop.clone(),
                 cfg: self.cfg.clone(),
                 interval,
+                pacer: pacer.clone(),
                 start,
                 id_base,
             };
@@ -865,29 +890,44 @@ struct Worker {
     recorder: Arc<Recorder>,
     stop: Arc<AtomicBool>,
     cfg: Config,
-    /// Open loop: the time between this worker's intended sends.
+    /// Open loop: the time between this worker's intended sends, and what
+    /// wakes the worker at each.
     interval: Option<Duration>,
+    pacer: Option<Arc<Pacer>>,
     start: Instant,
     id_base: u64,
 }
 
 impl Worker {
     async fn run(self) {
-        let Worker { w, workers, mut conn, keys, recorder, stop, cfg, interval, start, id_base } = self;
+        let Worker { w, workers, mut conn, keys, recorder, stop, cfg, interval, pacer, start, id_base } =
+            self;
         let mut rng = Rng::new(cfg.seed.wrapping_add(w as u64 * 7919));
         let mut seq: u64 = 0;
-        // Open loop: evenly spaced intended send times, staggered across workers.
-        let mut intended = interval.map(|i| start + i.mul_f64(w as f64 / workers as f64));
+        let mut lines: Vec<Line> = Vec::with_capacity(cfg.lines);
+        // Open loop: evenly spaced intended send times, staggered across
+        // workers with the callers of one connection next to each other, so
+        // that those due in one tick of the pacer mostly share a connection
+        // and go out in one write (spread over every connection instead,
+        // each request was a packet of its own: docs/benchmarks.md,
+        // *Open-loop sends on time*).
+        let (connections, pipeline) = (cfg.connections, workers / cfg.connections);
+        let slot = (w % connections) * pipeline + w / connections;
+        let mut intended = interval.map(|i| start + i.mul_f64(slot as f64 / workers as f64));
+        // Closed loop: a request is sent when the one before is answered, so
+        // that answer's time is the next request's start (one clock read per
+        // request; the clock was a tenth of this thread's own code).
+        let mut last_done = Instant::now();
         while !stop.load(Relaxed) {
-            let sent_at = match intended {
-                Some(t) => {
-                    tokio::time::sleep_until(t.into()).await;
+            let (sent_at, late) = match (intended, &pacer) {
+                (Some(t), Some(pacer)) => {
+                    pacer.until(t).await;
                     if stop.load(Relaxed) {
                         break;
                     }
-                    t
+                    (t, Some(Instant::now().saturating_duration_since(t)))
                 }
-                None => Instant::now(),
+                _ => (last_done, None),
             };
             let kind = pick(cfg.workload, &mut rng);
             let (res, nkeys, units) = match kind {
@@ -900,11 +940,7 @@ impl Worker {
                 Kind::Order | Kind::Inbound => {
                     seq += 1;
                     let id = id_base | (w as u64) << 32 | seq;
-                    let lines: Vec<Line> = keys
-                        .distinct(&mut rng, cfg.lines)
-                        .into_iter()
-                        .map(|key| Line { key, qty: 1 })
-                        .collect();
+                    keys.distinct_lines(&mut rng, cfg.lines, &mut lines);
                     let units = lines.len() as u64;
                     let r = if kind == Kind::Order {
                         conn.order(id, &lines).await
@@ -915,9 +951,13 @@ impl Worker {
                 }
             };
             let done = Instant::now();
+            last_done = done;
             let us = done.saturating_duration_since(sent_at).as_micros().max(1) as u64;
             recorder.record(|t| {
                 t.hist.saturating_record(us);
+                if let Some(late) = late {
+                    t.late.saturating_record(late.as_micros() as u64);
+                }
                 t.slowest = t.slowest.max(us);
                 t.ops += 1;
                 match res {

@@ -176,6 +176,12 @@ fn main() -> ExitCode {
         r.target, r.workload, r.ops, r.duration_s, r.throughput_ops_s, r.keys_per_s
     );
     println!("latency us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
+    if let Some(s) = &r.send_late_us {
+        println!(
+            "sent after the intended time, us: p50 {}  p99 {}  p99.9 {}  max {}",
+            s.p50, s.p99, s.p999, s.max
+        );
+    }
     println!("load generator CPU: {:.2} us per operation", r.client_cpu_us_per_op);
     println!(
         "refused for lack of stock: {}; units ordered {}, units received {}",

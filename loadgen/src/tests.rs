@@ -125,6 +125,7 @@ fn report_json_has_exactly_the_documented_fields() {
         keys_per_s: 1000.0,
         client_cpu_us_per_op: 2.5,
         latency_us: Latency::of(&h),
+        send_late_us: Some(Latency::of(&h)),
     };
     let v: serde_json::Value = serde_json::to_value(&r).unwrap();
     let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -138,6 +139,7 @@ fn report_json_has_exactly_the_documented_fields() {
             "keys_per_s",
             "latency_us",
             "ops",
+            "send_late_us",
             "target",
             "throughput_ops_s",
             "workload"
@@ -148,6 +150,9 @@ fn report_json_has_exactly_the_documented_fields() {
     assert_eq!(lat, ["max", "p50", "p90", "p99", "p999"]);
     assert_eq!(v["latency_us"]["p50"], 500);
     assert_eq!(v["latency_us"]["max"], 1000);
+    assert_eq!(v["send_late_us"]["p99"], v["latency_us"]["p99"]);
+    let closed = Report { send_late_us: None, ..r };
+    assert!(serde_json::to_value(&closed).unwrap()["send_late_us"].is_null(), "null in a closed loop");
 }
 
 #[test]

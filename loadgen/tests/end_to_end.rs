@@ -31,7 +31,8 @@ fn start_redis() -> (Redis, u16) {
     (Redis(child), port)
 }
 
-async fn conserved(target: Target) {
+/// A short mixed run conserves stock; `rate` makes it an open loop.
+async fn conserved(target: Target, rate: Option<f64>) {
     let mut cfg = Config::new(target.clone(), Workload::Mixed { query: 60, order: 30, inbound: 10 });
     cfg.keys = 40;
     cfg.centers = 2;
@@ -40,22 +41,27 @@ async fn conserved(target: Target) {
     cfg.pipeline = 4;
     cfg.lines = 2;
     cfg.duration = Duration::from_secs(2);
-    cfg.preload = true;
+    // The open loop runs on the closed loop's stock (a preload adds to it on stockd).
+    cfg.preload = rate.is_none();
     cfg.preload_qty = 150;
-    cfg.seed = 11;
+    // Another seed for the open loop: its ids must not repeat the closed loop's.
+    cfg.seed = if rate.is_some() { 12 } else { 11 };
+    cfg.rate = rate;
+    let keys: Vec<_> = KeyGen::new(cfg.keys, cfg.centers, 0.0).all().collect();
+    let mut conn = Conn::open(&target).await.unwrap();
+    let before: u64 = conn.query_batch(&keys).await.unwrap().iter().sum();
     let out = run(&cfg).await.unwrap();
     let r = &out.report;
     assert_eq!(r.errors, 0, "{target}: unexpected errors {:?}", out.errors_by_kind);
     assert!(r.ops > 100, "{target}: only {} ops", r.ops);
+    assert_eq!(r.send_late_us.is_some(), rate.is_some(), "send lateness is measured in open loops only");
     assert!(out.order_units > 0 && out.inbound_units > 0);
-    let keys: Vec<_> = KeyGen::new(cfg.keys, cfg.centers, 0.0).all().collect();
-    let mut conn = Conn::open(&target).await.unwrap();
     let total: u64 = conn.query_batch(&keys).await.unwrap().iter().sum();
-    let preload = keys.len() as u64 * cfg.preload_qty as u64;
+    let preload = if cfg.preload { keys.len() as u64 * cfg.preload_qty as u64 } else { 0 };
     assert_eq!(
         total,
-        preload + out.inbound_units - out.order_units,
-        "{target}: preload {preload} - ordered {} + received {}",
+        before + preload + out.inbound_units - out.order_units,
+        "{target}: before {before} + preload {preload} - ordered {} + received {}",
         out.order_units,
         out.inbound_units
     );
@@ -71,9 +77,10 @@ async fn short_mixed_runs_conserve_stock_on_both_targets() {
     let mut cfg = stockd::Config::new("127.0.0.1:0".parse().unwrap(), dir.path(), 2);
     cfg.pin = false;
     let srv = stockd::start(cfg).unwrap();
-    conserved(Target::Stockd(srv.addr.to_string())).await;
+    conserved(Target::Stockd(srv.addr.to_string()), None).await;
+    conserved(Target::Stockd(srv.addr.to_string()), Some(2_000.0)).await;
     srv.shutdown();
 
     let (_redis, port) = start_redis();
-    conserved(Target::Redis(format!("redis://127.0.0.1:{port}"))).await;
+    conserved(Target::Redis(format!("redis://127.0.0.1:{port}")), None).await;
 }
