@@ -327,9 +327,10 @@ pub struct Report {
     /// bottleneck measures the client.
     pub client_cpu_us_per_op: f64,
     pub latency_us: Latency,
-    /// Open loop: how late the load generator sent requests after their
-    /// intended times (latency counts from the intended time, so this is
-    /// part of it). Large values mean the load generator did not keep up.
+    /// Open loop: how long after a worker could send (its intended time,
+    /// or its previous answer if that came later) the load generator sent:
+    /// its own delay, part of the latency (which counts from the intended
+    /// time). Large values mean the load generator did not keep up.
     pub send_late_us: Option<Latency>,
 }
 
@@ -386,7 +387,8 @@ pub struct Outcome {
 #[derive(Clone)]
 struct Tally {
     hist: Histogram<u64>,
-    /// Open loop: how late each request was sent (us after its intended time).
+    /// Open loop: the load generator's own delay per send (us), see
+    /// [`Report::send_late_us`].
     late: Histogram<u64>,
     ops: u64,
     keys: u64,
@@ -925,7 +927,10 @@ impl Worker {
                     if stop.load(Relaxed) {
                         break;
                     }
-                    (t, Some(Instant::now().saturating_duration_since(t)))
+                    // The load generator's own delay: from when this worker
+                    // could send (its time, or its last answer if that came
+                    // later: a slow server's share) to now.
+                    (t, Some(Instant::now().saturating_duration_since(t.max(last_done))))
                 }
                 _ => (last_done, None),
             };

@@ -178,7 +178,7 @@ fn main() -> ExitCode {
     println!("latency us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
     if let Some(s) = &r.send_late_us {
         println!(
-            "sent after the intended time, us: p50 {}  p99 {}  p99.9 {}  max {}",
+            "load generator delay in sending, us: p50 {}  p99 {}  p99.9 {}  max {}",
             s.p50, s.p99, s.p999, s.max
         );
     }
