@@ -7,8 +7,17 @@
 # loopback ports, runs each workload against both (alternating), prints one
 # table, writes it into docs/benchmarks.md (between the bench.sh markers) with
 # the machine and date, and draws docs/latency-mixed.svg for the mixed workload.
+#
+# Both servers run pinned to SERVER_CPUS (the first half of the machine's
+# CPUs) and the load generator to LOADGEN_CPUS (the rest) with one thread
+# per CPU there: each side gets its own cores, as on a real network, and
+# neither server's figure depends on how the scheduler shares cores with
+# the load generator (docs/benchmarks.md, *Where the load generator runs*).
+# SERVER_CPUS=0-1 LOADGEN_CPUS=0-1 shares both cores among all, as the
+# script did before 2026-11-27.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/cpus.sh
 
 DURATION=${DURATION:-10s}
 STOCKD_PORT=${STOCKD_PORT:-7600}
@@ -16,8 +25,11 @@ REDIS_PORT=${REDIS_PORT:-6390}
 # One shard by default: the load generator runs on the same 2 cores, and a
 # second shard thread only fights it for CPU (measured: docs/benchmarks.md).
 SHARDS=${SHARDS:-1}
+SERVER_CPUS=${SERVER_CPUS:-$(first_half_cpus)}
+LOADGEN_CPUS=${LOADGEN_CPUS:-$(second_half_cpus)}
+LG_THREADS=$(count_cpus "$LOADGEN_CPUS")
 OUT=$(mktemp -d /tmp/stockd-bench.XXXXXX)
-echo "results in $OUT"
+echo "servers on CPUs $SERVER_CPUS, load generator on CPUs $LOADGEN_CPUS ($LG_THREADS threads); results in $OUT"
 
 cargo build --release -q -p stockd -p stock-loadgen
 LG=target/release/stock-loadgen
@@ -29,10 +41,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-RUST_LOG=warn target/release/stockd --listen 127.0.0.1:$STOCKD_PORT --shards "$SHARDS" \
+RUST_LOG=warn taskset -c "$SERVER_CPUS" target/release/stockd --listen 127.0.0.1:$STOCKD_PORT --shards "$SHARDS" \
     --data-dir "$OUT/stockd-data" > "$OUT/stockd.log" 2>&1 &
 STOCKD_PID=$!
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$OUT/redis.log" 2>&1 &
+taskset -c "$SERVER_CPUS" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no > "$OUT/redis.log" 2>&1 &
 REDIS_PID=$!
 sleep 1
 
@@ -53,7 +65,7 @@ WORKLOADS=(
 run() { # target tag duration args...
     local target=$1 tag=$2 duration=$3; shift 3
     echo "  $tag" >&2
-    $LG --target "$target" $COMMON --duration "$duration" --json "$OUT/$tag.json" --hgrm "$OUT/$tag.hgrm" "$@" \
+    taskset -c "$LOADGEN_CPUS" $LG --target "$target" $COMMON --threads "$LG_THREADS" --duration "$duration" --json "$OUT/$tag.json" --hgrm "$OUT/$tag.hgrm" "$@" \
         > "$OUT/$tag.txt" || { echo "run $tag reported errors:" >&2; cat "$OUT/$tag.txt" >&2; }
 }
 
@@ -84,9 +96,9 @@ $LG plot "stockd open loop 50%=$OUT/open-stockd.hgrm" "Redis open loop 50%=$OUT/
     "stockd closed loop=$OUT/w$last-stockd.hgrm" "Redis closed loop=$OUT/w$last-redis.hgrm" \
     --title "mixed 90/9/1, zipf 0.99" -o docs/latency-mixed.svg
 
-python3 - "$OUT" "$DURATION" "$SHARDS" <<'PY'
+python3 - "$OUT" "$DURATION" "$SHARDS" "$SERVER_CPUS" "$LOADGEN_CPUS" "$LG_THREADS" <<'PY'
 import json, os, platform, subprocess, sys, datetime, re
-out, duration, shards = sys.argv[1], sys.argv[2], sys.argv[3]
+out, duration, shards, server_cpus, loadgen_cpus, lg_threads = sys.argv[1:7]
 names = ["query p16", "query-batch 64 keys", "order 1 line", "order 3 lines", "inbound 1 line", "mixed 90/9/1 zipf 0.99"]
 def load(tag): return json.load(open(f"{out}/{tag}.json"))
 rows = []
@@ -105,13 +117,14 @@ for i, n in enumerate(names):
     rows.append(f"| {n} | {sv:,.0f}{unit} | {rv:,.0f}{unit} | {sv / max(rv, 1):.2f} | {lat(s)} | {lat(r)} |{err}")
 for t, label in [("stockd", "stockd"), ("redis", "Redis")]:
     o = load(f"open-{t}")
-    rows.append(f"| mixed open loop at 50% of {label} max | {o['throughput_ops_s']:,.0f} offered+done | | | {lat(o) if t=='stockd' else ''} | {lat(o) if t=='redis' else ''} |")
+    late = o["send_late_us"]["p99"]  # the load generator's own delay in sending (part of the latency)
+    rows.append(f"| mixed open loop at 50% of {label} max | {o['throughput_ops_s']:,.0f} offered+done, load generator delay p99 {late} us | | | {lat(o) if t=='stockd' else ''} | {lat(o) if t=='redis' else ''} |")
 cpu = "unknown"
 try:
     for line in open("/proc/cpuinfo"):
         if line.startswith("model name"): cpu = line.split(":", 1)[1].strip(); break
 except OSError: pass
-machine = f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, {datetime.date.today().isoformat()}; stockd --shards {shards}, loadgen on the same machine (2 threads), {duration} per run, 16 connections"
+machine = f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, {datetime.date.today().isoformat()}; stockd --shards {shards}; both servers on CPUs {server_cpus}, the load generator on CPUs {loadgen_cpus} ({lg_threads} threads); {duration} per run, 16 connections"
 table = "\n".join(rows)
 print(machine); print(table)
 md = open("docs/benchmarks.md").read()

@@ -33,13 +33,7 @@ OUT=${OUT:-$(mktemp -d /tmp/stockd-scale.XXXXXX)}
 PORT=${PORT:-7700}
 VALKEY_PORT=${VALKEY_PORT:-6400}
 
-count_cpus() { # "0-7,9" -> 9
-    python3 -c "import sys
-n=0
-for part in sys.argv[1].split(','):
-    a,_,b=part.partition('-'); n+=int(b or a)-int(a)+1
-print(n)" "$1"
-}
+. scripts/cpus.sh
 SERVER_N=$(count_cpus "$SERVER_CPUS")
 LG_THREADS=${LG_THREADS:-$(count_cpus "$LOADGEN_CPUS")}
 mkdir -p "$OUT"
@@ -109,6 +103,9 @@ cpu = after - before
 rate = r["keys_per_s"] if "batch" in name else r["throughput_ops_s"]
 unit = "keys/s" if "batch" in name else "ops/s"
 l = r["latency_us"]
+late = r.get("send_late_us")
+if late:  # the open loop: the load generator's own delay in sending (part of the latency)
+    name += f" (load generator delay p99 {late['p99']} us)"
 print("\t".join([label, name, f"{rate:,.0f} {unit}", f"{l['p50']}/{l['p99']}/{l['p999']}",
                  f"{cpu:.1f}", f"{cpu * 1e6 / max(r['ops'], 1):.2f}", f"{r['client_cpu_us_per_op']:.2f}",
                  str(r["errors"])]))
