@@ -8,13 +8,12 @@
 # table, writes it into docs/benchmarks.md (between the bench.sh markers) with
 # the machine and date, and draws docs/latency-mixed.svg for the mixed workload.
 #
-# Both servers run pinned to SERVER_CPUS (the first half of the machine's
-# CPUs) and the load generator to LOADGEN_CPUS (the rest) with one thread
-# per CPU there: each side gets its own cores, as on a real network, and
-# neither server's figure depends on how the scheduler shares cores with
-# the load generator (docs/benchmarks.md, *Where the load generator runs*).
-# SERVER_CPUS=0-1 LOADGEN_CPUS=0-1 shares both cores among all, as the
-# script did before 2026-11-27.
+# By default the servers and the load generator (a thread per CPU) share
+# all of the machine's CPUs, as a user trying both on one box would run
+# them. SERVER_CPUS and LOADGEN_CPUS pin them instead (taskset lists; the
+# load generator gets a thread per CPU of its list): SERVER_CPUS=0
+# LOADGEN_CPUS=1 gives each side a core of its own (docs/benchmarks.md,
+# *Where the load generator runs*, has both placements measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cpus.sh
@@ -25,8 +24,8 @@ REDIS_PORT=${REDIS_PORT:-6390}
 # One shard by default: the load generator runs on the same 2 cores, and a
 # second shard thread only fights it for CPU (measured: docs/benchmarks.md).
 SHARDS=${SHARDS:-1}
-SERVER_CPUS=${SERVER_CPUS:-$(first_half_cpus)}
-LOADGEN_CPUS=${LOADGEN_CPUS:-$(second_half_cpus)}
+SERVER_CPUS=${SERVER_CPUS:-0-$(( $(nproc) - 1 ))}
+LOADGEN_CPUS=${LOADGEN_CPUS:-0-$(( $(nproc) - 1 ))}
 LG_THREADS=$(count_cpus "$LOADGEN_CPUS")
 OUT=$(mktemp -d /tmp/stockd-bench.XXXXXX)
 echo "servers on CPUs $SERVER_CPUS, load generator on CPUs $LOADGEN_CPUS ($LG_THREADS threads); results in $OUT"
