@@ -161,10 +161,19 @@ impl Index {
     }
 
     /// Asks the CPU to bring `key`'s entry into the cache, without waiting
-    /// for it: a later [`Index::get`] then finds it there.
+    /// for it: a later [`Index::get`] then finds it there. The two lines
+    /// from the key's home on, because a probe for a key that is not in the
+    /// table (every new id) walks to the next empty entry: ~2.1 entries at
+    /// the lowest load, 8.6 at 3/4 and 23 at 0.85, 1.2 to 5 lines (measured
+    /// with this hash); one line left most such probes waiting for memory.
     pub fn prefetch(&self, key: u64) {
         if !self.entries.is_empty() {
-            prefetch(&self.entries[self.home(key)]);
+            let home = self.home(key);
+            // Entries are 12 bytes: those 4 and 8 after home start 48 and
+            // 96 bytes on, so home's line and the next are both asked for.
+            for ahead in [0, 4, 8] {
+                prefetch(&self.entries[(home + ahead) & self.mask()]);
+            }
         }
     }
 
