@@ -456,6 +456,54 @@ fn adjust_refuses_below_held_and_with_changes_in_flight() {
     assert_eq!((s.row(key).unwrap().on_hand, s.available(key)), (8, 4));
 }
 
+#[test]
+fn the_reserved_rows_table_shrinks_after_a_burst_and_reservations_stay_exact() {
+    let mut s = Store::new(0, 1, IdLimits::default());
+    let key = |i: u64| Key { item: i, fc: 1 };
+    let rows = 20_000u64;
+    let stock: Vec<Line> = (0..rows).map(|i| Line { key: key(i), qty: 3 }).collect();
+    for (n, chunk) in stock.chunks(256).enumerate() {
+        s.apply(None, 1 + n as u64, 0, &Mutation { op: Op::Inbound { id: n as u64 }, lines: chunk.to_vec() });
+    }
+    let mut lsn = 1_000;
+    // A burst: one order per row, all prepared before any is decided.
+    let burst: Vec<Mutation> = (0..rows)
+        .map(|i| Mutation { op: Op::Order { id: 1_000_000 + i }, lines: vec![Line { key: key(i), qty: 1 }] })
+        .collect();
+    for (txn, m) in burst.iter().enumerate() {
+        s.prepare(txn as u64, m).unwrap();
+    }
+    let grown = s.pend.capacity();
+    assert!(grown >= rows as usize, "the burst reserved every row ({grown})");
+    // Half commit, half are refused elsewhere; a few stay in flight.
+    let keep = 10u64;
+    for (txn, m) in burst.iter().enumerate().skip(keep as usize) {
+        if txn % 2 == 0 {
+            lsn += 1;
+            s.apply(Some(txn as u64), lsn, 0, m);
+        } else {
+            s.abort(txn as u64);
+        }
+    }
+    assert_eq!(s.pend.len(), keep as usize);
+    assert!(s.pend.capacity() * 64 <= grown, "shrunk: {} of {grown}", s.pend.capacity());
+    // What is still reserved counts, before and after the shrink alike.
+    for i in 0..rows {
+        let committed = i >= keep && i % 2 == 0;
+        assert_eq!(s.available(key(i)), if committed { 2 } else { 3 }, "row {i}");
+        assert_eq!(s.pending_on(key(i)).take, u64::from(i < keep), "row {i}");
+    }
+    // A row still reserved cannot be oversold, and its reservation settles once.
+    let rest = Mutation { op: Op::Order { id: 7 }, lines: vec![Line { key: key(0), qty: 3 }] };
+    assert!(s.prepare(99_999_999, &rest).is_err(), "1 of 3 units is reserved");
+    for txn in 0..keep {
+        lsn += 1;
+        s.apply(Some(txn), lsn, 0, &burst[txn as usize]);
+    }
+    assert!(s.pend.is_empty());
+    assert_eq!(s.available(key(0)), 2);
+}
+
 impl Store {
     pub(crate) fn remembered_ids(&self) -> Vec<(u64, IdEntry)> {
         self.ids.iter().map(|(id, e)| (id, e.clone())).collect()
