@@ -8,7 +8,9 @@ use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
+mod bounded;
 pub mod histogram;
+mod prepare;
 pub mod remove;
 pub mod retention;
 pub mod snapshot;

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use crate::wal::{list_segments, parse_record, segment_name, Record};
+use crate::wal::{list_segments, parse_record, records_end, segment_name, Record, RECORD_HEADER};
 use crate::Error;
 
 /// The highest LSN the writer has made durable, and the log bytes it has
@@ -23,8 +23,35 @@ pub struct Durable {
     lsn: AtomicU64,
     bytes: AtomicU64,
     waiters: AtomicUsize,
-    lock: Mutex<()>,
+    /// Where the durable records end on disk; set before `lsn` moves.
+    end: Mutex<LogEnd>,
     moved: Condvar,
+}
+
+/// Where the durable records end: the segment being written (its first
+/// LSN) and its bytes of records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogEnd {
+    pub segment: u64,
+    pub bytes: u64,
+}
+
+/// How far a reader may read: the durable LSN and, for a log still being
+/// written, where its records end. Past that end the writer's segment holds
+/// zeros laid down ahead of use, which read as the end of the segment and
+/// would be stale once records are written over them: a reader that
+/// follows a live log must not read there ([`Durable::watermark`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watermark {
+    pub lsn: u64,
+    pub end: Option<LogEnd>,
+}
+
+/// A log no writer is writing: every segment is read to its end.
+impl From<u64> for Watermark {
+    fn from(lsn: u64) -> Watermark {
+        Watermark { lsn, end: None }
+    }
 }
 
 impl Durable {
@@ -33,7 +60,7 @@ impl Durable {
             lsn: AtomicU64::new(lsn),
             bytes: AtomicU64::new(0),
             waiters: AtomicUsize::new(0),
-            lock: Mutex::new(()),
+            end: Mutex::new(LogEnd::default()),
             moved: Condvar::new(),
         }
     }
@@ -47,15 +74,25 @@ impl Durable {
         self.bytes.load(Ordering::Acquire)
     }
 
-    /// Publishes `lsn` as durable, `bytes` more log bytes with it, and wakes
-    /// the readers waiting for it.
-    pub fn advance(&self, lsn: u64, bytes: u64) {
+    /// The durable LSN and where its records end: a reader that follows the
+    /// log reads no further (see [`Watermark`]). The end is read after the
+    /// LSN and set before it, so it is at or past that LSN's last byte.
+    pub fn watermark(&self) -> Watermark {
+        let lsn = self.get();
+        let end = *self.end.lock().unwrap_or_else(|p| p.into_inner());
+        Watermark { lsn, end: Some(end) }
+    }
+
+    /// Publishes `lsn` as durable, `bytes` more log bytes with it, and
+    /// where its records end; wakes the readers waiting for it.
+    pub fn advance(&self, lsn: u64, bytes: u64, end: LogEnd) {
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = end;
         self.bytes.fetch_add(bytes, Ordering::AcqRel);
         self.lsn.fetch_max(lsn, Ordering::AcqRel);
         // SeqCst pairs with the waiter's: either it sees the new LSN before
         // sleeping, or this sees it waiting and wakes it.
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = self.end.lock().unwrap_or_else(|p| p.into_inner());
             self.moved.notify_all();
         }
     }
@@ -66,7 +103,7 @@ impl Durable {
         if now > lsn {
             return now;
         }
-        let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.end.lock().unwrap_or_else(|p| p.into_inner());
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let (_guard, _) = self
             .moved
@@ -99,6 +136,16 @@ pub struct LogTail {
     offset: u64,
 }
 
+/// What [`LogTail::fill`] found.
+#[derive(PartialEq, Eq)]
+enum Filled {
+    More,
+    /// The end of the segment's file.
+    End,
+    /// The end of the durable records in the writer's segment.
+    Watermark,
+}
+
 impl LogTail {
     /// A reader whose first record will be `after_lsn + 1`.
     pub fn new(dir: impl Into<PathBuf>, after_lsn: u64) -> LogTail {
@@ -124,21 +171,34 @@ impl LogTail {
 
     /// Hands every record from the next one through `durable` (at most
     /// `max` of them) to `each`, in LSN order; returns how many it handed.
-    /// Records the writer has not yet made durable are never read. A record
-    /// that fails its checksum or breaks the LSN sequence at or below
-    /// `durable`, or a record that is no longer in the log, is an error.
+    /// Records the writer has not yet made durable are never read: follow a
+    /// live log with [`Durable::watermark`]; a bare LSN is for a log no one
+    /// writes. A record that fails its checksum or breaks the LSN sequence
+    /// at or below `durable`, or a record that is no longer in the log, is
+    /// an error.
     pub fn read(
         &mut self,
-        durable: u64,
+        durable: impl Into<Watermark>,
         max: usize,
         mut each: impl FnMut(Record<'_>),
     ) -> Result<usize, Error> {
+        let durable = durable.into();
         let mut handed = 0;
-        while handed < max && self.next_lsn <= durable {
+        while handed < max && self.next_lsn <= durable.lsn {
             if self.segment.is_none() {
                 self.open_segment()?;
             }
-            match parse_record(&self.buf[self.start..]) {
+            let rest = &self.buf[self.start..];
+            if rest.len() >= RECORD_HEADER && records_end(rest) {
+                // Zeros: this segment's records end here. Below the
+                // watermark of the writer's own segment that cannot be.
+                if self.writing(&durable).is_some() {
+                    return Err(self.corrupt("zeros where a durable record should be".into()));
+                }
+                self.next_segment()?;
+                continue;
+            }
+            match parse_record(rest) {
                 Some((rec, len)) if rec.lsn < self.next_lsn => {
                     // Positioning inside the first segment.
                     self.start += len;
@@ -154,14 +214,26 @@ impl LogTail {
                 Some((rec, _)) => {
                     return Err(self.corrupt(format!("LSN {} where {} was expected", rec.lsn, self.next_lsn)));
                 }
-                None => {
-                    if self.fill()? == 0 {
-                        self.next_segment()?;
+                None => match self.fill(&durable)? {
+                    Filled::More => {}
+                    Filled::End => self.next_segment()?,
+                    Filled::Watermark => {
+                        return Err(self.corrupt(format!(
+                            "the durable records end before LSN {} (durable through {})",
+                            self.next_lsn, durable.lsn
+                        )))
                     }
-                }
+                },
             }
         }
         Ok(handed)
+    }
+
+    /// If the open segment is the one the writer of `durable` is writing,
+    /// the bytes of it that hold durable records.
+    fn writing(&self, durable: &Watermark) -> Option<u64> {
+        let (_, first) = self.segment.as_ref()?;
+        durable.end.filter(|e| e.segment == *first).map(|e| e.bytes)
     }
 
     fn corrupt(&self, why: String) -> Error {
@@ -196,21 +268,31 @@ impl LogTail {
         Ok(())
     }
 
-    /// Reads more of the open segment; returns the bytes read (0 at its end).
-    fn fill(&mut self) -> Result<usize, Error> {
+    /// Reads more of the open segment, never past the durable records of
+    /// the writer's segment.
+    fn fill(&mut self, durable: &Watermark) -> Result<Filled, Error> {
         self.buf.drain(..self.start);
         self.start = 0;
+        let read_to = self.offset + self.buf.len() as u64;
+        let chunk = match self.writing(durable) {
+            Some(end) if end <= read_to => return Ok(Filled::Watermark),
+            Some(end) => (end - read_to).min(READ_CHUNK as u64),
+            None => READ_CHUNK as u64,
+        };
         let (file, first) = self.segment.as_mut().expect("invariant: fill runs with a segment open");
         // Appends without zeroing the room first.
-        file.take(READ_CHUNK as u64)
+        let n = file
+            .take(chunk)
             .read_to_end(&mut self.buf)
-            .map_err(|e| Error::io(&self.dir.join(segment_name(*first)), e))
+            .map_err(|e| Error::io(&self.dir.join(segment_name(*first)), e))?;
+        Ok(if n == 0 { Filled::End } else { Filled::More })
     }
 
-    /// At the end of the open segment while `next_lsn` is durable: the writer
-    /// went on in a segment of its own, named after `next_lsn`.
+    /// At the end of the open segment's records while `next_lsn` is
+    /// durable: the writer went on in a segment of its own, named after
+    /// `next_lsn`. What is left of the segment may only be zeros.
     fn next_segment(&mut self) -> Result<(), Error> {
-        if self.start < self.buf.len() {
+        if self.buf[self.start..].iter().any(|&b| b != 0) {
             return Err(self.corrupt("an incomplete or checksum-failing record below the durable LSN".into()));
         }
         let path = self.dir.join(segment_name(self.next_lsn));
@@ -245,18 +327,55 @@ mod tests {
         for lsn in 1..=200u64 {
             wal.submit(payload(lsn), ()).unwrap();
             // One record per group commit, so that segments turn over often.
-            let d = durable.wait_past(lsn - 1, Duration::from_secs(5));
-            if lsn % 37 == 0 {
-                tail.read(d, usize::MAX, |r| seen.push((r.lsn, r.payload.to_vec()))).unwrap();
-                assert!(seen.last().is_none_or(|(l, _)| *l <= d));
+            durable.wait_past(lsn - 1, Duration::from_secs(5));
+            if lsn % 37 == 0 || lsn % 41 == 0 {
+                let w = durable.watermark();
+                tail.read(w, usize::MAX, |r| seen.push((r.lsn, r.payload.to_vec()))).unwrap();
+                assert!(seen.last().is_none_or(|(l, _)| *l <= w.lsn));
             }
         }
         drop(wal);
         handle.join().unwrap();
-        tail.read(durable.get(), usize::MAX, |r| seen.push((r.lsn, r.payload.to_vec()))).unwrap();
+        tail.read(durable.watermark(), usize::MAX, |r| seen.push((r.lsn, r.payload.to_vec()))).unwrap();
         let want: Vec<(u64, Vec<u8>)> = (1..=200).map(|l| (l, payload(l))).collect();
         assert_eq!(seen, want);
-        assert!(list_segments(dir.path()).unwrap().len() > 10, "the test must cross segments");
+        let segments = list_segments(dir.path()).unwrap();
+        assert!(segments.len() > 10, "the test must cross segments");
+        let zeroed = segments.iter().filter(|(_, p)| std::fs::metadata(p).unwrap().len() == 300).count();
+        assert!(zeroed > 5, "the test must read segments written into zeros ({zeroed})");
+    }
+
+    #[test]
+    fn a_reader_of_a_live_log_never_takes_the_zeros_ahead_of_the_writer_for_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WalConfig::new(dir.path());
+        cfg.segment_bytes = 64 << 10;
+        let (wal, handle) = Wal::start(cfg, 1, 0, |_: Vec<crate::wal::Committed<()>>| {}).unwrap();
+        let durable: Arc<Durable> = wal.durable.clone();
+        // Until the writer is in a zeroed segment (after its first, appended one).
+        let mut lsn = 0;
+        while list_segments(dir.path()).unwrap().len() < 2 {
+            lsn += 1;
+            wal.submit(payload(lsn), ()).unwrap();
+            durable.wait_past(lsn - 1, Duration::from_secs(5));
+            assert!(lsn < 100_000, "no zeroed segment came");
+        }
+        let (first, path) = list_segments(dir.path()).unwrap().pop().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 << 10, "written into zeros");
+        // A reader at the writer's end, then more records over the zeros after it.
+        let mut tail = LogTail::new(dir.path(), 0);
+        let mut seen = Vec::new();
+        tail.read(durable.watermark(), usize::MAX, |r| seen.push(r.lsn)).unwrap();
+        for _ in 0..5 {
+            lsn += 1;
+            wal.submit(payload(lsn), ()).unwrap();
+            durable.wait_past(lsn - 1, Duration::from_secs(5));
+        }
+        tail.read(durable.watermark(), usize::MAX, |r| seen.push(r.lsn)).unwrap();
+        assert_eq!(seen, (1..=lsn).collect::<Vec<_>>());
+        assert_eq!(list_segments(dir.path()).unwrap().last().unwrap().0, first, "the same segment");
+        drop(wal);
+        handle.join().unwrap();
     }
 
     #[test]

@@ -12,10 +12,15 @@
 //! ```
 //!
 //! Segments are `wal-{first_lsn:020}.log`. A new one starts at every open and
-//! when the current one passes the configured size.
+//! when the current one passes the configured size. Segments are written
+//! into zeros laid down ahead of use (`prepare.rs`: an fdatasync then has
+//! no file size to commit), so a segment's records may be followed by
+//! zeros: a header of zeros (no record has LSN 0) is where its records
+//! end, in every segment, and is not a torn write.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,8 +29,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 
 use crate::histogram::AtomicHistogram;
+use crate::prepare::{Prepared, Preparer};
 use crate::remove::{remove_gently, remove_leftovers};
-use crate::tail::Durable;
+use crate::tail::{Durable, LogEnd};
 use crate::{sync_dir, Error};
 
 pub const RECORD_HEADER: usize = 24;
@@ -186,7 +192,7 @@ fn scan_segment(
     each: &mut impl FnMut(Record<'_>),
 ) -> (u64, Option<(usize, String)>) {
     let (mut pos, mut lsn_here) = (0usize, first_lsn);
-    while pos < data.len() {
+    while pos < data.len() && !records_end(&data[pos..]) {
         match parse_record(&data[pos..]) {
             Some((rec, len)) if rec.lsn == lsn_here => {
                 pos += len;
@@ -228,6 +234,35 @@ pub fn replay(dir: &Path, after_lsn: u64, apply: impl FnMut(Record<'_>)) -> Resu
         end.torn_bytes = t.bytes;
     }
     Ok(end)
+}
+
+/// Bytes of a segment file up to its last byte that is not zero: its
+/// records, without the zeros written ahead of them (and without any zero
+/// bytes that end its last record, which only an estimate can ignore).
+pub fn records_len(path: &Path) -> Result<u64, Error> {
+    const STEP: u64 = 64 << 10;
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut end = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut chunk = vec![0u8; STEP as usize];
+    while end > 0 {
+        let start = end.saturating_sub(STEP);
+        let piece = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(piece, start).map_err(|e| Error::io(path, e))?;
+        if let Some(last) = piece.iter().rposition(|&b| b != 0) {
+            return Ok(start + last as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// True if `rest`, the bytes of a segment after its last record, start
+/// with zeros where the next record's header would be: the zeros written
+/// ahead of use, where the segment's records end. `rest` must reach the end
+/// of the file if it is shorter than a header. No record starts so (its
+/// LSN is at least 1).
+pub(crate) fn records_end(rest: &[u8]) -> bool {
+    !rest.is_empty() && rest.iter().take(RECORD_HEADER).all(|&b| b == 0)
 }
 
 /// Parses one record; `None` if it is incomplete or fails its checksum.
@@ -427,7 +462,8 @@ impl<T> Clone for Wal<T> {
 
 impl<T: Send + 'static> Wal<T> {
     /// Starts the writer thread. It appends at `next_lsn` (from [`replay`]) in
-    /// a fresh segment, and after every fdatasync advances [`Wal::durable`]
+    /// a fresh segment, then writes into segments a third thread fills with
+    /// zeros ahead of use (`prepare.rs`), and after every fdatasync advances [`Wal::durable`]
     /// and hands the batch it made durable to a second thread, which calls
     /// `on_commit` with each batch in LSN order: the writer goes on to the
     /// next write + fdatasync while the callback runs, with at most one
@@ -449,10 +485,15 @@ impl<T: Send + 'static> Wal<T> {
         let stats = Arc::new(WalStats::default());
         let durable = Arc::new(Durable::new(next_lsn - 1));
         let file = create_segment(&cfg.dir, next_lsn)?;
+        // This first segment is appended to until the first zeroed one is ready.
+        let preparer = Preparer::start(&cfg.dir, cfg.segment_bytes, durable.clone())?;
         let mut w = Writer {
             cfg,
             file,
+            first_lsn: next_lsn,
             written: 0,
+            zeroed: 0,
+            preparer,
             next_lsn,
             last_ts_ms,
             stats: stats.clone(),
@@ -518,8 +559,14 @@ fn create_segment(dir: &Path, first_lsn: u64) -> Result<File, Error> {
 
 struct Writer {
     cfg: WalConfig,
+    /// The segment being written, its first LSN, and its bytes of records.
     file: File,
+    first_lsn: u64,
     written: u64,
+    /// Bytes of the segment that were zeros on disk before records went
+    /// there (0: a segment only appended to).
+    zeroed: u64,
+    preparer: Preparer,
     next_lsn: u64,
     last_ts_ms: u64,
     stats: Arc<WalStats>,
@@ -543,6 +590,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let bytes = batch.iter().map(|s| (RECORD_HEADER + s.payload.len()) as u64).sum();
+            self.make_room(bytes);
             let now = now_ms();
             buf.clear();
             let mut done = Vec::with_capacity(batch.len());
@@ -555,7 +604,7 @@ impl Writer {
                 done.push(Committed { lsn, ts_ms, payload: s.payload, token: s.token });
             }
             let t = Instant::now();
-            if let Err(e) = self.file.write_all(&buf).and_then(|_| self.file.sync_data()) {
+            if let Err(e) = self.file.write_all_at(&buf, self.written).and_then(|_| self.file.sync_data()) {
                 tracing::error!(error = %e, "write-ahead log write or fdatasync failed; aborting to avoid acknowledging lost data");
                 std::process::abort();
             }
@@ -568,25 +617,49 @@ impl Writer {
             self.stats.records.fetch_add(done.len() as u64, Ordering::Relaxed);
             self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
             self.written += buf.len() as u64;
-            self.durable.advance(self.next_lsn - 1, buf.len() as u64);
+            let end = LogEnd { segment: self.first_lsn, bytes: self.written };
+            self.durable.advance(self.next_lsn - 1, buf.len() as u64, end);
             if commits.send(done).is_err() {
                 // The callback thread is gone (it panicked): nothing durable
                 // can be acknowledged any more.
                 tracing::error!("the log's commit callback thread has stopped; aborting");
                 std::process::abort();
             }
-            if self.written >= self.cfg.segment_bytes {
-                match create_segment(&self.cfg.dir, self.next_lsn) {
-                    Ok(f) => {
-                        self.file = f;
-                        self.written = 0;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start a new log segment; keeping the current one")
-                    }
-                }
-            }
         }
+    }
+
+    /// Starts the next segment, before `bytes` of records are written,
+    /// when the current one is full, or when they would go past its zeros
+    /// (or it has none) and a zeroed segment is ready. Past the zeros with
+    /// none ready, records are appended (an fdatasync then commits the new
+    /// size too) until one is.
+    fn make_room(&mut self, bytes: u64) {
+        let full = self.written >= self.cfg.segment_bytes;
+        if self.written == 0 || (!full && self.written + bytes <= self.zeroed) {
+            return; // nothing here yet (a new segment would take this one's name), or room
+        }
+        let next = self.preparer.take();
+        if next.is_none() && !full {
+            return;
+        }
+        match self.open_segment(next) {
+            Ok((file, zeroed)) => {
+                (self.file, self.first_lsn, self.written, self.zeroed) = (file, self.next_lsn, 0, zeroed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start a new log segment; keeping the current one"),
+        }
+    }
+
+    /// The segment whose first record is `next_lsn`: the zeroed one given,
+    /// renamed, or else a new empty one; and its zeroed bytes.
+    fn open_segment(&self, zeroed: Option<Prepared>) -> Result<(File, u64), Error> {
+        let Some(p) = zeroed else {
+            return Ok((create_segment(&self.cfg.dir, self.next_lsn)?, 0));
+        };
+        let path = self.cfg.dir.join(segment_name(self.next_lsn));
+        fs::rename(&p.path, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(&self.cfg.dir)?;
+        Ok((p.file, p.len))
     }
 }
 

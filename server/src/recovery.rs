@@ -165,7 +165,7 @@ fn ids_the_log_may_create(dir: &Path, after_lsn: u64) -> Result<usize, String> {
     let segs = wal::list_segments(dir).map_err(|e| e.to_string())?;
     let mut bytes = 0u64;
     for (i, (first, path)) in segs.iter().enumerate() {
-        let size = std::fs::metadata(path).map_or(0, |m| m.len());
+        let size = wal::records_len(path).unwrap_or(0);
         bytes += match segs.get(i + 1) {
             // The segment the snapshot cuts: the share of its records after it.
             Some((next, _)) if *first <= after_lsn => {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use stockd_persistence::histogram::AtomicHistogram;
 use stockd_persistence::retention::Retention;
 use stockd_persistence::snapshot::write_durably;
-use stockd_persistence::tail::{Durable, LogTail};
+use stockd_persistence::tail::{Durable, LogTail, Watermark};
 use stockd_persistence::wal::RECORD_HEADER;
 use stockd_record::LogRecord;
 
@@ -276,7 +276,8 @@ impl Runner {
         // Once asked to stop, the sink still gets what is durable, for a while.
         let mut drain_until: Option<Instant> = None;
         loop {
-            let durable = self.durable.get();
+            let watermark = self.durable.watermark();
+            let durable = watermark.lsn;
             let waiting = (durable + 1).saturating_sub(tail.next_lsn());
             if self.stop.load(Relaxed) {
                 let until = *drain_until.get_or_insert_with(|| Instant::now() + STOP_DRAIN);
@@ -293,7 +294,7 @@ impl Runner {
             let ready = self.sink.ready();
             let result = if waiting > 0 && ready {
                 last_batch = Instant::now();
-                let batch = self.read_batch(&mut tail, durable)?;
+                let batch = self.read_batch(&mut tail, watermark)?;
                 self.status.delivered.fetch_add(batch.changes.len() as u64, Relaxed);
                 self.sink.deliver(&batch)
             } else {
@@ -332,10 +333,12 @@ impl Runner {
             return Err(format!("the sink's cursor {cursor} is past this server's log ({through})"));
         }
         let mut tail = LogTail::new(&self.cfg.dir, cursor);
+        // The log is still being written: read no further than its durable end.
+        let upto = Watermark { lsn: through, ..self.durable.watermark() };
         let mut back = Rewind::default();
         let mut bytes = 0i64;
         while tail.next_lsn() <= through {
-            tail.read(through, 4096, |r| {
+            tail.read(upto, 4096, |r| {
                 bytes += (RECORD_HEADER + r.payload.len()) as i64;
                 if let Ok(LogRecord::Mutation(m)) = LogRecord::decode(r.payload) {
                     back.add(&m);
@@ -366,7 +369,7 @@ impl Runner {
     }
 
     /// Reads the next batch and moves the levels over it.
-    fn read_batch(&mut self, tail: &mut LogTail, durable: u64) -> Result<Batch, String> {
+    fn read_batch(&mut self, tail: &mut LogTail, durable: Watermark) -> Result<Batch, String> {
         let mut batch = Batch { after_lsn: tail.next_lsn() - 1, ..Batch::default() };
         let (levels, at) = (&mut self.levels, &mut self.read_at_byte);
         let mut first_ts_ms = None;
