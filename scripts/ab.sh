@@ -3,18 +3,29 @@
 # per run, the builds alternating, ROUNDS rounds (default 3).
 #
 #   scripts/ab.sh BEFORE_STOCKD AFTER_STOCKD -- LOADGEN_ARGS...
-#   scripts/ab.sh /tmp/base/target/release/stockd target/release/stockd -- --workload inbound --lines 1 --pipeline 16
+#   scripts/ab.sh /tmp/base/target/release/stockd target/release/stockd -- --workload order
+#   CONNECTIONS=4 DURATION=15s scripts/ab.sh A B -- --workload order
 #
-# Prints "before|after round ops/s p99_us" per run. Uses this tree's
-# stock-loadgen (build it first: cargo build --release -p stock-loadgen)
-# and python3 to read its JSON report.
+# Each run preloads the keys (a 1 s query run with --preload), then runs
+# the workload with CONNECTIONS (default 16) connections for DURATION
+# (default 5s), the server and the load generator sharing the machine's
+# CPUs as in scripts/bench.sh. Prints "before|after round ops/s p50 p99
+# p99.9 server_us_per_op" per run (server CPU from /proc over the
+# workload), then the medians of each build and their ratio. Waits PAUSE
+# seconds (default 2) after each run: deleting a data directory on a disk
+# with online discard slows the next run's fdatasyncs for a while. Uses this
+# tree's stock-loadgen (build it first: cargo build --release -p
+# stock-loadgen) and python3 to read its JSON report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 3 ] && [ "$3" = "--" ] || { echo "usage: $0 BEFORE_STOCKD AFTER_STOCKD -- LOADGEN_ARGS..." >&2; exit 2; }
 before=$1 after=$2; shift 3
-ROUNDS=${ROUNDS:-3} SHARDS=${SHARDS:-1} DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3} SHARDS=${SHARDS:-1} DURATION=${DURATION:-5s} CONNECTIONS=${CONNECTIONS:-16} PAUSE=${PAUSE:-2}
 LG=target/release/stock-loadgen
+KEYS=(--keys 100000 --centers 4)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rows=$(mktemp)
 for round in $(seq "$ROUNDS"); do
     for who in before after; do
         bin=$before; [ $who = after ] && bin=$after
@@ -22,12 +33,36 @@ for round in $(seq "$ROUNDS"); do
         RUST_LOG=warn "$bin" --listen 127.0.0.1:"$port" --shard-port-base 0 --shards "$SHARDS" --data-dir "$dir" \
             > "$dir/stockd.log" 2>&1 &
         pid=$!
-        sleep 0.5
-        "$LG" --target stockd://127.0.0.1:"$port" --keys 100000 --centers 4 --connections 16 --quiet \
+        for _ in $(seq 100); do
+            python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.1)" 2>/dev/null && break
+            sleep 0.1
+        done
+        "$LG" --target stockd://127.0.0.1:"$port" "${KEYS[@]}" --quiet --duration 1s --workload query --preload > /dev/null
+        t0=$(cpu_ticks "$pid")
+        "$LG" --target stockd://127.0.0.1:"$port" "${KEYS[@]}" --connections "$CONNECTIONS" --quiet \
             --duration "$DURATION" --json "$dir/report.json" "$@" > /dev/null
-        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], sys.argv[3], int(d['throughput_ops_s']), d['latency_us']['p99'])" \
-            "$dir/report.json" "$who" "$round"
+        t1=$(cpu_ticks "$pid")
+        python3 - "$dir/report.json" "$who" "$round" "$t0" "$t1" "$(getconf CLK_TCK)" <<'EOF' | tee -a "$rows"
+import json, sys
+d = json.load(open(sys.argv[1])); l = d["latency_us"]
+server_us = (int(sys.argv[5]) - int(sys.argv[4])) / int(sys.argv[6]) * 1e6 / max(1, d["ops"])
+print(sys.argv[2], sys.argv[3], int(d["throughput_ops_s"]), l["p50"], l["p99"], l["p999"], round(server_us, 2))
+EOF
         kill "$pid"; wait "$pid" 2>/dev/null || true
         rm -rf "$dir"
+        sleep "$PAUSE"
     done
 done
+python3 - "$rows" <<'EOF'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    who, _, *vals = line.split()
+    runs.setdefault(who, []).append([float(v) for v in vals])
+med = {w: [statistics.median(c) for c in zip(*r)] for w, r in runs.items()}
+for w in ("before", "after"):
+    m = med[w]
+    print(f"median {w}: {m[0]:,.0f} ops/s, p50/p99/p99.9 {m[1]:.0f}/{m[2]:.0f}/{m[3]:.0f} us, server {m[4]:.2f} us/op")
+print(f"after/before: {med['after'][0] / med['before'][0]:.2f}x ops/s, {med['after'][4] / med['before'][4]:.2f}x server CPU per op")
+EOF
+rm -f "$rows"
