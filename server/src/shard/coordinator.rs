@@ -19,7 +19,7 @@ use crate::state::{Command, IdKey, Mutation, Refusal};
 /// Most mutations one shard coordinates at once; beyond it, OVERLOADED.
 pub const MAX_TXNS: usize = 16_384;
 /// How long a mutation refused only by contention keeps being prepared again
-/// before the refusal is returned as it stands. Undecided mutations settle
+/// (from its first contended refusal) before the refusal is returned as it stands. Undecided mutations settle
 /// within an fsync or two; this only bounds pathological cases.
 pub const CONTENDED_RETRY_FOR: Duration = Duration::from_secs(2);
 /// Expired holds released per tick of the expiry timer.
@@ -39,8 +39,9 @@ pub(super) struct Txn {
     refusal: Option<Refusal>,
     /// The first contended refusal of this attempt, if any.
     contended: Option<Refusal>,
-    /// When the mutation was first prepared.
-    started: Instant,
+    /// When the first contended refusal came (no clock read for the
+    /// mutations that never meet one).
+    contended_since: Option<Instant>,
     expiry: bool,
 }
 
@@ -70,7 +71,7 @@ impl Shard {
             self.stats().errors.fetch_add(1, Relaxed);
             return send(&reply, error_frame(op, request_id, Status::Conflict, &msg));
         }
-        let m = match self.store.plan(cmd, now_ms()) {
+        let m = match self.store.plan(cmd, now_ms) {
             Ok(m) => Arc::new(m),
             Err(answer) => {
                 let resp = answer_response(&answer);
@@ -86,7 +87,7 @@ impl Shard {
             self.busy_ids.insert(k);
         }
         let waiting = participants.count_ones();
-        let (refusal, contended, started) = (None, None, Instant::now());
+        let (refusal, contended, contended_since) = (None, None, None);
         let t = Txn {
             op,
             request_id,
@@ -98,7 +99,7 @@ impl Shard {
             prepared: 0,
             refusal,
             contended,
-            started,
+            contended_since,
             expiry,
         };
         self.txns.insert(txn, t);
@@ -207,7 +208,9 @@ impl Shard {
         // exist but undecided mutations reserved them) would be an answer no
         // serial order explains if those mutations abort; so release our own
         // reservations and try again once they had time to be decided.
-        if t.refusal.is_none() && t.contended.is_some() && t.started.elapsed() < CONTENDED_RETRY_FOR {
+        let retrying_for =
+            t.contended.as_ref().map(|_| t.contended_since.get_or_insert_with(Instant::now).elapsed());
+        if t.refusal.is_none() && retrying_for.is_some_and(|d| d < CONTENDED_RETRY_FOR) {
             self.abort_everywhere(txn);
             self.retries.push(txn);
             self.retry_wake.notify_one();

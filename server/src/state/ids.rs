@@ -127,9 +127,9 @@ impl Store {
 
     /// True if a new id cannot be remembered at `now_ms` without forgetting
     /// one younger than the minimum window.
-    pub(super) fn table_full(&self, now_ms: u64) -> bool {
+    pub(super) fn table_full(&self, now: &impl super::plan::NowMs) -> bool {
         self.id_count() >= self.limits.max_ids
-            && self.fifo.front().is_none_or(|(ts, _, _)| ts + self.limits.min_window_ms > now_ms)
+            && self.fifo.front().is_none_or(|(ts, _, _)| ts + self.limits.min_window_ms > now.now_ms())
     }
 
     /// Forgets ids that aged past the window, and the oldest ones beyond the
