@@ -4,8 +4,8 @@
 //! on ext4 that is a journal commit besides the data, on every group
 //! commit. Overwriting blocks that already hold zeros on disk changes no
 //! metadata, so the fdatasync writes the data alone: measured here with
-//! 12 KB group commits, 110-163 us -> 60-68 us at the median, p99.9 541 ->
-//! 147 us (docs/benchmarks.md, *The log writes into zeroed segments*).
+//! 12 KB group commits, 110-166 us -> 60-83 us at the median, p99.9 541 ->
+//! 147 us (docs/benchmarks.md, *The log writes into zeros*).
 //! Space made with `fallocate` does not do it: its blocks are marked
 //! unwritten, and the first write to each is a metadata change again.
 //!
@@ -15,7 +15,7 @@
 //! since the last segment was begun, and at least [`MIN_PACE`]. Written as
 //! fast as the disk takes them, 64 MiB of zeros held fdatasyncs beside
 //! them up to 3.5 ms here (20 of them over 1.5 ms in 60 ms); at 100 MiB/s,
-//! up to 1.6 ms (3 in 0.7 s). It fsyncs the file and hands it over as
+//! up to 1.7 ms (3 in 0.7 s). It fsyncs the file and hands it over as
 //! `wal-{seq}.prep`; the writer renames it to the segment's name when it
 //! starts that segment. One is prepared ahead at a time. `*.prep` files
 //! are not segments: readers never list them, and the next start deletes
