@@ -86,13 +86,13 @@ impl Durable {
     /// Publishes `lsn` as durable, `bytes` more log bytes with it, and
     /// where its records end; wakes the readers waiting for it.
     pub fn advance(&self, lsn: u64, bytes: u64, end: LogEnd) {
-        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = end;
+        let mut guard = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        *guard = end;
         self.bytes.fetch_add(bytes, Ordering::AcqRel);
         self.lsn.fetch_max(lsn, Ordering::AcqRel);
         // SeqCst pairs with the waiter's: either it sees the new LSN before
         // sleeping, or this sees it waiting and wakes it.
         if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _guard = self.end.lock().unwrap_or_else(|p| p.into_inner());
             self.moved.notify_all();
         }
     }
