@@ -189,9 +189,9 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
 impl Conn {
     fn deliver(&mut self, out: Out) {
         match out {
-            Out::Frame(f) => {
+            Out::Response { op, request_id, resp } => {
                 self.inflight -= 1;
-                self.wbuf.extend_from_slice(&f);
+                resp.encode(op, request_id, &mut self.wbuf);
             }
             Out::BatchPart { request_id, positions, values } => {
                 self.inflight -= 1;

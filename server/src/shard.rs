@@ -33,7 +33,7 @@ pub use mailbox::{Forwarded, Internal, Mailbox, Out, ReplyTo, FORWARD_CAPACITY};
 pub use shared::{ShardStats, Shared, SnapshotPart, SnapshotQueue, SNAPSHOT_QUEUED_BYTES};
 
 use crate::state::{IdHashBuilder, IdKey, IdMap, SnapshotPiece, Store, PREFETCH_KEYS};
-use answers::frame;
+use answers::respond;
 use coordinator::Txn;
 
 /// Most shards: a mutation's participants are a 64-bit mask.
@@ -234,11 +234,11 @@ impl Shard {
         match f {
             Forwarded::Query { request_id, key, reply } => {
                 let available = self.read_one(key);
-                send(&reply, frame(opcode::QUERY, request_id, &Response::Ok(Reply::Available(available))));
+                send(&reply, respond(opcode::QUERY, request_id, Response::Ok(Reply::Available(available))));
             }
             Forwarded::QueryItem { request_id, item, reply } => {
                 let resp = Response::Ok(Reply::Item(self.read_item(item)));
-                send(&reply, frame(opcode::QUERY_ITEM, request_id, &resp));
+                send(&reply, respond(opcode::QUERY_ITEM, request_id, resp));
             }
             Forwarded::QueryBatch { request_id, positions, keys, reply } => {
                 let values = self.read(&keys);

@@ -43,8 +43,13 @@ pub use ids::{IdEntry, IdLimits, IdState, LogStamp};
 pub use plan::{Command, IdKey};
 pub use rows::Row;
 use rows::{Pending, PendingRows, RowKey, Rows};
+use smallvec::SmallVec;
 use snapshot::Capture;
 pub use snapshot::SnapshotPiece;
+
+/// The deltas one prepared mutation reserved on a shard: a one-line order's
+/// stays inline, so preparing allocates nothing.
+type Reserved = SmallVec<[Delta; 1]>;
 
 /// Keys whose lookups are started together (see `Rows::prefetch`): enough
 /// to keep the memory system busy, few enough that their lines stay in L1.
@@ -75,7 +80,7 @@ pub struct Store {
     /// Holds not yet confirmed or released: (deadline_ms, id).
     deadlines: BTreeSet<(u64, u64)>,
     /// Prepared, undecided mutations: txn -> the deltas reserved for it here.
-    pending: IdMap<Vec<Delta>>,
+    pending: IdMap<Reserved>,
     /// LSN of the last record applied.
     pub applied_lsn: u64,
     /// A snapshot being written part by part.
@@ -212,7 +217,7 @@ impl Store {
     /// Step 2, on every shard owning a row of `m`: check this shard's lines and
     /// reserve room for them under `txn`. All or nothing on this shard.
     pub fn prepare(&mut self, txn: u64, m: &Mutation) -> Result<(), Refusal> {
-        let mut taken: Vec<Delta> = Vec::new();
+        let mut taken = Reserved::new();
         let mut result = Ok(());
         for (i, d) in m.deltas().enumerate() {
             if !self.owns_item(d.key.item) {

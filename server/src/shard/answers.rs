@@ -1,7 +1,7 @@
 //! The state machine's answers and refusals as wire responses, and the
-//! frames a shard sends to connections.
+//! answers a shard sends to connections.
 
-use stockd_protocol::{encode_error, Response, Status, MAX_CENTERS_PER_ITEM, STOCK_MAX};
+use stockd_protocol::{Response, Status, MAX_CENTERS_PER_ITEM, STOCK_MAX};
 
 use super::mailbox::Out;
 use crate::state::{Answer, Refusal};
@@ -44,14 +44,12 @@ pub fn refusal_response(r: &Refusal) -> Response {
     }
 }
 
-pub fn frame(op: u8, request_id: u64, resp: &Response) -> Out {
-    let mut buf = Vec::with_capacity(32);
-    resp.encode(op, request_id, &mut buf);
-    Out::Frame(buf)
+/// A response for a connection, which encodes it straight into its write
+/// buffer (no buffer of its own per answer).
+pub fn respond(op: u8, request_id: u64, resp: Response) -> Out {
+    Out::Response { op, request_id, resp }
 }
 
-pub fn error_frame(op: u8, request_id: u64, status: Status, message: &str) -> Out {
-    let mut buf = Vec::with_capacity(64 + message.len());
-    encode_error(op, request_id, status, message, &mut buf);
-    Out::Frame(buf)
+pub fn respond_error(op: u8, request_id: u64, status: Status, message: &str) -> Out {
+    respond(op, request_id, Response::Error { status, message: message.into() })
 }

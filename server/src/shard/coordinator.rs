@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use stockd_persistence::wal::SubmitError;
 use stockd_protocol::{opcode, shard_of, Reply, Response, Status};
 
-use super::answers::{answer_response, error_frame, frame, refusal_response};
+use super::answers::{answer_response, refusal_response, respond, respond_error};
 use super::mailbox::{Internal, ReplyTo, WalToken};
 use super::{now_ms, send, Shard};
 use crate::state::{Command, IdKey, Mutation, Refusal};
@@ -54,12 +54,12 @@ impl Shard {
         let expiry = matches!(cmd, Command::Release { expired: true, .. });
         if let Some(r) = self.shared.replica.as_ref().filter(|r| !r.may_write()) {
             self.stats().errors.fetch_add(1, Relaxed);
-            return send(&reply, error_frame(op, request_id, Status::NotPrimary, &r.not_primary()));
+            return send(&reply, respond_error(op, request_id, Status::NotPrimary, &r.not_primary()));
         }
         if self.txns.len() >= MAX_TXNS {
             self.stats().overloaded.fetch_add(1, Relaxed);
             let msg = "too many mutations in flight on this shard; retry";
-            return send(&reply, error_frame(op, request_id, Status::Overloaded, msg));
+            return send(&reply, respond_error(op, request_id, Status::Overloaded, msg));
         }
         let id_key = cmd.id_key();
         // A retried order, reserve or inbound whose id is remembered has its
@@ -69,14 +69,14 @@ impl Shard {
         if let Some(k) = id_key.filter(|k| !retry_of_known && self.busy_ids.contains(k)) {
             let msg = format!("id {} has an operation in flight; retry when it is answered", k.id());
             self.stats().errors.fetch_add(1, Relaxed);
-            return send(&reply, error_frame(op, request_id, Status::Conflict, &msg));
+            return send(&reply, respond_error(op, request_id, Status::Conflict, &msg));
         }
         let m = match self.store.plan(cmd, now_ms) {
             Ok(m) => Arc::new(m),
             Err(answer) => {
                 let resp = answer_response(&answer);
                 self.count_outcome(&resp);
-                return send(&reply, frame(op, request_id, &resp));
+                return send(&reply, respond(op, request_id, resp));
             }
         };
         let n = self.shared.shards();
@@ -173,7 +173,7 @@ impl Shard {
     pub(super) fn not_logged(&mut self, txn: u64, error: SubmitError) {
         if self.txns.contains_key(&txn) {
             self.abort_everywhere(txn);
-            self.finish(txn, &log_refused(error));
+            self.finish(txn, log_refused(error));
         }
     }
 
@@ -218,12 +218,12 @@ impl Shard {
         }
         if let Some(r) = t.refusal.clone().or_else(|| t.contended.clone()) {
             self.abort_everywhere(txn);
-            return self.finish(txn, &refusal_response(&r));
+            return self.finish(txn, refusal_response(&r));
         }
         let (participants, m) = (t.participants, t.m.clone());
         if let Err(e) = self.log(txn, self.index, participants, m) {
             self.abort_everywhere(txn);
-            self.finish(txn, &log_refused(e));
+            self.finish(txn, log_refused(e));
         }
     }
 
@@ -245,7 +245,7 @@ impl Shard {
     pub(super) fn fence(&mut self, txn: u64, message: &str) {
         if self.txns.contains_key(&txn) {
             self.abort_everywhere(txn);
-            self.finish(txn, &Response::Error { status: Status::NotPrimary, message: message.into() });
+            self.finish(txn, Response::Error { status: Status::NotPrimary, message: message.into() });
         }
     }
 
@@ -254,17 +254,17 @@ impl Shard {
         if self.txns.get(&txn).is_some_and(|t| t.expiry) {
             self.stats().holds_expired.fetch_add(1, Relaxed);
         }
-        self.finish(txn, &Response::Ok(Reply::Committed { lsn }));
+        self.finish(txn, Response::Ok(Reply::Committed { lsn }));
     }
 
-    fn finish(&mut self, txn: u64, resp: &Response) {
+    fn finish(&mut self, txn: u64, resp: Response) {
         let Some(t) = self.txns.remove(&txn) else { return };
         if let Some(k) = t.id_key {
             self.busy_ids.remove(&k);
         }
-        self.count_outcome(resp);
+        self.count_outcome(&resp);
         self.stats().txns_open.store(self.txns.len() as u64, Relaxed);
-        send(&t.reply, frame(t.op, t.request_id, resp));
+        send(&t.reply, respond(t.op, t.request_id, resp));
     }
 
     fn count_outcome(&self, resp: &Response) {

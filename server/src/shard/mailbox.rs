@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crossbeam::queue::{ArrayQueue, SegQueue};
 use stockd_persistence::wal::SubmitError;
-use stockd_protocol::Key;
+use stockd_protocol::{Key, Response};
 use tokio::sync::{mpsc, Notify};
 
 use crate::state::{Command, Mutation, Refusal};
@@ -19,8 +19,8 @@ pub const FORWARD_CAPACITY: usize = 8_192;
 
 /// What a connection receives from shards.
 pub enum Out {
-    /// A complete response frame.
-    Frame(Vec<u8>),
+    /// A response to request `request_id` (opcode `op`).
+    Response { op: u8, request_id: u64, resp: Response },
     /// Part of a cross-shard `QUERY_BATCH`: values for these positions.
     BatchPart { request_id: u64, positions: Vec<u16>, values: Vec<u64> },
 }

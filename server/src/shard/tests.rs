@@ -73,7 +73,10 @@ fn order(id: u64, key: Key, qty: u32) -> Command {
 /// The answer a shard sent to `rx`, decoded.
 fn answer(rx: &mut mpsc::UnboundedReceiver<Out>) -> Option<Response> {
     match rx.try_recv().ok()? {
-        Out::Frame(f) => {
+        Out::Response { op, request_id, resp } => {
+            // What the connection would write, read back as a client would.
+            let mut f = Vec::new();
+            resp.encode(op, request_id, &mut f);
             let (h, body) = parse_frame(&f).unwrap().unwrap();
             Some(Response::decode(h.opcode, body).unwrap())
         }
