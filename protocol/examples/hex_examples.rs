@@ -69,7 +69,7 @@ fn main() {
     );
     show(
         "ORDER (0x20)",
-        Request::Order { id: 42, lines: vec![Line::new(1001, 7, 2)] },
+        Request::Order { id: 42, lines: vec![Line::new(1001, 7, 2)].into() },
         3,
         &[
             Response::Ok(Reply::Committed { lsn: 2 }),
@@ -79,7 +79,7 @@ fn main() {
     );
     show(
         "INBOUND (0x21)",
-        Request::Inbound { id: 9, lines: vec![Line::new(1001, 7, 10), Line::new(5, 1, 3)] },
+        Request::Inbound { id: 9, lines: vec![Line::new(1001, 7, 10), Line::new(5, 1, 3)].into() },
         6,
         &[Response::Ok(Reply::Committed { lsn: 1 })],
     );
@@ -94,7 +94,7 @@ fn main() {
     );
     show(
         "RESERVE (0x23)",
-        Request::Reserve { id: 77, ttl_ms: 60_000, lines: vec![Line::new(1001, 7, 1)] },
+        Request::Reserve { id: 77, ttl_ms: 60_000, lines: vec![Line::new(1001, 7, 1)].into() },
         8,
         &[Response::Ok(Reply::Committed { lsn: 4 })],
     );

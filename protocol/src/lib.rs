@@ -141,6 +141,12 @@ impl Line {
     }
 }
 
+/// The lines of an order, receipt or hold. One line, the common case for an
+/// event product, is kept inline: decoding, logging and remembering a
+/// one-line order allocates nothing for its lines. Build one from a `Vec`
+/// (`lines.into()`), a slice (`Lines::from_slice`) or an iterator (`collect`).
+pub type Lines = smallvec::SmallVec<[Line; 1]>;
+
 /// Starts loading the cache line of `at` and returns at once: callers with
 /// many lookups at hand ask for all their lines, then use them, and wait
 /// for many cache misses at once instead of one after another.
@@ -368,7 +374,7 @@ fn put_lines_body(out: &mut Vec<u8>, id: u64, ttl_ms: Option<u32>, lines: &[Line
     }
 }
 
-fn read_lines(r: &mut Reader<'_>) -> Result<Vec<Line>, DecodeError> {
+fn read_lines(r: &mut Reader<'_>) -> Result<Lines, DecodeError> {
     let n = r.u16("line count")? as usize;
     if n == 0 {
         return err("an order, receipt or hold needs at least one line");
@@ -376,7 +382,7 @@ fn read_lines(r: &mut Reader<'_>) -> Result<Vec<Line>, DecodeError> {
     if n > MAX_LINES {
         return err(format!("{n} lines exceed the limit of {MAX_LINES}"));
     }
-    let mut lines = Vec::with_capacity(n);
+    let mut lines = Lines::with_capacity(n);
     for i in 0..n {
         let key = r.key()?;
         let qty = r.u32("qty")?;
@@ -409,11 +415,11 @@ pub enum Request {
     },
     Order {
         id: u64,
-        lines: Vec<Line>,
+        lines: Lines,
     },
     Inbound {
         id: u64,
-        lines: Vec<Line>,
+        lines: Lines,
     },
     Cancel {
         id: u64,
@@ -421,7 +427,7 @@ pub enum Request {
     Reserve {
         id: u64,
         ttl_ms: u32,
-        lines: Vec<Line>,
+        lines: Lines,
     },
     Confirm {
         id: u64,

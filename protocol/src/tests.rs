@@ -19,13 +19,13 @@ fn request() -> impl Strategy<Value = Request> {
         key().prop_map(|key| Request::Query { key }),
         prop::collection::vec(key(), 0..50).prop_map(|keys| Request::QueryBatch { keys }),
         any::<u64>().prop_map(|item| Request::QueryItem { item }),
-        (any::<u64>(), lines()).prop_map(|(id, lines)| Request::Order { id, lines }),
-        (any::<u64>(), lines()).prop_map(|(id, lines)| Request::Inbound { id, lines }),
+        (any::<u64>(), lines()).prop_map(|(id, lines)| Request::Order { id, lines: lines.into() }),
+        (any::<u64>(), lines()).prop_map(|(id, lines)| Request::Inbound { id, lines: lines.into() }),
         any::<u64>().prop_map(|id| Request::Cancel { id }),
         (any::<u64>(), 1..=MAX_TTL_MS, lines()).prop_map(|(id, ttl_ms, lines)| Request::Reserve {
             id,
             ttl_ms,
-            lines
+            lines: lines.into()
         }),
         any::<u64>().prop_map(|id| Request::Confirm { id }),
         any::<u64>().prop_map(|id| Request::Release { id }),
@@ -152,7 +152,7 @@ fn documented_examples() {
             "18 00 00 00 01 10 00 00 02 00 00 00 00 00 00 00 e9 03 00 00 00 00 00 00 07 00 00 00",
         ),
         (
-            Request::Order { id: 42, lines: vec![Line { key: Key { item: 1001, fc: 7 }, qty: 2 }] },
+            Request::Order { id: 42, lines: vec![Line { key: Key { item: 1001, fc: 7 }, qty: 2 }].into() },
             3,
             "26 00 00 00 01 20 00 00 03 00 00 00 00 00 00 00 2a 00 00 00 00 00 00 00 01 00 \
              e9 03 00 00 00 00 00 00 07 00 00 00 02 00 00 00",
@@ -184,7 +184,8 @@ fn header_errors_are_reported_before_the_body_arrives() {
 fn limits_are_enforced() {
     let zero = {
         let mut b = Vec::new();
-        Request::Order { id: 1, lines: vec![Line { key: Key { item: 1, fc: 1 }, qty: 1 }] }.encode(0, &mut b);
+        Request::Order { id: 1, lines: vec![Line { key: Key { item: 1, fc: 1 }, qty: 1 }].into() }
+            .encode(0, &mut b);
         let n = b.len();
         b[n - 4..].copy_from_slice(&0u32.to_le_bytes());
         b

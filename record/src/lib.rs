@@ -15,7 +15,7 @@
 //! Payloads written before records were versioned start with the kind
 //! itself (1-8); they are read as version 1 without the format byte.
 
-use stockd_protocol::{Key, Line, Reader};
+use stockd_protocol::{Key, Line, Lines, Reader};
 
 /// First byte of a version-1 payload. The high bit tells it from the kinds
 /// (1-8) that unversioned payloads start with.
@@ -88,7 +88,7 @@ pub enum Op {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mutation {
     pub op: Op,
-    pub lines: Vec<Line>,
+    pub lines: Lines,
 }
 
 /// How one line changes its row.
@@ -229,7 +229,7 @@ fn decode_v1(body: &[u8]) -> Result<LogRecord, stockd_protocol::DecodeError> {
             r.remaining()
         )));
     }
-    let mut lines = Vec::with_capacity(n);
+    let mut lines = Lines::with_capacity(n);
     for _ in 0..n {
         let key = r.key()?;
         lines.push(Line { key, qty: r.u32("qty")? });

@@ -50,7 +50,7 @@ fn stocked() -> Store {
     let mut lsn = 0;
     for item in 0..ITEMS {
         let lines: Vec<Line> = (0..CENTERS).map(|fc| Line::new(item, fc, 4_000_000)).collect();
-        let m = s.plan(Command::Inbound { id: item, lines }, 0).unwrap();
+        let m = s.plan(Command::Inbound { id: item, lines: lines.into() }, 0).unwrap();
         lsn += 1;
         s.apply(None, lsn, 0, &m);
     }
@@ -76,7 +76,7 @@ fn main() {
         measure(|i| {
             let id = i + lines * 10_000_000 + 1_000_000;
             let ls: Vec<Line> = (0..lines).map(|j| Line { key: key(i * 7 + j), qty: 1 }).collect();
-            let m = s.plan(Command::Order { id, lines: ls }, 0).unwrap();
+            let m = s.plan(Command::Order { id, lines: ls.into() }, 0).unwrap();
             s.prepare(id, &m).unwrap();
             buf.clear();
             m.encode(&mut buf);

@@ -76,7 +76,7 @@ fn bad_frames_and_bad_values_change_nothing() {
     let addr = srv.addr;
     let keys = [Key { item: 1, fc: 1 }, Key { item: 2, fc: 1 }];
     let mut good = connect(addr);
-    let inbound = Request::Inbound { id: 1, lines: vec![Line::new(1, 1, 10), Line::new(2, 1, 10)] };
+    let inbound = Request::Inbound { id: 1, lines: vec![Line::new(1, 1, 10), Line::new(2, 1, 10)].into() };
     assert_eq!(status(&mut good, 1, &inbound), Status::Ok);
     let before = stock(addr, &keys);
     assert_eq!(before, vec![10, 10]);
@@ -125,12 +125,12 @@ fn bad_frames_and_bad_values_change_nothing() {
 
     // Zero quantity, too many lines, a body cut short.
     let mut zero = Vec::new();
-    Request::Order { id: 9, lines: vec![Line::new(1, 1, 1)] }.encode(9, &mut zero);
+    Request::Order { id: 9, lines: vec![Line::new(1, 1, 1)].into() }.encode(9, &mut zero);
     let n = zero.len();
     zero[n - 4..].copy_from_slice(&0u32.to_le_bytes());
     s.write_all(&zero).unwrap();
     assert_eq!(read_response(&mut s).unwrap().1.status(), Status::BadRequest);
-    let many = Request::Order { id: 10, lines: vec![Line::new(1, 1, 1); MAX_LINES + 1] };
+    let many = Request::Order { id: 10, lines: vec![Line::new(1, 1, 1); MAX_LINES + 1].into() };
     assert_eq!(status(&mut s, 10, &many), Status::BadRequest);
     let mut short = Vec::new();
     put_header(&mut short, opcode::ORDER, 11, 10);
@@ -141,7 +141,7 @@ fn bad_frames_and_bad_values_change_nothing() {
     // Overflow: a row may not pass 2^53 units; an adjustment above it is malformed.
     let adjust = Request::Adjust { key: Key { item: 2, fc: 1 }, on_hand: STOCK_MAX - 5, reason: 9 };
     assert_eq!(status(&mut s, 12, &adjust), Status::Ok);
-    let over = Request::Inbound { id: 13, lines: vec![Line::new(1, 1, 1), Line::new(2, 1, 6)] };
+    let over = Request::Inbound { id: 13, lines: vec![Line::new(1, 1, 1), Line::new(2, 1, 6)].into() };
     let r = call(&mut s, 13, &over);
     assert_eq!(r.status(), Status::BadRequest, "{r:?}");
     let mut adj = Vec::new();
@@ -156,7 +156,7 @@ fn bad_frames_and_bad_values_change_nothing() {
     // A truncated frame followed by a hang-up.
     let mut t = connect(addr);
     let mut f = Vec::new();
-    Request::Order { id: 16, lines: vec![Line::new(1, 1, 10)] }.encode(16, &mut f);
+    Request::Order { id: 16, lines: vec![Line::new(1, 1, 10)].into() }.encode(16, &mut f);
     t.write_all(&f[..f.len() - 3]).unwrap();
     drop(t);
 
@@ -178,7 +178,7 @@ fn requests_before_hello_are_unauthorized_when_a_token_is_set() {
     cfg.auth_token = Some("tok".into());
     let srv = stockd::start(cfg).unwrap();
     let mut s = connect(srv.addr);
-    let order = Request::Inbound { id: 1, lines: vec![Line::new(1, 1, 1)] };
+    let order = Request::Inbound { id: 1, lines: vec![Line::new(1, 1, 1)].into() };
     assert_eq!(status(&mut s, 1, &order), Status::Unauthorized);
     assert_eq!(status(&mut s, 2, &Request::Hello { token: b"nope".to_vec() }), Status::Unauthorized);
     assert_eq!(status(&mut s, 3, &order), Status::Unauthorized);
@@ -207,7 +207,7 @@ fn frames_in_one_write_are_served_in_order_up_to_a_broken_one() {
         Request::Query { key }.encode(rid, &mut out);
     }
     put_header(&mut out, opcode::ORDER, 99, MAX_BODY + 1);
-    Request::Inbound { id: 7, lines: vec![Line::new(1, 1, 5)] }.encode(100, &mut out);
+    Request::Inbound { id: 7, lines: vec![Line::new(1, 1, 5)].into() }.encode(100, &mut out);
     let mut s = connect(srv.addr);
     s.write_all(&out).unwrap();
 

@@ -88,7 +88,7 @@ fn a_half_closed_connection_gets_every_answer_then_is_closed() {
     let srv = start(dir.path(), 2);
     let mut s = TcpStream::connect(srv.addr).unwrap();
     let mut out = Vec::new();
-    Request::Inbound { id: 1, lines: vec![Line::new(7, 1, 10)] }.encode(1, &mut out);
+    Request::Inbound { id: 1, lines: vec![Line::new(7, 1, 10)].into() }.encode(1, &mut out);
     s.write_all(&out).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     let answers = answers_until_closed(&mut s);
@@ -98,7 +98,7 @@ fn a_half_closed_connection_gets_every_answer_then_is_closed() {
     let mut s = TcpStream::connect(srv.addr).unwrap();
     out.clear();
     for id in 2..41u64 {
-        Request::Order { id, lines: vec![Line::new(7, 1, 1)] }.encode(id, &mut out);
+        Request::Order { id, lines: vec![Line::new(7, 1, 1)].into() }.encode(id, &mut out);
     }
     Request::Query { key: Key { item: 7, fc: 1 } }.encode(41, &mut out);
     s.write_all(&out).unwrap();

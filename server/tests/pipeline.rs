@@ -23,7 +23,7 @@ fn answered(port: u16, n: u64, first_id: u64, retry: bool) -> u64 {
     s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut out = Vec::new();
     for i in 0..n {
-        let req = Request::Inbound { id: first_id + i, lines: vec![Line::new(1 + i % 7, 1, 1)] };
+        let req = Request::Inbound { id: first_id + i, lines: vec![Line::new(1 + i % 7, 1, 1)].into() };
         req.encode(i, &mut out);
     }
     let mut writer = s.try_clone().unwrap();

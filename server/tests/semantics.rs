@@ -73,7 +73,10 @@ fn a_request_id_reused_while_in_flight_gets_two_answers() {
     let line = vec![stockd_protocol::Line::new(5, 1, 3)];
     let answers = exchange(
         &mut s,
-        &[(7, Request::Inbound { id: 1, lines: line.clone() }), (7, Request::Inbound { id: 2, lines: line })],
+        &[
+            (7, Request::Inbound { id: 1, lines: line.clone().into() }),
+            (7, Request::Inbound { id: 2, lines: line.into() }),
+        ],
     );
     assert_eq!(answers.len(), 2);
     assert!(answers.iter().all(|(rid, r)| *rid == 7 && r.status() == Status::Ok), "{answers:?}");

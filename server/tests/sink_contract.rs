@@ -40,7 +40,7 @@ fn fixtures() -> (Levels, Levels, Batch) {
         (12, Op::Reserve { id: 501, ttl_ms: 60_000 }, vec![Line::new(3, 1, 7)]),
         (14, Op::Adjust { before: 30, after: 12, reason: 2 }, vec![Line::new(3, 2, 0)]),
     ] {
-        let mutation = Mutation { op, lines };
+        let mutation = Mutation { op, lines: lines.into() };
         let lines = after.apply(lsn, &mutation);
         changes.push(Change { lsn, ts_ms: 1_795_000_000_000 + lsn, mutation, lines });
     }

@@ -306,7 +306,7 @@ mod tests {
             (2, Op::Reserve { id: 8, ttl_ms: 100 }, vec![Line::new(1, 1, 4)]),
             (3, Op::Adjust { before: 0, after: 5, reason: 1 }, vec![Line::new(2, 1, 0)]),
         ] {
-            let mutation = Mutation { op, lines };
+            let mutation = Mutation { op, lines: lines.into() };
             let lines = levels.apply(lsn, &mutation);
             changes.push(Change { lsn, ts_ms: 100 + lsn, mutation, lines });
         }

@@ -506,7 +506,7 @@ mod tests {
         let runners = Runners::start(cfg, sinks, &levels, wal.durable.clone(), &retention).unwrap();
         let order = |id: u64| {
             let mut payload = Vec::new();
-            Mutation { op: Op::Order { id }, lines: vec![Line::new(1, 1, 1)] }.encode(&mut payload);
+            Mutation { op: Op::Order { id }, lines: vec![Line::new(1, 1, 1)].into() }.encode(&mut payload);
             payload
         };
         // The first record is delivered at once; the runner then lingers.

@@ -24,10 +24,10 @@ fn lines() -> impl Strategy<Value = Vec<Line>> {
 fn command() -> impl Strategy<Value = Command> {
     let id = 0..IDS;
     prop_oneof![
-        4 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Order { id, lines }),
-        4 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Inbound { id, lines }),
+        4 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Order { id, lines: lines.into() }),
+        4 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Inbound { id, lines: lines.into() }),
         1 => id.clone().prop_map(|id| Command::Cancel { id }),
-        2 => (id.clone(), 1u32..200, lines()).prop_map(|(id, ttl_ms, lines)| Command::Reserve { id, ttl_ms, lines }),
+        2 => (id.clone(), 1u32..200, lines()).prop_map(|(id, ttl_ms, lines)| Command::Reserve { id, ttl_ms, lines: lines.into() }),
         1 => id.clone().prop_map(|id| Command::Confirm { id }),
         1 => id.clone().prop_map(|id| Command::Release { id, expired: false }),
     ]
@@ -203,9 +203,9 @@ impl Cluster {
         let mut out = Vec::new();
         for id in 0..IDS {
             for cmd in [
-                Command::Order { id, lines: line.clone() },
-                Command::Reserve { id, ttl_ms: 50, lines: line.clone() },
-                Command::Inbound { id, lines: line.clone() },
+                Command::Order { id, lines: line.clone().into() },
+                Command::Reserve { id, ttl_ms: 50, lines: line.clone().into() },
+                Command::Inbound { id, lines: line.clone().into() },
                 Command::Cancel { id },
                 Command::Confirm { id },
                 Command::Release { id, expired: false },

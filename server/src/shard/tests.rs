@@ -61,13 +61,13 @@ fn stocked(i: usize, n: usize, key: Key, units: u32) -> Store {
         None,
         1,
         0,
-        &Mutation { op: Op::Inbound { id: u64::MAX }, lines: vec![Line { key, qty: units }] },
+        &Mutation { op: Op::Inbound { id: u64::MAX }, lines: vec![Line { key, qty: units }].into() },
     );
     s
 }
 
 fn order(id: u64, key: Key, qty: u32) -> Command {
-    Command::Order { id, lines: vec![Line { key, qty }] }
+    Command::Order { id, lines: vec![Line { key, qty }].into() }
 }
 
 /// The answer a shard sent to `rx`, decoded.
@@ -174,7 +174,7 @@ fn a_full_log_queue_answers_overloaded_and_reserves_nothing() {
     let rest = 100 - 10 * logged as u32;
     assert!(shard
         .store
-        .prepare(99, &Mutation { op: Op::Order { id: 99 }, lines: vec![Line { key: KEY, qty: rest }] })
+        .prepare(99, &Mutation { op: Op::Order { id: 99 }, lines: vec![Line { key: KEY, qty: rest }].into() })
         .is_ok());
     drop(gate_tx);
 }
@@ -253,13 +253,14 @@ fn a_reserve_retried_while_its_hold_expires_answers_duplicate() {
     // Commits are never routed: the expiry's release stays in flight.
     let shared = shared_with(dir.path(), 1, 1024, |_| {});
     let mut store = stocked(0, 1, KEY, 5);
-    let hold = Mutation { op: Op::Reserve { id: 77, ttl_ms: 1 }, lines: vec![Line { key: KEY, qty: 2 }] };
+    let hold =
+        Mutation { op: Op::Reserve { id: 77, ttl_ms: 1 }, lines: vec![Line { key: KEY, qty: 2 }].into() };
     store.apply(None, 2, 1_000, &hold);
     let mut shard = Shard::new(0, shared, store);
     shard.expire_holds(); // its deadline (ts 1,001) is long past: a release starts
     assert!(shard.busy_ids.contains(&IdKey::OrderOrHold(77)), "the expiry is in flight");
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let retry = Command::Reserve { id: 77, ttl_ms: 60_000, lines: vec![Line { key: KEY, qty: 2 }] };
+    let retry = Command::Reserve { id: 77, ttl_ms: 60_000, lines: vec![Line { key: KEY, qty: 2 }].into() };
     shard.start(opcode::RESERVE, 5, retry, Some(tx.clone()));
     assert_eq!(answer(&mut rx), Some(Response::Duplicate { lsn: 2 }));
     // Other operations on the id still wait for the one in flight.
@@ -353,7 +354,7 @@ fn a_record_logged_by_the_other_participant_and_then_fenced_releases_its_units()
         other => panic!("{other:?}"),
     }
     p.rows.drain();
-    let all = Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key: p.key, qty: 10 }] };
+    let all = Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key: p.key, qty: 10 }].into() };
     assert!(p.rows.store.prepare(99, &all).is_ok(), "the fenced order's 10 units are free again");
 }
 
@@ -383,7 +384,8 @@ fn the_one_other_participant_that_finds_the_log_full_drops_its_reservation_and_t
     assert_log_saturated(refused);
     rows.drain();
     // The logged orders keep their 10 units each; the refused one's are free again.
-    let rest = Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key, qty: 100 - 10 * logged as u32 }] };
+    let rest =
+        Mutation { op: Op::Order { id: 4 }, lines: vec![Line { key, qty: 100 - 10 * logged as u32 }].into() };
     assert!(rows.store.prepare(99, &rest).is_ok());
     drop(gate_tx);
 }

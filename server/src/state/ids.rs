@@ -10,7 +10,7 @@
 
 use std::num::NonZeroU64;
 
-use stockd_protocol::Line;
+use stockd_protocol::Lines;
 use stockd_record::{Mutation, Op};
 
 use super::Store;
@@ -43,16 +43,19 @@ pub struct LogStamp {
     pub ts_ms: u64,
 }
 
-/// One remembered order or hold id: 80 bytes plus its lines (112 before
-/// the lines became a boxed slice, the optional LSNs used their niche and
-/// the aging stamp its LSN 0 for "none"): the id tables are the largest
-/// thing a shard keeps, and replay's critical path is inserting into them.
+/// One remembered order or hold id: 96 bytes, a one-line order's line
+/// included (112 before the lines became a boxed slice, the optional LSNs
+/// used their niche and the aging stamp its LSN 0 for "none"; then 80 bytes
+/// and a 32-byte allocation for the boxed line, until [`Lines`] kept one
+/// line inline). Lines of more than one take an allocation of their own.
+/// The id tables are the largest thing a shard keeps, and replay's critical
+/// path is inserting into them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdEntry {
     /// LSN of the ORDER or RESERVE that created the id.
     pub lsn: u64,
     pub ts_ms: u64,
-    pub lines: Box<[Line]>,
+    pub lines: Lines,
     pub state: IdState,
     /// See [`IdEntry::aging_from`]; an LSN of 0 stands for None.
     aging: LogStamp,
@@ -64,7 +67,7 @@ impl IdEntry {
         lsn: u64,
         ts_ms: u64,
         is_hold: bool,
-        lines: Box<[Line]>,
+        lines: Lines,
         state: IdState,
         aging_from: Option<LogStamp>,
     ) -> IdEntry {
@@ -187,7 +190,7 @@ impl Store {
     /// The id's new state after a durable record, on the shard that owns the id.
     /// `lines`: the record's lines when the caller gives them up (replay), so
     /// that a new id takes them instead of a copy.
-    pub(super) fn apply_id(&mut self, stamp: LogStamp, m: &Mutation, lines: Option<Vec<Line>>) {
+    pub(super) fn apply_id(&mut self, stamp: LogStamp, m: &Mutation, lines: Option<Lines>) {
         let id = m.owner_id();
         match m.op {
             Op::Order { .. } | Op::Reserve { .. } => {
@@ -201,7 +204,7 @@ impl Store {
                     _ => (IdState::Ordered { confirm_lsn: None }, Some(stamp)),
                 };
                 let is_hold = aging_from.is_none();
-                let lines = lines.unwrap_or_else(|| m.lines.clone()).into_boxed_slice();
+                let lines = lines.unwrap_or_else(|| m.lines.clone());
                 let entry = IdEntry::new(stamp.lsn, stamp.ts_ms, is_hold, lines, state, aging_from);
                 let fresh = self.ids.insert(id, entry).is_none();
                 assert!(fresh, "invariant: an order or hold id is created once while remembered ({id})");

@@ -2,7 +2,7 @@
 //! the record to log, or is answered at once from the id's state
 //! (duplicate, unknown id, conflict, table full).
 
-use stockd_protocol::{Key, Line};
+use stockd_protocol::{Key, Line, Lines};
 use stockd_record::{Mutation, Op};
 
 use super::answer::{Answer, IdKind};
@@ -12,10 +12,10 @@ use super::Store;
 /// A mutation request, as the coordinator sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    Order { id: u64, lines: Vec<Line> },
-    Inbound { id: u64, lines: Vec<Line> },
+    Order { id: u64, lines: Lines },
+    Inbound { id: u64, lines: Lines },
     Cancel { id: u64 },
-    Reserve { id: u64, ttl_ms: u32, lines: Vec<Line> },
+    Reserve { id: u64, ttl_ms: u32, lines: Lines },
     Confirm { id: u64 },
     Release { id: u64, expired: bool },
     Adjust { key: Key, on_hand: u64, reason: u16 },
@@ -91,7 +91,7 @@ impl<F: Fn() -> u64> NowMs for F {
 impl Store {
     /// Step 1, on the owner of the command's id: the record to log, or the answer now.
     pub fn plan(&self, cmd: Command, now: impl NowMs) -> Result<Mutation, Answer> {
-        let new_id = |op: Op, lines: Vec<Line>| {
+        let new_id = |op: Op, lines: Lines| {
             if self.table_full(&now) {
                 Err(Answer::TableFull)
             } else {
@@ -129,7 +129,7 @@ impl Store {
                 let before = self.row(key).map_or(0, |r| r.on_hand);
                 Ok(Mutation {
                     op: Op::Adjust { before, after: on_hand, reason },
-                    lines: vec![Line { key, qty: 0 }],
+                    lines: Lines::from_slice(&[Line { key, qty: 0 }]),
                 })
             }
         }
@@ -138,7 +138,7 @@ impl Store {
 
 fn plan_cancel(id: u64, e: &IdEntry) -> Result<Mutation, Answer> {
     match e.state {
-        IdState::Ordered { .. } => Ok(Mutation { op: Op::Cancel { id }, lines: e.lines.to_vec() }),
+        IdState::Ordered { .. } => Ok(Mutation { op: Op::Cancel { id }, lines: e.lines.clone() }),
         IdState::Cancelled { lsn, .. } => Err(Answer::Duplicate { lsn }),
         IdState::Held { .. } => conflict(format!("hold {id} is not confirmed; release it instead")),
         IdState::Released { .. } => conflict(format!("hold {id} was released, not confirmed")),
@@ -149,7 +149,7 @@ fn plan_confirm(id: u64, e: &IdEntry, now_ms: u64) -> Result<Mutation, Answer> {
     match e.state {
         _ if !e.is_hold => conflict(format!("id {id} is an order, not a hold")),
         IdState::Held { deadline_ms } if deadline_ms <= now_ms => conflict(format!("hold {id} has expired")),
-        IdState::Held { .. } => Ok(Mutation { op: Op::Confirm { id }, lines: e.lines.to_vec() }),
+        IdState::Held { .. } => Ok(Mutation { op: Op::Confirm { id }, lines: e.lines.clone() }),
         IdState::Ordered { confirm_lsn: Some(lsn) } | IdState::Cancelled { confirm_lsn: Some(lsn), .. } => {
             Err(Answer::Duplicate { lsn: lsn.get() })
         }
@@ -164,7 +164,7 @@ fn plan_confirm(id: u64, e: &IdEntry, now_ms: u64) -> Result<Mutation, Answer> {
 fn plan_release(id: u64, e: &IdEntry, expired: bool) -> Result<Mutation, Answer> {
     match e.state {
         _ if !e.is_hold => conflict(format!("id {id} is an order, not a hold")),
-        IdState::Held { .. } => Ok(Mutation { op: Op::Release { id, expired }, lines: e.lines.to_vec() }),
+        IdState::Held { .. } => Ok(Mutation { op: Op::Release { id, expired }, lines: e.lines.clone() }),
         IdState::Released { lsn, .. } => Err(Answer::Duplicate { lsn }),
         _ => conflict(format!("hold {id} was confirmed; cancel the order instead")),
     }

@@ -13,7 +13,7 @@ use std::num::NonZeroU64;
 
 use std::collections::HashMap;
 
-use stockd_protocol::{prefetch, shard_of, DecodeError, Key, Line, Reader, STOCK_MAX};
+use stockd_protocol::{prefetch, shard_of, DecodeError, Key, Line, Lines, Reader, STOCK_MAX};
 
 use super::id_table::IdTable;
 use super::ids::{IdEntry, IdState, LogStamp};
@@ -430,8 +430,9 @@ impl Entry for IdEntry {
     fn put(&self, id: u64, out: &mut Vec<u8>) {
         put_id(out, id, self);
     }
-    /// The lines live on the heap: one cache miss per id, most of what
-    /// writing an id cost before it was asked for ahead.
+    /// Lines of more than one live on the heap: one cache miss per id, most
+    /// of what writing an id cost before it was asked for ahead. (One line
+    /// is inline: this asks for the entry's own cache line, harmless.)
     fn prefetch(&self) {
         if let Some(first) = self.lines.first() {
             prefetch(first);
@@ -541,12 +542,12 @@ fn read_id_entry(r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
         return Err(DecodeError(format!("id {id}: aging stamp does not fit its state")));
     }
     let n = r.u16("lines")? as usize;
-    let mut lines = Vec::with_capacity(n);
+    let mut lines = Lines::with_capacity(n);
     for _ in 0..n {
         let key = r.key()?;
         lines.push(Line { key, qty: r.u32("qty")? });
     }
-    Ok((id, IdEntry::new(lsn, ts_ms, is_hold, lines.into_boxed_slice(), state, aging_from)))
+    Ok((id, IdEntry::new(lsn, ts_ms, is_hold, lines, state, aging_from)))
 }
 
 /// An id's state: u8 tag, then its fields. held (0): u64 deadline_ms;

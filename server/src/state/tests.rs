@@ -74,7 +74,7 @@ impl Model {
                     if o == Outcome::Ok {
                         self.ids.insert(
                             *id,
-                            ModelId::Order { lines: lines.clone(), cancelled: false, from_hold: false },
+                            ModelId::Order { lines: lines.to_vec(), cancelled: false, from_hold: false },
                         );
                     }
                     o
@@ -96,7 +96,7 @@ impl Model {
                     let o = self.take(lines, true);
                     if o == Outcome::Ok {
                         let deadline = now + *ttl_ms as u64;
-                        self.ids.insert(*id, ModelId::Hold { lines: lines.clone(), deadline, done: None });
+                        self.ids.insert(*id, ModelId::Hold { lines: lines.to_vec(), deadline, done: None });
                     }
                     o
                 }
@@ -183,10 +183,10 @@ fn lines() -> impl Strategy<Value = Vec<Line>> {
 fn command() -> impl Strategy<Value = Command> {
     let id = 0u64..8;
     prop_oneof![
-        4 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Order { id, lines }),
-        3 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Inbound { id, lines }),
+        4 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Order { id, lines: lines.into() }),
+        3 => (id.clone(), lines()).prop_map(|(id, lines)| Command::Inbound { id, lines: lines.into() }),
         1 => id.clone().prop_map(|id| Command::Cancel { id }),
-        2 => (id.clone(), 1u32..50, lines()).prop_map(|(id, ttl_ms, lines)| Command::Reserve { id, ttl_ms, lines }),
+        2 => (id.clone(), 1u32..50, lines()).prop_map(|(id, ttl_ms, lines)| Command::Reserve { id, ttl_ms, lines: lines.into() }),
         1 => id.clone().prop_map(|id| Command::Confirm { id }),
         1 => id.clone().prop_map(|id| Command::Release { id, expired: false }),
         1 => (0..KEYS.len(), 0u64..20).prop_map(|(k, on_hand)| Command::Adjust { key: KEYS[k], on_hand, reason: 1 }),
@@ -355,7 +355,7 @@ proptest! {
         for (n, (is_order, lines, pick, action)) in steps.into_iter().enumerate() {
             let id = n as u64;
             let op = if is_order { Op::Order { id } } else { Op::Inbound { id } };
-            let m = Mutation { op, lines };
+            let m = Mutation { op, lines: lines.into() };
             let results: Vec<_> = stores.iter_mut().map(|s| s.prepare(id, &m)).collect();
             if results.iter().all(Result::is_ok) {
                 open.push((id, m));
@@ -413,20 +413,23 @@ fn ids_are_forgotten_after_the_window_or_beyond_the_cap_but_live_holds_are_kept(
     let mut s = Store::new(0, 1, limits);
     let key = Key { item: 5, fc: 1 };
     let line = |qty| vec![Line { key, qty }];
-    s.apply(None, 1, 0, &Mutation { op: Op::Inbound { id: 1 }, lines: line(10) });
-    s.apply(None, 2, 10, &Mutation { op: Op::Reserve { id: 2, ttl_ms: 5_000 }, lines: line(1) });
-    s.apply(None, 3, 20, &Mutation { op: Op::Order { id: 3 }, lines: line(1) });
+    s.apply(None, 1, 0, &Mutation { op: Op::Inbound { id: 1 }, lines: line(10).into() });
+    s.apply(None, 2, 10, &Mutation { op: Op::Reserve { id: 2, ttl_ms: 5_000 }, lines: line(1).into() });
+    s.apply(None, 3, 20, &Mutation { op: Op::Order { id: 3 }, lines: line(1).into() });
     // Full, and the oldest id is younger than the minimum window: refused.
-    assert_eq!(s.plan(Command::Order { id: 4, lines: line(1) }, 30), Err(Answer::TableFull));
-    assert_eq!(s.plan(Command::Inbound { id: 1, lines: line(1) }, 30), Err(Answer::Duplicate { lsn: 1 }));
+    assert_eq!(s.plan(Command::Order { id: 4, lines: line(1).into() }, 30), Err(Answer::TableFull));
+    assert_eq!(
+        s.plan(Command::Inbound { id: 1, lines: line(1).into() }, 30),
+        Err(Answer::Duplicate { lsn: 1 })
+    );
     // Later the oldest may go: accepted, and applying it forgets receipt 1.
-    let m = s.plan(Command::Order { id: 4, lines: line(1) }, 200).unwrap();
+    let m = s.plan(Command::Order { id: 4, lines: line(1).into() }, 200).unwrap();
     s.apply(None, 4, 200, &m);
     assert_eq!(s.id_count(), 3);
-    let again = s.plan(Command::Inbound { id: 1, lines: line(1) }, 200);
+    let again = s.plan(Command::Inbound { id: 1, lines: line(1).into() }, 200);
     assert!(!matches!(again, Err(Answer::Duplicate { .. })), "{again:?}");
     // Past the window everything old is forgotten except the live hold.
-    s.apply(None, 5, 2_000, &Mutation { op: Op::Inbound { id: 9 }, lines: line(1) });
+    s.apply(None, 5, 2_000, &Mutation { op: Op::Inbound { id: 9 }, lines: line(1).into() });
     assert!(s.id(2).is_some(), "live hold kept");
     assert!(s.id(3).is_none() && s.id(4).is_none());
     assert_eq!(s.id_count(), 2);
@@ -437,16 +440,16 @@ fn ids_are_forgotten_after_the_window_or_beyond_the_cap_but_live_holds_are_kept(
 fn adjust_refuses_below_held_and_with_changes_in_flight() {
     let mut s = Store::new(0, 1, IdLimits::default());
     let key = Key { item: 5, fc: 1 };
-    s.apply(None, 1, 0, &Mutation { op: Op::Inbound { id: 1 }, lines: vec![Line { key, qty: 10 }] });
+    s.apply(None, 1, 0, &Mutation { op: Op::Inbound { id: 1 }, lines: vec![Line { key, qty: 10 }].into() });
     s.apply(
         None,
         2,
         0,
-        &Mutation { op: Op::Reserve { id: 2, ttl_ms: 100 }, lines: vec![Line { key, qty: 4 }] },
+        &Mutation { op: Op::Reserve { id: 2, ttl_ms: 100 }, lines: vec![Line { key, qty: 4 }].into() },
     );
     let adj = |s: &Store, on_hand| s.plan(Command::Adjust { key, on_hand, reason: 0 }, 0).unwrap();
     assert_eq!(s.clone_prepare(&adj(&s, 3)), Err(Refusal::BelowHeld { held: 4 }));
-    let order = Mutation { op: Op::Order { id: 3 }, lines: vec![Line { key, qty: 1 }] };
+    let order = Mutation { op: Op::Order { id: 3 }, lines: vec![Line { key, qty: 1 }].into() };
     s.prepare(77, &order).unwrap();
     assert_eq!(s.prepare(78, &adj(&s, 8)), Err(Refusal::Busy { line: 0 }));
     s.abort(77);
@@ -463,12 +466,20 @@ fn the_reserved_rows_table_shrinks_after_a_burst_and_reservations_stay_exact() {
     let rows = 20_000u64;
     let stock: Vec<Line> = (0..rows).map(|i| Line { key: key(i), qty: 3 }).collect();
     for (n, chunk) in stock.chunks(256).enumerate() {
-        s.apply(None, 1 + n as u64, 0, &Mutation { op: Op::Inbound { id: n as u64 }, lines: chunk.to_vec() });
+        s.apply(
+            None,
+            1 + n as u64,
+            0,
+            &Mutation { op: Op::Inbound { id: n as u64 }, lines: chunk.to_vec().into() },
+        );
     }
     let mut lsn = 1_000;
     // A burst: one order per row, all prepared before any is decided.
     let burst: Vec<Mutation> = (0..rows)
-        .map(|i| Mutation { op: Op::Order { id: 1_000_000 + i }, lines: vec![Line { key: key(i), qty: 1 }] })
+        .map(|i| Mutation {
+            op: Op::Order { id: 1_000_000 + i },
+            lines: vec![Line { key: key(i), qty: 1 }].into(),
+        })
         .collect();
     for (txn, m) in burst.iter().enumerate() {
         s.prepare(txn as u64, m).unwrap();
@@ -494,7 +505,7 @@ fn the_reserved_rows_table_shrinks_after_a_burst_and_reservations_stay_exact() {
         assert_eq!(s.pending_on(key(i)).take, u64::from(i < keep), "row {i}");
     }
     // A row still reserved cannot be oversold, and its reservation settles once.
-    let rest = Mutation { op: Op::Order { id: 7 }, lines: vec![Line { key: key(0), qty: 3 }] };
+    let rest = Mutation { op: Op::Order { id: 7 }, lines: vec![Line { key: key(0), qty: 3 }].into() };
     assert!(s.prepare(99_999_999, &rest).is_err(), "1 of 3 units is reserved");
     for txn in 0..keep {
         lsn += 1;
@@ -522,9 +533,9 @@ impl Store {
 
 #[test]
 fn an_id_entry_is_as_small_as_its_documentation_says() {
-    assert_eq!(std::mem::size_of::<IdEntry>(), 80);
-    // An id table's slab holds Option<IdEntry>: the boxed lines make None free.
-    assert_eq!(std::mem::size_of::<Option<IdEntry>>(), 80);
+    assert_eq!(std::mem::size_of::<IdEntry>(), 96);
+    // An id table's slab holds Option<IdEntry>: a niche of the state makes None free.
+    assert_eq!(std::mem::size_of::<Option<IdEntry>>(), 96);
     assert_eq!(std::mem::size_of::<IdState>(), 24);
 }
 
@@ -538,10 +549,10 @@ fn wide_lines() -> impl Strategy<Value = Vec<Line>> {
 fn wide_command() -> impl Strategy<Value = Command> {
     let id = 0u64..400;
     prop_oneof![
-        5 => (id.clone(), wide_lines()).prop_map(|(id, lines)| Command::Order { id, lines }),
-        4 => (id.clone(), wide_lines()).prop_map(|(id, lines)| Command::Inbound { id, lines }),
+        5 => (id.clone(), wide_lines()).prop_map(|(id, lines)| Command::Order { id, lines: lines.into() }),
+        4 => (id.clone(), wide_lines()).prop_map(|(id, lines)| Command::Inbound { id, lines: lines.into() }),
         2 => id.clone().prop_map(|id| Command::Cancel { id }),
-        2 => (id.clone(), 1u32..50, wide_lines()).prop_map(|(id, ttl_ms, lines)| Command::Reserve { id, ttl_ms, lines }),
+        2 => (id.clone(), 1u32..50, wide_lines()).prop_map(|(id, ttl_ms, lines)| Command::Reserve { id, ttl_ms, lines: lines.into() }),
         1 => id.clone().prop_map(|id| Command::Confirm { id }),
         1 => id.clone().prop_map(|id| Command::Release { id, expired: false }),
     ]
