@@ -47,9 +47,11 @@ pub(super) struct Capture {
     /// Most slots looked at (and before-images written) per step.
     step: usize,
     buf: Vec<u8>,
-    /// Per part: entries as of `lsn` of ids changed since (None: not in the snapshot).
-    ids_before: Vec<IdMap<Option<IdEntry>>>,
-    receipts_before: Vec<IdMap<Option<LogStamp>>>,
+    /// Per part: the entries, as of `lsn`, of ids that existed then and
+    /// have changed or been forgotten since, before they were written.
+    /// Ids made after the mark need none: their LSN leaves them out.
+    ids_before: Vec<IdMap<IdEntry>>,
+    receipts_before: Vec<IdMap<LogStamp>>,
 }
 
 /// Where a snapshot's rows section stands: the rows are walked item by
@@ -261,8 +263,14 @@ impl Store {
         if !c.pending(part, Section::Ids, slot) || c.ids_before[part].contains_key(&id) {
             return;
         }
-        let before = self.ids.get(&id).filter(|e| e.lsn <= c.lsn).cloned();
-        c.ids_before[part].insert(id, before);
+        // An id made after the mark (most of those that change during a
+        // snapshot: every new order) keeps no image: `write_live` leaves it
+        // out by its LSN. (It kept an empty one until 2026-11-27: a hash
+        // insert per new id, and a map the snapshot's steps then probed for
+        // every id they wrote.)
+        if let Some(before) = self.ids.get(&id).filter(|e| e.lsn <= c.lsn) {
+            c.ids_before[part].insert(id, before.clone());
+        }
     }
 
     /// Keeps a row as of the snapshot's LSN before it changes or is made.
@@ -280,8 +288,9 @@ impl Store {
         if !c.pending(part, Section::Receipts, slot) || c.receipts_before[part].contains_key(&id) {
             return;
         }
-        let before = self.receipts.get(&id).filter(|r| r.lsn <= c.lsn).copied();
-        c.receipts_before[part].insert(id, before);
+        if let Some(before) = self.receipts.get(&id).filter(|r| r.lsn <= c.lsn) {
+            c.receipts_before[part].insert(id, *before);
+        }
     }
 
     /// Serializes the durable state (rows, ids, receipts; not pending) at once.
@@ -452,7 +461,7 @@ fn write_live<V: Entry>(
     from: usize,
     budget: usize,
     lsn: u64,
-    before: &IdMap<Option<V>>,
+    before: &IdMap<V>,
     out: &mut Vec<u8>,
     written: &mut u64,
 ) -> (usize, usize) {
@@ -474,11 +483,10 @@ fn write_live<V: Entry>(
     (end, table.slots())
 }
 
-/// Writes the before-images that hold an entry (the id existed at the
-/// mark); adds them to `written`. Returns how many images it looked at.
-fn write_kept<V: Entry>(kept: &IdMap<Option<V>>, out: &mut Vec<u8>, written: &mut u64) -> usize {
-    for (id, v) in kept.iter().filter_map(|(id, v)| v.as_ref().map(|v| (*id, v))) {
-        v.put(id, out);
+/// Writes the before-images; adds them to `written`. Returns how many.
+fn write_kept<V: Entry>(kept: &IdMap<V>, out: &mut Vec<u8>, written: &mut u64) -> usize {
+    for (id, v) in kept {
+        v.put(*id, out);
         *written += 1;
     }
     kept.len()
