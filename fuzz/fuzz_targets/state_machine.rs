@@ -11,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use stockd::state::{Command, IdKey, IdLimits, Mutation, Store};
-use stockd_protocol::{shard_of, Key, Line};
+use stockd_protocol::{shard_of, Key, Line, Lines};
 
 struct Run {
     stores: Vec<Store>,
@@ -109,7 +109,7 @@ fuzz_target!(|data: &[u8]| {
     for c in ops.chunks_exact(4) {
         let (op, id, item, qty) = (c[0], (c[1] % 16) as u64, (c[2] % 8) as u64, 1 + (c[3] % 5) as u32);
         let lines = vec![Line::new(item, 1, qty), Line::new((item + c[1] as u64) % 8, 1, qty)];
-        let lines = lines[..1 + (c[0] as usize >> 7)].to_vec();
+        let lines = Lines::from_slice(&lines[..1 + (c[0] as usize >> 7)]);
         let hold_open = c[3] & 0x80 != 0;
         match op % 12 {
             0 | 1 => run.run(Command::Order { id, lines }, hold_open),
