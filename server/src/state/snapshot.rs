@@ -441,9 +441,9 @@ impl Entry for IdEntry {
     }
     /// Lines of more than one live on the heap: one cache miss per id, most
     /// of what writing an id cost before it was asked for ahead. (One line
-    /// is inline: this asks for the entry's own cache line, harmless.)
+    /// is inline in the entry: nothing to ask for.)
     fn prefetch(&self) {
-        if let Some(first) = self.lines.first() {
+        if let Some(first) = self.lines.first().filter(|_| self.lines.spilled()) {
             prefetch(first);
         }
     }
