@@ -15,14 +15,24 @@
 # seconds (default 2) after each run: deleting a data directory on a disk
 # with online discard slows the next run's fdatasyncs for a while. Uses this
 # tree's stock-loadgen (build it first: cargo build --release -p
-# stock-loadgen) and python3 to read its JSON report.
+# stock-loadgen; or LG=/path/to/stock-loadgen) and python3 to read its
+# JSON report. On a many-core machine SERVER_CPUS and LOADGEN_CPUS pin the
+# server and the load generator apart (taskset lists, as in
+# scripts/scale.sh), the load generator with a thread per CPU of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 3 ] && [ "$3" = "--" ] || { echo "usage: $0 BEFORE_STOCKD AFTER_STOCKD -- LOADGEN_ARGS..." >&2; exit 2; }
 before=$1 after=$2; shift 3
 ROUNDS=${ROUNDS:-3} SHARDS=${SHARDS:-1} DURATION=${DURATION:-5s} CONNECTIONS=${CONNECTIONS:-16} PAUSE=${PAUSE:-2}
-LG=target/release/stock-loadgen
+LG=${LG:-target/release/stock-loadgen}
 KEYS=(--keys 100000 --centers 4)
+SERVER_PIN=() LG_PIN=()
+if [ -n "${SERVER_CPUS:-}" ]; then SERVER_PIN=(taskset -c "$SERVER_CPUS"); fi
+if [ -n "${LOADGEN_CPUS:-}" ]; then
+    . scripts/cpus.sh
+    LG_PIN=(taskset -c "$LOADGEN_CPUS")
+    KEYS+=(--threads "$(count_cpus "$LOADGEN_CPUS")")
+fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rows=$(mktemp)
@@ -30,16 +40,16 @@ for round in $(seq "$ROUNDS"); do
     for who in before after; do
         bin=$before; [ $who = after ] && bin=$after
         dir=$(mktemp -d) port=$(free_port)
-        RUST_LOG=warn "$bin" --listen 127.0.0.1:"$port" --shard-port-base 0 --shards "$SHARDS" --data-dir "$dir" \
+        RUST_LOG=warn "${SERVER_PIN[@]}" "$bin" --listen 127.0.0.1:"$port" --shard-port-base 0 --shards "$SHARDS" --data-dir "$dir" \
             > "$dir/stockd.log" 2>&1 &
         pid=$!
         for _ in $(seq 100); do
             python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.1)" 2>/dev/null && break
             sleep 0.1
         done
-        "$LG" --target stockd://127.0.0.1:"$port" "${KEYS[@]}" --quiet --duration 1s --workload query --preload > /dev/null
+        "${LG_PIN[@]}" "$LG" --target stockd://127.0.0.1:"$port" "${KEYS[@]}" --quiet --duration 1s --workload query --preload > /dev/null
         t0=$(cpu_ticks "$pid")
-        "$LG" --target stockd://127.0.0.1:"$port" "${KEYS[@]}" --connections "$CONNECTIONS" --quiet \
+        "${LG_PIN[@]}" "$LG" --target stockd://127.0.0.1:"$port" "${KEYS[@]}" --connections "$CONNECTIONS" --quiet \
             --duration "$DURATION" --json "$dir/report.json" "$@" > /dev/null
         t1=$(cpu_ticks "$pid")
         python3 - "$dir/report.json" "$who" "$round" "$t0" "$t1" "$(getconf CLK_TCK)" <<'EOF' | tee -a "$rows"
