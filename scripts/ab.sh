@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# A/B one workload between two stockd builds: a fresh server and data dir
-# per run, the builds alternating, ROUNDS rounds (default 3).
+# A/B one workload between two or more stockd builds: a fresh server and
+# data dir per run, the builds alternating, ROUNDS rounds (default 3).
 #
-#   scripts/ab.sh BEFORE_STOCKD AFTER_STOCKD -- LOADGEN_ARGS...
+#   scripts/ab.sh BEFORE_STOCKD AFTER_STOCKD [MORE_STOCKD...] -- LOADGEN_ARGS...
 #   scripts/ab.sh /tmp/base/target/release/stockd target/release/stockd -- --workload order
 #   CONNECTIONS=4 DURATION=15s scripts/ab.sh A B -- --workload order
+#   SHARDS=8 scripts/ab.sh old/stockd mid/stockd new/stockd -- --workload query-batch --pipeline 16
 #
 # Each run preloads the keys (a 1 s query run with --preload), then runs
 # the workload with CONNECTIONS (default 16) connections for DURATION
 # (default 5s), the server and the load generator sharing the machine's
-# CPUs as in scripts/bench.sh. Prints "before|after round ops/s p50 p99
-# p99.9 server_us_per_op" per run (server CPU from /proc over the
-# workload), then the medians of each build and their ratio. Waits PAUSE
-# seconds (default 2) after each run: deleting a data directory on a disk
-# with online discard slows the next run's fdatasyncs for a while. Uses this
-# tree's stock-loadgen (build it first: cargo build --release -p
-# stock-loadgen; or LG=/path/to/stock-loadgen) and python3 to read its
-# JSON report. On a many-core machine SERVER_CPUS and LOADGEN_CPUS pin the
-# server and the load generator apart (taskset lists, as in
-# scripts/scale.sh), the load generator with a thread per CPU of its own.
+# CPUs as in scripts/bench.sh. Prints "build round ops/s p50 p99 p99.9
+# server_us_per_op" per run (build: before and after for two builds, else
+# b1, b2, ... in the order given; server CPU from /proc over the
+# workload), then the medians of each build and their ratio to the first.
+# Waits PAUSE seconds (default 2) after each run: deleting a data
+# directory on a disk with online discard slows the next run's fdatasyncs
+# for a while. Uses this tree's stock-loadgen (build it first: cargo build
+# --release -p stock-loadgen; or LG=/path/to/stock-loadgen) and python3 to
+# read its JSON report. On a many-core machine SERVER_CPUS and
+# LOADGEN_CPUS pin the server and the load generator apart (taskset lists,
+# as in scripts/scale.sh), the load generator with a thread per CPU of its
+# own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 3 ] && [ "$3" = "--" ] || { echo "usage: $0 BEFORE_STOCKD AFTER_STOCKD -- LOADGEN_ARGS..." >&2; exit 2; }
-before=$1 after=$2; shift 3
+usage() { echo "usage: $0 BEFORE_STOCKD AFTER_STOCKD [MORE_STOCKD...] -- LOADGEN_ARGS..." >&2; exit 2; }
+builds=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do builds+=("$1"); shift; done
+[ ${#builds[@]} -ge 2 ] && [ $# -ge 1 ] || usage
+shift
+labels=(before after)
+if [ ${#builds[@]} -gt 2 ]; then labels=(); for i in "${!builds[@]}"; do labels+=("b$((i + 1))"); done; fi
+for i in "${!builds[@]}"; do echo "${labels[$i]}: ${builds[$i]}"; done
 ROUNDS=${ROUNDS:-3} SHARDS=${SHARDS:-1} DURATION=${DURATION:-5s} CONNECTIONS=${CONNECTIONS:-16} PAUSE=${PAUSE:-2}
 LG=${LG:-target/release/stock-loadgen}
 KEYS=(--keys 100000 --centers 4)
@@ -37,8 +46,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rows=$(mktemp)
 for round in $(seq "$ROUNDS"); do
-    for who in before after; do
-        bin=$before; [ $who = after ] && bin=$after
+    for i in "${!builds[@]}"; do
+        who=${labels[$i]} bin=${builds[$i]}
         dir=$(mktemp -d) port=$(free_port)
         RUST_LOG=warn "${SERVER_PIN[@]}" "$bin" --listen 127.0.0.1:"$port" --shard-port-base 0 --shards "$SHARDS" --data-dir "$dir" \
             > "$dir/stockd.log" 2>&1 &
@@ -70,9 +79,11 @@ for line in open(sys.argv[1]):
     who, _, *vals = line.split()
     runs.setdefault(who, []).append([float(v) for v in vals])
 med = {w: [statistics.median(c) for c in zip(*r)] for w, r in runs.items()}
-for w in ("before", "after"):
-    m = med[w]
+first = next(iter(med))
+for w, m in med.items():
     print(f"median {w}: {m[0]:,.0f} ops/s, p50/p99/p99.9 {m[1]:.0f}/{m[2]:.0f}/{m[3]:.0f} us, server {m[4]:.2f} us/op")
-print(f"after/before: {med['after'][0] / med['before'][0]:.2f}x ops/s, {med['after'][4] / med['before'][4]:.2f}x server CPU per op")
+for w, m in med.items():
+    if w != first:
+        print(f"{w}/{first}: {m[0] / med[first][0]:.2f}x ops/s, {m[4] / med[first][4]:.2f}x server CPU per op")
 EOF
 rm -f "$rows"
