@@ -13,7 +13,17 @@ use stockd_sinks::SinkStatus;
 use super::mailbox::{Mailbox, WalToken};
 
 /// Counters of one shard, written by its thread, read by STATS from any thread.
+///
+/// Aligned to 128 bytes, so that no two shards' counters share a cache
+/// line (or the pair of lines Intel's spatial prefetcher fetches
+/// together). 13 counters are 104 bytes: packed in a `Vec`, each shard's
+/// counters shared lines with its neighbours', and a shard writes some of
+/// them for every order it coordinates (`txns_open` twice, an outcome)
+/// and every read (`queries`, `keys_read`). On 16 cores, 8 shards, 1-line
+/// orders: 1.08x the orders/s (docs/benchmarks.md, *Sixteen cores, sixth
+/// session*).
 #[derive(Default)]
+#[repr(align(128))]
 pub struct ShardStats {
     pub connections: AtomicU64,
     pub queries: AtomicU64,

@@ -389,3 +389,16 @@ fn the_one_other_participant_that_finds_the_log_full_drops_its_reservation_and_t
     assert!(rows.store.prepare(99, &rest).is_ok());
     drop(gate_tx);
 }
+
+#[test]
+fn shard_counters_never_share_a_cache_line() {
+    // Every shard writes its counters on every order and read; a line (or
+    // Intel's prefetched pair of lines) shared with a neighbour's counters
+    // moves between their cores on each write.
+    let stats: Vec<ShardStats> = (0..4).map(|_| ShardStats::default()).collect();
+    for pair in stats.windows(2) {
+        let (a, b) = (&pair[0] as *const ShardStats as usize, &pair[1] as *const ShardStats as usize);
+        assert_eq!(a % 128, 0, "a shard's counters start a 128-byte block");
+        assert!(b - a >= 128, "neighbours' counters {} bytes apart", b - a);
+    }
+}
