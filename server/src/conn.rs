@@ -347,8 +347,12 @@ impl Conn {
         let n = sh.shards();
         let me = sh.index();
         if keys.iter().all(|k| shard_of(k.item, n) == me) {
-            let values = sh.read(&keys);
-            return put_batch(&mut self.wbuf, rid, &values);
+            // The hot path (a shard-aware client sends each shard its own
+            // keys): the values go straight into the write buffer.
+            let out = &mut self.wbuf;
+            let start = begin_batch(out, rid, keys.len());
+            sh.read_each(&keys, |v| out.extend_from_slice(&v.to_le_bytes()));
+            return end_frame(out, start);
         }
         if self.batches.contains_key(&rid) {
             return self.error(
@@ -413,11 +417,19 @@ impl Conn {
 }
 
 fn put_batch(out: &mut Vec<u8>, rid: u64, values: &[u64]) {
-    let start = begin_frame(out, opcode::QUERY_BATCH | RESPONSE_BIT, rid);
-    out.push(Status::Ok as u8);
-    out.extend_from_slice(&(values.len() as u16).to_le_bytes());
+    let start = begin_batch(out, rid, values.len());
     for v in values {
         out.extend_from_slice(&v.to_le_bytes());
     }
     end_frame(out, start);
+}
+
+/// Starts a `QUERY_BATCH` answer of `count` values (8 bytes each, which the
+/// caller appends, then ends the frame at the returned start).
+fn begin_batch(out: &mut Vec<u8>, rid: u64, count: usize) -> usize {
+    let start = begin_frame(out, opcode::QUERY_BATCH | RESPONSE_BIT, rid);
+    out.push(Status::Ok as u8);
+    out.extend_from_slice(&(count as u16).to_le_bytes());
+    out.reserve(count * 8);
+    start
 }

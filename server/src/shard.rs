@@ -137,9 +137,17 @@ impl Shard {
     /// Available units of rows this shard owns, for a read of `keys`
     /// (everything durable applied first).
     pub fn read(&mut self, keys: &[Key]) -> Vec<u64> {
+        let mut values = Vec::with_capacity(keys.len());
+        self.read_each(keys, |v| values.push(v));
+        values
+    }
+
+    /// Like [`Shard::read`], each value handed to `each` in order (a
+    /// connection writes them straight into its buffer: no vector).
+    pub fn read_each(&mut self, keys: &[Key], each: impl FnMut(u64)) {
         self.drain_internal();
         self.count_read(keys.len());
-        self.store.available_many(keys)
+        self.store.available_each(keys, each)
     }
 
     /// Every center of an item this shard owns (everything durable applied first).

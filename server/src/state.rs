@@ -145,15 +145,15 @@ impl Store {
         self.row(key).map_or(0, Row::available)
     }
 
-    /// Durable available units of many rows, their lookups' cache misses
-    /// overlapped (see `Rows::prefetch`).
-    pub fn available_many(&self, keys: &[Key]) -> Vec<u64> {
-        let mut out = Vec::with_capacity(keys.len());
+    /// Durable available units of many rows, in order, each handed to
+    /// `each`; their lookups' cache misses overlapped (see `Rows::prefetch`).
+    pub fn available_each(&self, keys: &[Key], mut each: impl FnMut(u64)) {
         for chunk in keys.chunks(PREFETCH_KEYS) {
             self.rows.prefetch(chunk.iter().copied());
-            out.extend(chunk.iter().map(|k| self.available(*k)));
+            for k in chunk {
+                each(self.available(*k));
+            }
         }
-        out
     }
 
     /// Brings the rows that `mutations` change into the cache, all at once,

@@ -18,10 +18,11 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
+use smallvec::SmallVec;
 use stockd_protocol::{prefetch, Key};
 
 use super::index::Index;
-use super::IdHashBuilder;
+use super::{IdHashBuilder, PREFETCH_KEYS};
 
 /// Durable quantities of one row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -100,7 +101,10 @@ impl Rows {
         for k in keys.clone() {
             self.heads.prefetch(k.item);
         }
-        let mut walks: Vec<(u32, u32)> = keys
+        // Inline for the runs callers make (`PREFETCH_KEYS`): the walks of
+        // a 64-key batch's part or a run of queries cost no allocation
+        // (a collected `Vec` was a malloc, a realloc or two and a free per run).
+        let mut walks: SmallVec<[(u32, u32); PREFETCH_KEYS]> = keys
             .filter_map(|k| {
                 let head = self.heads.get(k.item).filter(|h| h & INDEXED == 0)?;
                 prefetch(&self.slots[head as usize]);
