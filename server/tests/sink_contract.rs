@@ -96,6 +96,43 @@ fn redis_keeps_the_sink_contract() {
     assert_eq!(cursor, 14, "the cursor key moves with the data");
 }
 
+/// A call left over from a connection the sink gave up on (sent while
+/// Redis stalled, run once it is back) writes nothing: only the latest
+/// connection's calls do. Without that, such a call could land between
+/// two calls of a newer batch and leave rows at older levels for good.
+#[test]
+fn redis_refuses_calls_of_a_connection_that_is_no_longer_the_writer() {
+    let redis = Redis::start();
+    let (start, after, batch) = fixtures();
+    let read = |want: &Rows| -> Rows {
+        let mut out = Rows::new();
+        for item in want.keys().map(|(i, _)| *i) {
+            let h: BTreeMap<u32, u64> =
+                redis::cmd("HGETALL").arg(format!("stock:{item}")).query(&mut redis.conn()).unwrap();
+            out.extend(h.into_iter().map(|(fc, v)| ((item, fc), v)));
+        }
+        out
+    };
+    let mut old = stockd_sinks::redis::RedisSink::new(&redis.url(), 78).unwrap();
+    assert_eq!(old.connect(None).unwrap(), None);
+    assert_eq!(old.resync(&start).unwrap(), 10);
+    // The sink reconnects (the runner does so after a timeout); the first
+    // connection is still open and its call still comes.
+    let mut new = stockd_sinks::redis::RedisSink::new(&redis.url(), 78).unwrap();
+    assert_eq!(new.connect(None).unwrap(), Some(10));
+    let stale = old.deliver(&batch);
+    assert!(
+        matches!(stale, Err(stockd_sinks::SinkError::Unavailable(_))),
+        "a call of the earlier connection is refused: {stale:?}"
+    );
+    assert_eq!(read(&available(&start)), available(&start), "and wrote no row");
+    assert_eq!(new.deliver(&batch).unwrap(), 14);
+    let want = available(&after);
+    assert_eq!(read(&want), want, "the latest connection writes");
+    assert!(old.deliver(&batch).is_err(), "still refused after the writer moved on");
+    assert_eq!(read(&want), want);
+}
+
 #[test]
 fn kafka_keeps_the_sink_contract() {
     let kafka = Kafka::start();
