@@ -104,8 +104,8 @@ pub fn check_url(url: &str) -> Result<Client, String> {
     Client::open(url).map_err(|e| format!("--redis-url {url}: {e}"))
 }
 
-/// A token no earlier connection of this process (or, but for a 2^-64
-/// chance, of another) used: std's per-instance random hasher keys, and the clock.
+/// A token unlike any earlier connection's but for a 2^-64 chance: the
+/// clock, hashed under keys std draws at random for each `RandomState`.
 fn new_token() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
