@@ -77,21 +77,22 @@ fn contract(sink: &mut dyn Sink, read: &mut dyn FnMut(&Rows) -> Rows, keeps_curs
     assert_eq!(read(&want), want, "{}: a batch delivered twice changes nothing", sink.name());
 }
 
+/// The Redis read model's rows of the items in `want`.
+fn redis_rows(conn: &mut redis::Connection, want: &Rows) -> Rows {
+    let mut out = Rows::new();
+    for item in want.keys().map(|(i, _)| *i) {
+        let h: BTreeMap<u32, u64> = redis::cmd("HGETALL").arg(format!("stock:{item}")).query(conn).unwrap();
+        out.extend(h.into_iter().map(|(fc, v)| ((item, fc), v)));
+    }
+    out
+}
+
 #[test]
 fn redis_keeps_the_sink_contract() {
     let redis = Redis::start();
     let mut sink = stockd_sinks::redis::RedisSink::new(&redis.url(), 77).unwrap();
     let mut conn = redis.conn();
-    let mut read = |want: &Rows| -> Rows {
-        let mut out = Rows::new();
-        for item in want.keys().map(|(i, _)| *i) {
-            let h: BTreeMap<u32, u64> =
-                redis::cmd("HGETALL").arg(format!("stock:{item}")).query(&mut conn).unwrap();
-            out.extend(h.into_iter().map(|(fc, v)| ((item, fc), v)));
-        }
-        out
-    };
-    contract(&mut sink, &mut read, true);
+    contract(&mut sink, &mut |want| redis_rows(&mut conn, want), true);
     let cursor: u64 = redis::cmd("GET").arg("stockd:77:lsn").query(&mut redis.conn()).unwrap();
     assert_eq!(cursor, 14, "the cursor key moves with the data");
 }
@@ -104,15 +105,8 @@ fn redis_keeps_the_sink_contract() {
 fn redis_refuses_calls_of_a_connection_that_is_no_longer_the_writer() {
     let redis = Redis::start();
     let (start, after, batch) = fixtures();
-    let read = |want: &Rows| -> Rows {
-        let mut out = Rows::new();
-        for item in want.keys().map(|(i, _)| *i) {
-            let h: BTreeMap<u32, u64> =
-                redis::cmd("HGETALL").arg(format!("stock:{item}")).query(&mut redis.conn()).unwrap();
-            out.extend(h.into_iter().map(|(fc, v)| ((item, fc), v)));
-        }
-        out
-    };
+    let mut conn = redis.conn();
+    let mut read = |want: &Rows| redis_rows(&mut conn, want);
     let mut old = stockd_sinks::redis::RedisSink::new(&redis.url(), 78).unwrap();
     assert_eq!(old.connect(None).unwrap(), None);
     assert_eq!(old.resync(&start).unwrap(), 10);
