@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Memory per resident row, stockd against Redis, in one run.
+"""Memory per resident row, stockd against Redis, in one run; or per
+remembered order id.
 
-    cargo build --release -p stockd -p stock-loadgen
+    cargo build --release -p stockd -p stock-loadgen -p stockd-client
     python3 scripts/memory.py [--rows 1000000 10000000] [--redis redis-server]
+    python3 scripts/memory.py --ids 8s [--rounds 3] [--stockd-builds A B ...]
 
 For each row count: starts stockd (1 shard, a fresh data dir, a free
 127.0.0.1 port), reads its RSS from /proc, preloads rows/4 items x 4
@@ -11,6 +13,16 @@ remembered receipt ids are 1/256 of the rows), waits for the RSS to settle,
 and reports (RSS after - RSS before) / rows. Then the same for
 redis-server (no persistence), which the load generator fills with one
 string key per row. Prints a Markdown table. Everything it starts it stops.
+
+With --ids DURATION: for each stockd build given (alternating, --rounds
+rounds), a fresh server (1 shard) with 100,000 items x 4 centers preloaded,
+then one-line orders with distinct ids for DURATION (uniform keys, open
+loop at 100,000 orders/s, so that every build remembers about as many
+ids: tables grow in steps, so bytes per id depend on the count); reports
+(RSS after - RSS before) / the ids it remembers (STATS).
+Everything a remembered id costs counts: its entry, its index entry, its
+place in the eviction line, and whatever the allocator keeps of the
+orders' passing allocations.
 """
 import argparse, shutil, subprocess, tempfile, time
 
@@ -52,13 +64,69 @@ def measure(name, cmd, target, rows, loadgen):
     return per_row
 
 
+def stat(stockctl, port, name):
+    out = subprocess.run([stockctl, "--addr", f"127.0.0.1:{port}", "stats"], check=True,
+                         capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        k, _, v = line.partition(" ")
+        if k == name:
+            return int(v)
+    raise SystemExit(f"stats has no {name}:\n{out}")
+
+
+def measure_ids(stockd, duration, loadgen, stockctl):
+    port = free_port()
+    data = tempfile.mkdtemp(prefix="stockd-mem-")
+    proc = subprocess.Popen([stockd, "--listen", f"127.0.0.1:{port}", "--shards", "1", "--shard-port-base", "0",
+                             "--data-dir", data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = [loadgen, "--target", f"stockd://127.0.0.1:{port}", "--keys", "100000", "--centers", "4", "--quiet"]
+    try:
+        wait_port(port, stockd, proc)
+        subprocess.run(base + ["--duration", "1s", "--workload", "query", "--preload"], check=True,
+                       stdout=subprocess.DEVNULL)
+        before = settled_rss(proc.pid)
+        ids_before = stat(stockctl, port, "ids")
+        subprocess.run(base + ["--duration", duration, "--workload", "order", "--connections", "16",
+                               "--pipeline", "16", "--rate", "100000"], check=True, stdout=subprocess.DEVNULL)
+        after = settled_rss(proc.pid)
+        ids = stat(stockctl, port, "ids") - ids_before
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
+    per_id = (after - before) / ids
+    print(f"| {stockd} | {ids:,} | {before / 2**20:.1f} | {after / 2**20:.1f} | {per_id:.1f} |", flush=True)
+    return per_id
+
+
+def main_ids(a):
+    builds = a.stockd_builds or [a.stockd]
+    print("| stockd | ids | RSS before MB | RSS after MB | bytes per id |")
+    print("|---|---|---|---|---|")
+    got = {b: [] for b in builds}
+    for _ in range(a.rounds):
+        for b in builds:
+            got[b].append(measure_ids(b, a.ids, a.loadgen, a.stockctl))
+    print()
+    first = sorted(got[builds[0]])[len(got[builds[0]]) // 2]
+    for b in builds:
+        med = sorted(got[b])[len(got[b]) // 2]
+        print(f"{b}: median {med:.1f} B/id, {med / first:.2f}x the first")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--stockd", default="target/release/stockd")
+    ap.add_argument("--stockd-builds", nargs="+", help="with --ids: builds to compare, alternating")
+    ap.add_argument("--ids", metavar="DURATION", help="measure bytes per remembered order id instead of per row")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--loadgen", default="target/release/stock-loadgen")
+    ap.add_argument("--stockctl", default="target/release/stockctl")
     ap.add_argument("--redis", default=shutil.which("redis-server") or "redis-server")
     a = ap.parse_args()
+    if a.ids:
+        return main_ids(a)
     print("| server | rows | RSS before MB | RSS after MB | bytes per row | preload s |")
     print("|---|---|---|---|---|---|")
     results = []

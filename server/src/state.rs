@@ -20,15 +20,17 @@
 //! Files: this one (the store, its rows, prepare/apply/abort, regrouping),
 //! [`plan`] (commands and step 1), [`ids`] (the idempotency memory and
 //! forgetting), [`snapshot`] (the snapshot codec), [`answer`] (answers and
-//! refusals), [`hash`] and [`id_table`] (id-keyed tables), [`rows`] (the
-//! rows), [`index`] (the u64 -> u32 table both build on).
+//! refusals), [`hash`] and [`id_table`] (id-keyed tables), [`chunked`]
+//! (their storage, grown without copies), [`rows`] (the rows), [`index`]
+//! (the u64 -> u32 table both build on).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 
 use stockd_protocol::{shard_of, Key, MAX_CENTERS_PER_ITEM, STOCK_MAX};
 pub use stockd_record::{Delta, LogRecord, Mutation, Op};
 
 pub mod answer;
+pub mod chunked;
 pub mod hash;
 pub mod id_table;
 pub mod ids;
@@ -38,8 +40,10 @@ pub mod rows;
 pub mod snapshot;
 
 pub use answer::{Answer, IdKind, Refusal};
+use chunked::ChunkedQueue;
 pub use hash::{IdHashBuilder, IdMap, SplitMap, SPLIT_PARTS};
-pub use ids::{IdEntry, IdLimits, IdState, LogStamp};
+use ids::AgingId;
+pub use ids::{IdEntry, IdLimits, IdLines, IdState, LogStamp};
 pub use plan::{Command, IdKey};
 pub use rows::Row;
 use rows::{Pending, PendingRows, RowKey, Rows};
@@ -74,9 +78,9 @@ pub struct Store {
     /// Receipt id -> the record that created it.
     receipts: SplitMap<LogStamp>,
     /// Ids that may be forgotten, in the order they began to age, which is
-    /// LSN order: (ts_ms aging began, is_receipt, id). Every receipt and
-    /// every id entry with `aging_from` is here exactly once.
-    fifo: VecDeque<(u64, bool, u64)>,
+    /// LSN order. Every receipt and every id entry with `aging_from` is
+    /// here exactly once.
+    fifo: ChunkedQueue<AgingId>,
     /// Holds not yet confirmed or released: (deadline_ms, id).
     deadlines: BTreeSet<(u64, u64)>,
     /// Prepared, undecided mutations: txn -> the deltas reserved for it here.
@@ -104,7 +108,7 @@ impl Store {
             pend: PendingRows::default(),
             ids: SplitMap::default(),
             receipts: SplitMap::default(),
-            fifo: VecDeque::new(),
+            fifo: ChunkedQueue::default(),
             deadlines: BTreeSet::new(),
             pending: IdMap::default(),
             applied_lsn: 0,

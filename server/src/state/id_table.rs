@@ -2,28 +2,29 @@
 //! small [`Index`] (id -> slot, 12 bytes an entry) over a slab of values.
 //!
 //! Values are appended to the slab with their ids, and the slots of
-//! removed ids are used again; a slot never moves, so a snapshot can walk
-//! the slab a stretch at a time while the table changes (see
-//! `state/snapshot.rs`). A general hash map keeps each (80-byte) value in
+//! removed ids are used again; a slot never moves (the slab grows a chunk
+//! at a time, `chunked.rs`), so a snapshot can walk the slab a stretch at
+//! a time while the table changes (see `state/snapshot.rs`). A general hash map keeps each (80-byte) value in
 //! its bucket, so every new id writes a random place of a table of
 //! hundreds of megabytes and reads its control bytes first; here it probes
 //! one line of the small index and writes the slab's end. And because where an id's index entry
 //! lives is known from its hash alone, replay asks for a chunk's entries
 //! before it inserts them ([`IdTable::prefetch`]).
 
+use super::chunked::ChunkedVec;
 use super::index::{Index, EMPTY};
 
 pub struct IdTable<V> {
     /// Id -> its value's slot.
     index: Index,
-    slab: Vec<Option<(u64, V)>>,
+    slab: ChunkedVec<Option<(u64, V)>>,
     /// Slots of removed ids, used again first.
     free: Vec<u32>,
 }
 
 impl<V> Default for IdTable<V> {
     fn default() -> Self {
-        IdTable { index: Index::default(), slab: Vec::new(), free: Vec::new() }
+        IdTable { index: Index::default(), slab: ChunkedVec::default(), free: Vec::new() }
     }
 }
 
@@ -37,21 +38,21 @@ impl<V> IdTable<V> {
     }
 
     pub fn get(&self, id: &u64) -> Option<&V> {
-        self.index.get(*id).and_then(|s| self.slab[s as usize].as_ref().map(|(_, v)| v))
+        self.index.get(*id).and_then(|s| self.slab.at(s as usize).as_ref().map(|(_, v)| v))
     }
 
     pub fn get_mut(&mut self, id: &u64) -> Option<&mut V> {
-        self.index.get(*id).and_then(|s| self.slab[s as usize].as_mut().map(|(_, v)| v))
+        self.index.get(*id).and_then(|s| self.slab.at_mut(s as usize).as_mut().map(|(_, v)| v))
     }
 
     /// Sets the value of `id`; the old one back if it had one.
     pub fn insert(&mut self, id: u64, v: V) -> Option<V> {
         if let Some(slot) = self.index.get(id) {
-            return self.slab[slot as usize].replace((id, v)).map(|(_, old)| old);
+            return self.slab.at_mut(slot as usize).replace((id, v)).map(|(_, old)| old);
         }
         let slot = match self.free.pop() {
             Some(slot) => {
-                self.slab[slot as usize] = Some((id, v));
+                *self.slab.at_mut(slot as usize) = Some((id, v));
                 slot
             }
             None => {
@@ -68,13 +69,13 @@ impl<V> IdTable<V> {
     pub fn remove(&mut self, id: &u64) -> Option<V> {
         let slot = self.index.remove(*id)?;
         self.free.push(slot);
-        self.slab[slot as usize].take().map(|(_, v)| v)
+        self.slab.at_mut(slot as usize).take().map(|(_, v)| v)
     }
 
-    /// Room for `additional` more ids without growing the index or the slab.
+    /// Room for `additional` more ids without growing the index (the slab
+    /// grows a chunk at a time, copying nothing).
     pub fn reserve(&mut self, additional: usize) {
         self.index.reserve(additional);
-        self.slab.reserve(additional.saturating_sub(self.free.len()));
     }
 
     /// Asks the CPU for the cache line of `id`'s index entry, without
@@ -95,7 +96,7 @@ impl<V> IdTable<V> {
 
     /// The id and value in `slot`, if it is in use.
     pub fn at(&self, slot: usize) -> Option<(u64, &V)> {
-        self.slab[slot].as_ref().map(|(id, v)| (*id, v))
+        self.slab.at(slot).as_ref().map(|(id, v)| (*id, v))
     }
 
     /// The slot of `id`, if it is in the table.
@@ -107,7 +108,7 @@ impl<V> IdTable<V> {
     pub fn drain(&mut self) -> impl Iterator<Item = (u64, V)> + '_ {
         self.index = Index::default();
         self.free.clear();
-        std::mem::take(&mut self.slab).into_iter().flatten()
+        self.slab.take_all().flatten()
     }
 }
 

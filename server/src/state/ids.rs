@@ -8,9 +8,9 @@
 //! timestamps on the shard that owns the id, so a replay under the same
 //! layout forgets exactly what live service forgot.
 
-use std::num::NonZeroU64;
+use std::num::{NonZeroU32, NonZeroU64};
 
-use stockd_protocol::Lines;
+use stockd_protocol::{Key, Line, Lines};
 use stockd_record::{Mutation, Op};
 
 use super::Store;
@@ -43,11 +43,12 @@ pub struct LogStamp {
     pub ts_ms: u64,
 }
 
-/// One remembered order or hold id: 96 bytes, a one-line order's line
+/// One remembered order or hold id: 80 bytes, a one-line order's line
 /// included (112 before the lines became a boxed slice, the optional LSNs
 /// used their niche and the aging stamp its LSN 0 for "none"; then 80 bytes
-/// and a 32-byte allocation for the boxed line, until [`Lines`] kept one
-/// line inline). Lines of more than one take an allocation of their own.
+/// and a 32-byte allocation for the boxed line; then 96 with the line
+/// inline in a `Lines`, until [`IdLines`] kept it in 16 bytes). Lines of
+/// more than one take allocations of their own.
 /// The id tables are the largest thing a shard keeps, and replay's critical
 /// path is inserting into them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,7 +56,7 @@ pub struct IdEntry {
     /// LSN of the ORDER or RESERVE that created the id.
     pub lsn: u64,
     pub ts_ms: u64,
-    pub lines: Lines,
+    pub lines: IdLines,
     pub state: IdState,
     /// See [`IdEntry::aging_from`]; an LSN of 0 stands for None.
     aging: LogStamp,
@@ -67,7 +68,7 @@ impl IdEntry {
         lsn: u64,
         ts_ms: u64,
         is_hold: bool,
-        lines: Lines,
+        lines: IdLines,
         state: IdState,
         aging_from: Option<LogStamp>,
     ) -> IdEntry {
@@ -90,6 +91,102 @@ impl IdEntry {
 }
 
 const NOT_AGING: LogStamp = LogStamp { lsn: 0, ts_ms: 0 };
+
+/// The lines an id entry keeps, in 16 bytes: one line in place (most
+/// orders have one; a `Lines` would take 32), more on the heap behind one
+/// thin pointer, so that the enum's tag fits in the niche of the one
+/// line's quantity (never 0 in a record; a line of 0 units would be kept
+/// on the heap, never lost).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdLines {
+    One { item: u64, fc: u32, qty: NonZeroU32 },
+    Many(Box<Box<[Line]>>),
+}
+
+impl IdLines {
+    pub fn of(lines: &[Line]) -> IdLines {
+        match lines {
+            [l] => match NonZeroU32::new(l.qty) {
+                Some(qty) => IdLines::One { item: l.key.item, fc: l.key.fc, qty },
+                None => IdLines::Many(Box::new(lines.into())),
+            },
+            _ => IdLines::Many(Box::new(lines.into())),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            IdLines::One { .. } => 1,
+            IdLines::Many(lines) => lines.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The lines, in the order they were given.
+    pub fn iter(&self) -> impl Iterator<Item = Line> + '_ {
+        let (one, many) = match self {
+            IdLines::One { item, fc, qty } => {
+                (Some(Line { key: Key { item: *item, fc: *fc }, qty: qty.get() }), &[][..])
+            }
+            IdLines::Many(lines) => (None, &lines[..]),
+        };
+        one.into_iter().chain(many.iter().copied())
+    }
+
+    /// The lines as a record carries them.
+    pub fn to_lines(&self) -> Lines {
+        self.iter().collect()
+    }
+
+    /// For lines of more than one, the heap cell that points to them (its
+    /// address is in the entry: asking for it waits for nothing; the slice
+    /// it points to would be a read of the cell).
+    #[allow(clippy::borrowed_box)]
+    pub fn heap_cell(&self) -> Option<&Box<[Line]>> {
+        match self {
+            IdLines::One { .. } => None,
+            IdLines::Many(lines) => Some(lines),
+        }
+    }
+}
+
+impl From<Lines> for IdLines {
+    fn from(lines: Lines) -> IdLines {
+        if lines.len() == 1 {
+            return IdLines::of(&lines);
+        }
+        IdLines::Many(Box::new(lines.into_vec().into_boxed_slice()))
+    }
+}
+
+/// A place in the eviction line: when an id began to age, whether it is a
+/// receipt's, and the id, in 16 bytes (the flag in the timestamp's top
+/// bit; a log timestamp in milliseconds never reaches it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct AgingId {
+    ts_and_kind: u64,
+    id: u64,
+}
+
+const RECEIPT_BIT: u64 = 1 << 63;
+
+impl AgingId {
+    fn new(ts_ms: u64, is_receipt: bool, id: u64) -> AgingId {
+        let kind = if is_receipt { RECEIPT_BIT } else { 0 };
+        AgingId { ts_and_kind: ts_ms.min(RECEIPT_BIT - 1) | kind, id }
+    }
+
+    fn ts_ms(&self) -> u64 {
+        self.ts_and_kind & !RECEIPT_BIT
+    }
+
+    fn is_receipt(&self) -> bool {
+        self.ts_and_kind & RECEIPT_BIT != 0
+    }
+}
 
 /// Limits of the idempotency memory.
 ///
@@ -132,7 +229,7 @@ impl Store {
     /// one younger than the minimum window.
     pub(super) fn table_full(&self, now: &impl super::plan::NowMs) -> bool {
         self.id_count() >= self.limits.max_ids
-            && self.fifo.front().is_none_or(|(ts, _, _)| ts + self.limits.min_window_ms > now.now_ms())
+            && self.fifo.front().is_none_or(|a| a.ts_ms() + self.limits.min_window_ms > now.now_ms())
     }
 
     /// Forgets ids that aged past the window, and the oldest ones beyond the
@@ -142,13 +239,14 @@ impl Store {
     /// in the line at all.
     pub(super) fn evict(&mut self, now_ms: u64) {
         let cutoff = now_ms.saturating_sub(self.limits.window_ms);
-        while let Some(&(ts, is_receipt, id)) = self.fifo.front() {
+        while let Some(&a) = self.fifo.front() {
+            let (ts, id) = (a.ts_ms(), a.id);
             let over = self.id_count() > self.limits.max_ids && ts + self.limits.min_window_ms <= now_ms;
             if ts >= cutoff && !over {
                 break;
             }
             self.fifo.pop_front();
-            if is_receipt {
+            if a.is_receipt() {
                 self.capture_receipt(id);
                 let gone = self.receipts.remove(&id);
                 assert!(gone.is_some(), "invariant: every receipt in the eviction line is remembered ({id})");
@@ -184,7 +282,7 @@ impl Store {
             .chain(self.ids.iter().filter_map(|(id, e)| e.aging_from().map(|a| (a.lsn, a.ts_ms, false, id))))
             .collect();
         all.sort_unstable();
-        self.fifo = all.into_iter().map(|(_, ts, r, id)| (ts, r, id)).collect();
+        self.fifo = all.into_iter().map(|(_, ts, r, id)| AgingId::new(ts, r, id)).collect();
     }
 
     /// The id's new state after a durable record, on the shard that owns the id.
@@ -204,19 +302,19 @@ impl Store {
                     _ => (IdState::Ordered { confirm_lsn: None }, Some(stamp)),
                 };
                 let is_hold = aging_from.is_none();
-                let lines = lines.unwrap_or_else(|| m.lines.clone());
+                let lines = lines.map_or_else(|| IdLines::of(&m.lines), IdLines::from);
                 let entry = IdEntry::new(stamp.lsn, stamp.ts_ms, is_hold, lines, state, aging_from);
                 let fresh = self.ids.insert(id, entry).is_none();
                 assert!(fresh, "invariant: an order or hold id is created once while remembered ({id})");
                 if !is_hold {
-                    self.fifo.push_back((stamp.ts_ms, false, id));
+                    self.fifo.push_back(AgingId::new(stamp.ts_ms, false, id));
                 }
             }
             Op::Inbound { .. } => {
                 self.capture_receipt(id);
                 let fresh = self.receipts.insert(id, stamp).is_none();
                 assert!(fresh, "invariant: a receipt id is applied once while remembered ({id})");
-                self.fifo.push_back((stamp.ts_ms, true, id));
+                self.fifo.push_back(AgingId::new(stamp.ts_ms, true, id));
             }
             Op::Cancel { .. } | Op::Confirm { .. } | Op::Release { .. } => self.settle(stamp, id, &m.op),
             Op::Adjust { .. } => {}
@@ -249,7 +347,7 @@ impl Store {
         };
         if was_held && !matches!(e.state, IdState::Held { .. }) {
             e.set_aging_from(Some(stamp));
-            self.fifo.push_back((stamp.ts_ms, false, id));
+            self.fifo.push_back(AgingId::new(stamp.ts_ms, false, id));
         }
     }
 }

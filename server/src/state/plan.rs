@@ -138,7 +138,7 @@ impl Store {
 
 fn plan_cancel(id: u64, e: &IdEntry) -> Result<Mutation, Answer> {
     match e.state {
-        IdState::Ordered { .. } => Ok(Mutation { op: Op::Cancel { id }, lines: e.lines.clone() }),
+        IdState::Ordered { .. } => Ok(Mutation { op: Op::Cancel { id }, lines: e.lines.to_lines() }),
         IdState::Cancelled { lsn, .. } => Err(Answer::Duplicate { lsn }),
         IdState::Held { .. } => conflict(format!("hold {id} is not confirmed; release it instead")),
         IdState::Released { .. } => conflict(format!("hold {id} was released, not confirmed")),
@@ -149,7 +149,7 @@ fn plan_confirm(id: u64, e: &IdEntry, now_ms: u64) -> Result<Mutation, Answer> {
     match e.state {
         _ if !e.is_hold => conflict(format!("id {id} is an order, not a hold")),
         IdState::Held { deadline_ms } if deadline_ms <= now_ms => conflict(format!("hold {id} has expired")),
-        IdState::Held { .. } => Ok(Mutation { op: Op::Confirm { id }, lines: e.lines.clone() }),
+        IdState::Held { .. } => Ok(Mutation { op: Op::Confirm { id }, lines: e.lines.to_lines() }),
         IdState::Ordered { confirm_lsn: Some(lsn) } | IdState::Cancelled { confirm_lsn: Some(lsn), .. } => {
             Err(Answer::Duplicate { lsn: lsn.get() })
         }
@@ -164,7 +164,7 @@ fn plan_confirm(id: u64, e: &IdEntry, now_ms: u64) -> Result<Mutation, Answer> {
 fn plan_release(id: u64, e: &IdEntry, expired: bool) -> Result<Mutation, Answer> {
     match e.state {
         _ if !e.is_hold => conflict(format!("id {id} is an order, not a hold")),
-        IdState::Held { .. } => Ok(Mutation { op: Op::Release { id, expired }, lines: e.lines.clone() }),
+        IdState::Held { .. } => Ok(Mutation { op: Op::Release { id, expired }, lines: e.lines.to_lines() }),
         IdState::Released { lsn, .. } => Err(Answer::Duplicate { lsn }),
         _ => conflict(format!("hold {id} was confirmed; cancel the order instead")),
     }

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use stockd_protocol::{prefetch, shard_of, DecodeError, Key, Line, Lines, Reader, STOCK_MAX};
 
 use super::id_table::IdTable;
-use super::ids::{IdEntry, IdState, LogStamp};
+use super::ids::{IdEntry, IdLines, IdState, LogStamp};
 use super::rows::Rows;
 use super::{IdHashBuilder, IdMap, Row, SplitMap, Store, SPLIT_PARTS};
 
@@ -441,10 +441,10 @@ impl Entry for IdEntry {
     }
     /// Lines of more than one live on the heap: one cache miss per id, most
     /// of what writing an id cost before it was asked for ahead. (One line
-    /// is inline in the entry: nothing to ask for.)
+    /// is in the entry: nothing to ask for.)
     fn prefetch(&self) {
-        if let Some(first) = self.lines.first().filter(|_| self.lines.spilled()) {
-            prefetch(first);
+        if let Some(cell) = self.lines.heap_cell() {
+            prefetch(cell);
         }
     }
 }
@@ -528,7 +528,7 @@ fn put_id(out: &mut Vec<u8>, id: u64, e: &IdEntry) {
     put(out, aging.lsn);
     put(out, aging.ts_ms);
     out.extend_from_slice(&(e.lines.len() as u16).to_le_bytes());
-    for l in &e.lines {
+    for l in e.lines.iter() {
         put(out, l.key.item);
         out.extend_from_slice(&l.key.fc.to_le_bytes());
         out.extend_from_slice(&l.qty.to_le_bytes());
@@ -555,7 +555,7 @@ fn read_id_entry(r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
         let key = r.key()?;
         lines.push(Line { key, qty: r.u32("qty")? });
     }
-    Ok((id, IdEntry::new(lsn, ts_ms, is_hold, lines, state, aging_from)))
+    Ok((id, IdEntry::new(lsn, ts_ms, is_hold, IdLines::from(lines), state, aging_from)))
 }
 
 /// An id's state: u8 tag, then its fields. held (0): u64 deadline_ms;

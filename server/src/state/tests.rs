@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
-use stockd_protocol::{Key, Line, STOCK_MAX};
+use stockd_protocol::{Key, Line, Lines, STOCK_MAX};
 
 use super::*;
 
@@ -533,10 +533,34 @@ impl Store {
 
 #[test]
 fn an_id_entry_is_as_small_as_its_documentation_says() {
-    assert_eq!(std::mem::size_of::<IdEntry>(), 96);
+    assert_eq!(std::mem::size_of::<IdEntry>(), 80);
     // An id table's slab holds Option<IdEntry>: a niche of the state makes None free.
-    assert_eq!(std::mem::size_of::<Option<IdEntry>>(), 96);
+    assert_eq!(std::mem::size_of::<Option<IdEntry>>(), 80);
     assert_eq!(std::mem::size_of::<IdState>(), 24);
+    assert_eq!(std::mem::size_of::<IdLines>(), 16);
+}
+
+#[test]
+fn id_lines_give_back_the_lines_they_were_given() {
+    let line = |item, fc, qty| Line { key: Key { item, fc }, qty };
+    let cases: Vec<Vec<Line>> = vec![
+        vec![line(7, 1, 3)],
+        vec![line(u64::MAX, u32::MAX, u32::MAX)],
+        // Never in a record (quantities are at least 1), but kept if given.
+        vec![line(7, 1, 0)],
+        vec![line(1, 1, 1), line(2, 3, 4)],
+        vec![line(1, 1, 1), line(1, 2, 5), line(9, 1, 2)],
+        vec![],
+    ];
+    for lines in cases {
+        for kept in [IdLines::of(&lines), IdLines::from(lines.iter().copied().collect::<Lines>())] {
+            assert_eq!(kept.len(), lines.len());
+            assert_eq!(kept.is_empty(), lines.is_empty());
+            assert_eq!(kept.iter().collect::<Vec<_>>(), lines);
+            assert_eq!(kept.to_lines().to_vec(), lines);
+            assert_eq!(kept.heap_cell().is_some(), !matches!(kept, IdLines::One { .. }));
+        }
+    }
 }
 
 /// Lines over 300 items of up to 3 centers: new items keep coming, so the
