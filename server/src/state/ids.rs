@@ -43,54 +43,61 @@ pub struct LogStamp {
     pub ts_ms: u64,
 }
 
-/// One remembered order or hold id: 80 bytes, a one-line order's line
+/// One remembered order or hold id: 56 bytes, a one-line order's line
 /// included (112 before the lines became a boxed slice, the optional LSNs
 /// used their niche and the aging stamp its LSN 0 for "none"; then 80 bytes
 /// and a 32-byte allocation for the boxed line; then 96 with the line
-/// inline in a `Lines`, until [`IdLines`] kept it in 16 bytes). Lines of
-/// more than one take allocations of their own.
+/// inline in a `Lines`; 80 once [`IdLines`] kept it in 16 bytes; 56 since
+/// whether it is a hold and where it ages from are read off its state).
+/// Lines of more than one take allocations of their own.
 /// The id tables are the largest thing a shard keeps, and replay's critical
 /// path is inserting into them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdEntry {
     /// LSN of the ORDER or RESERVE that created the id.
     pub lsn: u64,
+    /// Timestamp of the record the id ages from (see
+    /// [`IdEntry::aging_from`]): its creation, or for a confirmed or
+    /// released hold, that confirmation or release.
     pub ts_ms: u64,
     pub lines: IdLines,
     pub state: IdState,
-    /// See [`IdEntry::aging_from`]; an LSN of 0 stands for None.
-    aging: LogStamp,
-    pub is_hold: bool,
 }
 
 impl IdEntry {
-    pub fn new(
-        lsn: u64,
-        ts_ms: u64,
-        is_hold: bool,
-        lines: IdLines,
-        state: IdState,
-        aging_from: Option<LogStamp>,
-    ) -> IdEntry {
-        let mut e = IdEntry { lsn, ts_ms, lines, state, aging: NOT_AGING, is_hold };
-        e.set_aging_from(aging_from);
-        e
+    /// An order (`ts_ms` its record's) or a live hold.
+    pub fn new(lsn: u64, ts_ms: u64, lines: IdLines, state: IdState) -> IdEntry {
+        IdEntry { lsn, ts_ms, lines, state }
+    }
+
+    /// True for an id a RESERVE created: a live hold, or one confirmed
+    /// (an order now, or cancelled since), or released. Only a hold has a
+    /// confirmation, so the state says it.
+    pub fn is_hold(&self) -> bool {
+        match self.state {
+            IdState::Held { .. } | IdState::Released { .. } => true,
+            IdState::Ordered { confirm_lsn } | IdState::Cancelled { confirm_lsn, .. } => {
+                confirm_lsn.is_some()
+            }
+        }
     }
 
     /// The record from which the id ages towards being forgotten: its
     /// creation for an order, its confirmation or release for a hold. None
-    /// while a hold is live: a live hold is never forgotten.
+    /// while a hold is live: a live hold is never forgotten. (A confirmed
+    /// hold that is cancelled still ages from its confirmation.)
     pub fn aging_from(&self) -> Option<LogStamp> {
-        (self.aging.lsn != 0).then_some(self.aging)
-    }
-
-    fn set_aging_from(&mut self, from: Option<LogStamp>) {
-        assert!(from.is_none_or(|s| s.lsn != 0), "invariant: LSNs start at 1");
-        self.aging = from.unwrap_or(NOT_AGING);
+        let lsn = match self.state {
+            IdState::Held { .. } => return None,
+            IdState::Released { lsn, .. } => lsn,
+            IdState::Ordered { confirm_lsn: Some(c) } | IdState::Cancelled { confirm_lsn: Some(c), .. } => {
+                c.get()
+            }
+            IdState::Ordered { confirm_lsn: None } | IdState::Cancelled { confirm_lsn: None, .. } => self.lsn,
+        };
+        Some(LogStamp { lsn, ts_ms: self.ts_ms })
     }
 }
-
-const NOT_AGING: LogStamp = LogStamp { lsn: 0, ts_ms: 0 };
 
 /// The lines an id entry keeps, in 16 bytes: one line in place (most
 /// orders have one; a `Lines` would take 32), more on the heap behind one
@@ -293,20 +300,20 @@ impl Store {
         match m.op {
             Op::Order { .. } | Op::Reserve { .. } => {
                 self.capture_id(id);
-                let (state, aging_from) = match m.op {
+                let state = match m.op {
                     Op::Reserve { ttl_ms, .. } => {
                         let deadline_ms = stamp.ts_ms + ttl_ms as u64;
                         self.deadlines.insert((deadline_ms, id));
-                        (IdState::Held { deadline_ms }, None)
+                        IdState::Held { deadline_ms }
                     }
-                    _ => (IdState::Ordered { confirm_lsn: None }, Some(stamp)),
+                    _ => IdState::Ordered { confirm_lsn: None },
                 };
-                let is_hold = aging_from.is_none();
                 let lines = lines.map_or_else(|| IdLines::of(&m.lines), IdLines::from);
-                let entry = IdEntry::new(stamp.lsn, stamp.ts_ms, is_hold, lines, state, aging_from);
+                let entry = IdEntry::new(stamp.lsn, stamp.ts_ms, lines, state);
+                let ages = entry.aging_from().is_some();
                 let fresh = self.ids.insert(id, entry).is_none();
                 assert!(fresh, "invariant: an order or hold id is created once while remembered ({id})");
-                if !is_hold {
+                if ages {
                     self.fifo.push_back(AgingId::new(stamp.ts_ms, false, id));
                 }
             }
@@ -346,7 +353,9 @@ impl Store {
             (_, s) => s.clone(),
         };
         if was_held && !matches!(e.state, IdState::Held { .. }) {
-            e.set_aging_from(Some(stamp));
+            // It ages from this record now (its LSN is in the new state).
+            e.ts_ms = stamp.ts_ms;
+            debug_assert_eq!(e.aging_from(), Some(stamp));
             self.fifo.push_back(AgingId::new(stamp.ts_ms, false, id));
         }
     }

@@ -100,12 +100,12 @@ impl Store {
         };
         match cmd {
             Command::Order { id, lines } => match self.ids.get(&id) {
-                Some(e) if !e.is_hold => Err(Answer::Duplicate { lsn: e.lsn }),
+                Some(e) if !e.is_hold() => Err(Answer::Duplicate { lsn: e.lsn }),
                 Some(_) => conflict(format!("id {id} is a hold, not an order")),
                 None => new_id(Op::Order { id }, lines),
             },
             Command::Reserve { id, ttl_ms, lines } => match self.ids.get(&id) {
-                Some(e) if e.is_hold => Err(Answer::Duplicate { lsn: e.lsn }),
+                Some(e) if e.is_hold() => Err(Answer::Duplicate { lsn: e.lsn }),
                 Some(_) => conflict(format!("id {id} is an order, not a hold")),
                 None => new_id(Op::Reserve { id, ttl_ms }, lines),
             },
@@ -147,7 +147,7 @@ fn plan_cancel(id: u64, e: &IdEntry) -> Result<Mutation, Answer> {
 
 fn plan_confirm(id: u64, e: &IdEntry, now_ms: u64) -> Result<Mutation, Answer> {
     match e.state {
-        _ if !e.is_hold => conflict(format!("id {id} is an order, not a hold")),
+        _ if !e.is_hold() => conflict(format!("id {id} is an order, not a hold")),
         IdState::Held { deadline_ms } if deadline_ms <= now_ms => conflict(format!("hold {id} has expired")),
         IdState::Held { .. } => Ok(Mutation { op: Op::Confirm { id }, lines: e.lines.to_lines() }),
         IdState::Ordered { confirm_lsn: Some(lsn) } | IdState::Cancelled { confirm_lsn: Some(lsn), .. } => {
@@ -163,7 +163,7 @@ fn plan_confirm(id: u64, e: &IdEntry, now_ms: u64) -> Result<Mutation, Answer> {
 
 fn plan_release(id: u64, e: &IdEntry, expired: bool) -> Result<Mutation, Answer> {
     match e.state {
-        _ if !e.is_hold => conflict(format!("id {id} is an order, not a hold")),
+        _ if !e.is_hold() => conflict(format!("id {id} is an order, not a hold")),
         IdState::Held { .. } => Ok(Mutation { op: Op::Release { id, expired }, lines: e.lines.to_lines() }),
         IdState::Released { lsn, .. } => Err(Answer::Duplicate { lsn }),
         _ => conflict(format!("hold {id} was confirmed; cancel the order instead")),

@@ -8,6 +8,11 @@
 //! id count, ids (u64 id, u64 lsn, u64 ts_ms, u8 is_hold, state (see
 //! [`put_state`]), u64 aging_lsn, u64 aging_ts_ms, u16 line count, lines of
 //! u64 item, u32 center, u32 qty). A live hold has aging stamp 0, 0.
+//! `ts_ms` is the timestamp the id ages from: its creation's, or for a
+//! confirmed or released hold that record's (the same as `aging_ts_ms`;
+//! snapshots before 2026-11-27 kept a hold's creation time there, and are
+//! read the same way). `is_hold` and `aging_lsn` follow from the state and
+//! are checked against it.
 
 use std::num::NonZeroU64;
 
@@ -514,15 +519,15 @@ fn put_receipt(out: &mut Vec<u8>, id: u64, r: &LogStamp) {
     }
 }
 
-/// An order or hold id: u64 id, lsn, ts; u8 is_hold; state (see
-/// [`put_state`]); u64 aging lsn and ts (0, 0 for a live hold); u16 line
-/// count, lines of u64 item, u32 center, u32 qty.
+/// An order or hold id: u64 id, lsn, ts (the one it ages from); u8
+/// is_hold; state (see [`put_state`]); u64 aging lsn and ts (0, 0 for a
+/// live hold); u16 line count, lines of u64 item, u32 center, u32 qty.
 fn put_id(out: &mut Vec<u8>, id: u64, e: &IdEntry) {
     let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
     put(out, id);
     put(out, e.lsn);
     put(out, e.ts_ms);
-    out.push(e.is_hold as u8);
+    out.push(e.is_hold() as u8);
     put_state(out, &e.state);
     let aging = e.aging_from().unwrap_or(LogStamp { lsn: 0, ts_ms: 0 });
     put(out, aging.lsn);
@@ -546,16 +551,20 @@ fn read_id_entry(r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
     let state = read_state(r)?;
     let aging = LogStamp { lsn: r.u64("aging_lsn")?, ts_ms: r.u64("aging_ts")? };
     let aging_from = (aging.lsn != 0).then_some(aging);
-    if aging_from.is_none() != matches!(state, IdState::Held { .. }) {
-        return Err(DecodeError(format!("id {id}: aging stamp does not fit its state")));
-    }
     let n = r.u16("lines")? as usize;
     let mut lines = Lines::with_capacity(n);
     for _ in 0..n {
         let key = r.key()?;
         lines.push(Line { key, qty: r.u32("qty")? });
     }
-    Ok((id, IdEntry::new(lsn, ts_ms, is_hold, IdLines::from(lines), state, aging_from)))
+    // The entry keeps the timestamp it ages from; whether it is a hold and
+    // the LSN it ages from follow from its state, and must agree with what
+    // the snapshot says.
+    let e = IdEntry::new(lsn, aging_from.map_or(ts_ms, |a| a.ts_ms), IdLines::from(lines), state);
+    if e.is_hold() != is_hold || e.aging_from() != aging_from {
+        return Err(DecodeError(format!("id {id}: hold flag or aging stamp does not fit its state")));
+    }
+    Ok((id, e))
 }
 
 /// An id's state: u8 tag, then its fields. held (0): u64 deadline_ms;

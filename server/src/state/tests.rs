@@ -533,9 +533,9 @@ impl Store {
 
 #[test]
 fn an_id_entry_is_as_small_as_its_documentation_says() {
-    assert_eq!(std::mem::size_of::<IdEntry>(), 80);
+    assert_eq!(std::mem::size_of::<IdEntry>(), 56);
     // An id table's slab holds Option<IdEntry>: a niche of the state makes None free.
-    assert_eq!(std::mem::size_of::<Option<IdEntry>>(), 80);
+    assert_eq!(std::mem::size_of::<Option<IdEntry>>(), 56);
     assert_eq!(std::mem::size_of::<IdState>(), 24);
     assert_eq!(std::mem::size_of::<IdLines>(), 16);
 }
