@@ -4,7 +4,7 @@ remembered order id.
 
     cargo build --release -p stockd -p stock-loadgen -p stockd-client
     python3 scripts/memory.py [--rows 1000000 10000000] [--redis redis-server]
-    python3 scripts/memory.py --ids 8s [--rounds 3] [--stockd-builds A B ...]
+    python3 scripts/memory.py --ids 8s [--lines 3] [--rounds 3] [--stockd-builds A B ...]
 
 For each row count: starts stockd (1 shard, a fresh data dir, a free
 127.0.0.1 port), reads its RSS from /proc, preloads rows/4 items x 4
@@ -16,7 +16,7 @@ string key per row. Prints a Markdown table. Everything it starts it stops.
 
 With --ids DURATION: for each stockd build given (alternating, --rounds
 rounds), a fresh server (1 shard) with 100,000 items x 4 centers preloaded,
-then one-line orders with distinct ids for DURATION (uniform keys, open
+then orders of --lines lines (default 1) with distinct ids for DURATION (uniform keys, open
 loop at 100,000 orders/s, so that every build remembers about as many
 ids: tables grow in steps, so bytes per id depend on the count); reports
 (RSS after - RSS before) / the ids it remembers (STATS).
@@ -74,7 +74,7 @@ def stat(stockctl, port, name):
     raise SystemExit(f"stats has no {name}:\n{out}")
 
 
-def measure_ids(stockd, duration, loadgen, stockctl):
+def measure_ids(stockd, duration, lines, loadgen, stockctl):
     port = free_port()
     data = tempfile.mkdtemp(prefix="stockd-mem-")
     proc = subprocess.Popen([stockd, "--listen", f"127.0.0.1:{port}", "--shards", "1", "--shard-port-base", "0",
@@ -86,8 +86,9 @@ def measure_ids(stockd, duration, loadgen, stockctl):
                        stdout=subprocess.DEVNULL)
         before = settled_rss(proc.pid)
         ids_before = stat(stockctl, port, "ids")
-        subprocess.run(base + ["--duration", duration, "--workload", "order", "--connections", "16",
-                               "--pipeline", "16", "--rate", "100000"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(base + ["--duration", duration, "--workload", "order", "--lines", str(lines),
+                               "--connections", "16", "--pipeline", "16", "--rate", "100000"],
+                       check=True, stdout=subprocess.DEVNULL)
         after = settled_rss(proc.pid)
         ids = stat(stockctl, port, "ids") - ids_before
     finally:
@@ -106,7 +107,7 @@ def main_ids(a):
     got = {b: [] for b in builds}
     for _ in range(a.rounds):
         for b in builds:
-            got[b].append(measure_ids(b, a.ids, a.loadgen, a.stockctl))
+            got[b].append(measure_ids(b, a.ids, a.lines, a.loadgen, a.stockctl))
     print()
     first = sorted(got[builds[0]])[len(got[builds[0]]) // 2]
     for b in builds:
@@ -121,6 +122,7 @@ def main():
     ap.add_argument("--stockd-builds", nargs="+", help="with --ids: builds to compare, alternating")
     ap.add_argument("--ids", metavar="DURATION", help="measure bytes per remembered order id instead of per row")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--lines", type=int, default=1, help="with --ids: lines per order")
     ap.add_argument("--loadgen", default="target/release/stock-loadgen")
     ap.add_argument("--stockctl", default="target/release/stockctl")
     ap.add_argument("--redis", default=shutil.which("redis-server") or "redis-server")

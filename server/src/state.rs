@@ -318,7 +318,7 @@ impl Store {
     pub fn apply(&mut self, txn: Option<u64>, lsn: u64, ts_ms: u64, m: &Mutation) {
         self.apply_rows(txn, lsn, m);
         if self.takes_id(m) {
-            self.apply_id(LogStamp { lsn, ts_ms }, m, None);
+            self.apply_id(LogStamp { lsn, ts_ms }, m);
             self.evict(ts_ms);
         }
     }
@@ -331,9 +331,8 @@ impl Store {
         self.apply_rows(None, lsn, m);
     }
 
-    /// The ids half of replay: the record is the caller's to give, so a new
-    /// id keeps the record's lines instead of a copy.
-    pub fn apply_replayed_ids(&mut self, lsn: u64, ts_ms: u64, mut m: Mutation) {
+    /// The ids half of replay.
+    pub fn apply_replayed_ids(&mut self, lsn: u64, ts_ms: u64, m: Mutation) {
         assert!(
             lsn > self.applied_lsn,
             "invariant: a shard applies LSNs in increasing order ({lsn} after {})",
@@ -341,8 +340,7 @@ impl Store {
         );
         self.applied_lsn = lsn;
         if self.takes_id(&m) {
-            let lines = std::mem::take(&mut m.lines);
-            self.apply_id(LogStamp { lsn, ts_ms }, &m, Some(lines));
+            self.apply_id(LogStamp { lsn, ts_ms }, &m);
             self.evict(ts_ms);
         }
     }

@@ -93,6 +93,17 @@ impl<T> ChunkedVec<T> {
         self.chunks.iter().flatten()
     }
 
+    /// The elements from position `i` on (none if `i` is past the end),
+    /// found once and then walked chunk by chunk.
+    pub fn iter_from(&self, i: usize) -> impl Iterator<Item = &T> + '_ {
+        let (c, at) = place(i.min(self.len));
+        self.chunks
+            .iter()
+            .skip(c)
+            .enumerate()
+            .flat_map(move |(k, chunk)| chunk[if k == 0 { at } else { 0 }..].iter())
+    }
+
     /// Every element in order, leaving the vector empty.
     pub fn take_all(&mut self) -> impl Iterator<Item = T> {
         self.len = 0;
@@ -204,6 +215,24 @@ mod tests {
             assert_eq!(c.at(i), want, "element {i}");
         }
         assert!(c.iter().eq(v.iter()));
+        for from in [
+            0,
+            1,
+            15,
+            16,
+            17,
+            2047,
+            2048,
+            CHUNK - 1,
+            CHUNK,
+            CHUNK + 1,
+            2 * CHUNK + 5,
+            v.len() - 1,
+            v.len(),
+            v.len() + 9,
+        ] {
+            assert!(c.iter_from(from).eq(v.iter().skip(from)), "from {from}");
+        }
         assert!(c.take_all().eq(v.into_iter()));
         assert!(c.is_empty());
     }

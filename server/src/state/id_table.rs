@@ -99,6 +99,12 @@ impl<V> IdTable<V> {
         self.slab.at(slot).as_ref().map(|(id, v)| (*id, v))
     }
 
+    /// The slots from `slot` on, in order: each one's id and value if it
+    /// is in use.
+    pub fn slots_from(&self, slot: usize) -> impl Iterator<Item = Option<(u64, &V)>> + '_ {
+        self.slab.iter_from(slot).map(|e| e.as_ref().map(|(id, v)| (*id, v)))
+    }
+
     /// The slot of `id`, if it is in the table.
     pub fn slot_of(&self, id: u64) -> Option<usize> {
         self.index.get(id).map(|s| s as usize)

@@ -12,6 +12,7 @@ use std::num::{NonZeroU32, NonZeroU64};
 
 use stockd_protocol::{Key, Line, Lines};
 use stockd_record::{Mutation, Op};
+use thin_vec::ThinVec;
 
 use super::Store;
 
@@ -49,7 +50,7 @@ pub struct LogStamp {
 /// and a 32-byte allocation for the boxed line; then 96 with the line
 /// inline in a `Lines`; 80 once [`IdLines`] kept it in 16 bytes; 56 since
 /// whether it is a hold and where it ages from are read off its state).
-/// Lines of more than one take allocations of their own.
+/// Lines of more than one take an allocation of their own.
 /// The id tables are the largest thing a shard keeps, and replay's critical
 /// path is inserting into them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,25 +101,27 @@ impl IdEntry {
 }
 
 /// The lines an id entry keeps, in 16 bytes: one line in place (most
-/// orders have one; a `Lines` would take 32), more on the heap behind one
-/// thin pointer, so that the enum's tag fits in the niche of the one
-/// line's quantity (never 0 in a record; a line of 0 units would be kept
-/// on the heap, never lost).
+/// orders have one; a `Lines` would take 32), more in one allocation
+/// behind a thin pointer (a `ThinVec`: its length and capacity in the
+/// allocation, so reading the lines is one cache miss), which leaves the
+/// enum's tag room in the niche of the one line's quantity (never 0 in a
+/// record; a line of 0 units would be kept on the heap, never lost).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdLines {
     One { item: u64, fc: u32, qty: NonZeroU32 },
-    Many(Box<Box<[Line]>>),
+    Many(ThinVec<Line>),
 }
 
 impl IdLines {
     pub fn of(lines: &[Line]) -> IdLines {
-        match lines {
-            [l] => match NonZeroU32::new(l.qty) {
-                Some(qty) => IdLines::One { item: l.key.item, fc: l.key.fc, qty },
-                None => IdLines::Many(Box::new(lines.into())),
-            },
-            _ => IdLines::Many(Box::new(lines.into())),
+        if let [l] = lines {
+            if let Some(qty) = NonZeroU32::new(l.qty) {
+                return IdLines::One { item: l.key.item, fc: l.key.fc, qty };
+            }
         }
+        let mut many = ThinVec::with_capacity(lines.len());
+        many.extend_from_slice(lines);
+        IdLines::Many(many)
     }
 
     pub fn len(&self) -> usize {
@@ -148,11 +151,9 @@ impl IdLines {
         self.iter().collect()
     }
 
-    /// For lines of more than one, the heap cell that points to them (its
-    /// address is in the entry: asking for it waits for nothing; the slice
-    /// it points to would be a read of the cell).
-    #[allow(clippy::borrowed_box)]
-    pub fn heap_cell(&self) -> Option<&Box<[Line]>> {
+    /// Lines of more than one, in their allocation (finding them reads
+    /// its header).
+    pub fn heap(&self) -> Option<&[Line]> {
         match self {
             IdLines::One { .. } => None,
             IdLines::Many(lines) => Some(lines),
@@ -162,10 +163,7 @@ impl IdLines {
 
 impl From<Lines> for IdLines {
     fn from(lines: Lines) -> IdLines {
-        if lines.len() == 1 {
-            return IdLines::of(&lines);
-        }
-        IdLines::Many(Box::new(lines.into_vec().into_boxed_slice()))
+        IdLines::of(&lines)
     }
 }
 
@@ -293,9 +291,7 @@ impl Store {
     }
 
     /// The id's new state after a durable record, on the shard that owns the id.
-    /// `lines`: the record's lines when the caller gives them up (replay), so
-    /// that a new id takes them instead of a copy.
-    pub(super) fn apply_id(&mut self, stamp: LogStamp, m: &Mutation, lines: Option<Lines>) {
+    pub(super) fn apply_id(&mut self, stamp: LogStamp, m: &Mutation) {
         let id = m.owner_id();
         match m.op {
             Op::Order { .. } | Op::Reserve { .. } => {
@@ -308,8 +304,7 @@ impl Store {
                     }
                     _ => IdState::Ordered { confirm_lsn: None },
                 };
-                let lines = lines.map_or_else(|| IdLines::of(&m.lines), IdLines::from);
-                let entry = IdEntry::new(stamp.lsn, stamp.ts_ms, lines, state);
+                let entry = IdEntry::new(stamp.lsn, stamp.ts_ms, IdLines::of(&m.lines), state);
                 let ages = entry.aging_from().is_some();
                 let fresh = self.ids.insert(id, entry).is_none();
                 assert!(fresh, "invariant: an order or hold id is created once while remembered ({id})");

@@ -448,8 +448,11 @@ impl Entry for IdEntry {
     /// of what writing an id cost before it was asked for ahead. (One line
     /// is in the entry: nothing to ask for.)
     fn prefetch(&self) {
-        if let Some(cell) = self.lines.heap_cell() {
-            prefetch(cell);
+        if let Some(lines) = self.lines.heap() {
+            if let (Some(first), Some(last)) = (lines.first(), lines.last()) {
+                prefetch(first);
+                prefetch(last);
+            }
         }
     }
 }
@@ -471,14 +474,12 @@ fn write_live<V: Entry>(
     written: &mut u64,
 ) -> (usize, usize) {
     let end = table.slots().min(from.saturating_add(budget));
-    for slot in from..end {
-        let ahead = slot + PREFETCH_AHEAD;
-        if ahead < table.slots() {
-            if let Some((_, v)) = table.at(ahead) {
-                v.prefetch();
-            }
+    let mut ahead = table.slots_from(from + PREFETCH_AHEAD);
+    for entry in table.slots_from(from).take(end - from) {
+        if let Some(Some((_, v))) = ahead.next() {
+            v.prefetch();
         }
-        if let Some((id, v)) = table.at(slot) {
+        if let Some((id, v)) = entry {
             if v.lsn() <= lsn && !before.contains_key(&id) {
                 v.put(id, out);
                 *written += 1;

@@ -558,7 +558,7 @@ fn id_lines_give_back_the_lines_they_were_given() {
             assert_eq!(kept.is_empty(), lines.is_empty());
             assert_eq!(kept.iter().collect::<Vec<_>>(), lines);
             assert_eq!(kept.to_lines().to_vec(), lines);
-            assert_eq!(kept.heap_cell().is_some(), !matches!(kept, IdLines::One { .. }));
+            assert_eq!(kept.heap().is_some(), !matches!(kept, IdLines::One { .. }));
         }
     }
 }
