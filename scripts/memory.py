@@ -24,7 +24,7 @@ Everything a remembered id costs counts: its entry, its index entry, its
 place in the eviction line, and whatever the allocator keeps of the
 orders' passing allocations.
 """
-import argparse, shutil, subprocess, tempfile, time
+import argparse, contextlib, shutil, subprocess, tempfile, time
 
 from procs import free_port, rss_bytes, wait_port
 
@@ -41,13 +41,26 @@ def settled_rss(pid):
     return last
 
 
-def measure(name, cmd, target, rows, loadgen):
+@contextlib.contextmanager
+def server(name, cmd):
+    """Starts `cmd` ({port} and {data} filled in: a free port, a fresh
+    directory) and waits until it listens; yields (process, port); stops
+    it and removes the directory."""
     port = free_port()
     data = tempfile.mkdtemp(prefix="stockd-mem-")
-    cmd = [c.format(port=port, data=data) for c in cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([c.format(port=port, data=data) for c in cmd],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, name, proc)
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def measure(name, cmd, target, rows, loadgen):
+    with server(name, cmd) as (proc, port):
         before = settled_rss(proc.pid)
         t = time.monotonic()
         subprocess.run([loadgen, "--target", target.format(port=port), "--keys", str(rows // 4), "--centers", "4",
@@ -55,10 +68,6 @@ def measure(name, cmd, target, rows, loadgen):
                         "--preload", "--quiet"], check=True, stdout=subprocess.DEVNULL)
         load_s = time.monotonic() - t
         after = settled_rss(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(data, ignore_errors=True)
     per_row = (after - before) / rows
     print(f"| {name} | {rows:,} | {before / 2**20:.1f} | {after / 2**20:.1f} | {per_row:.1f} | {load_s:.1f} |", flush=True)
     return per_row
@@ -75,13 +84,9 @@ def stat(stockctl, port, name):
 
 
 def measure_ids(stockd, duration, lines, loadgen, stockctl):
-    port = free_port()
-    data = tempfile.mkdtemp(prefix="stockd-mem-")
-    proc = subprocess.Popen([stockd, "--listen", f"127.0.0.1:{port}", "--shards", "1", "--shard-port-base", "0",
-                             "--data-dir", data], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = [loadgen, "--target", f"stockd://127.0.0.1:{port}", "--keys", "100000", "--centers", "4", "--quiet"]
-    try:
-        wait_port(port, stockd, proc)
+    cmd = [stockd, "--listen", "127.0.0.1:{port}", "--shards", "1", "--shard-port-base", "0", "--data-dir", "{data}"]
+    with server(stockd, cmd) as (proc, port):
+        base = [loadgen, "--target", f"stockd://127.0.0.1:{port}", "--keys", "100000", "--centers", "4", "--quiet"]
         subprocess.run(base + ["--duration", "1s", "--workload", "query", "--preload"], check=True,
                        stdout=subprocess.DEVNULL)
         before = settled_rss(proc.pid)
@@ -91,10 +96,6 @@ def measure_ids(stockd, duration, lines, loadgen, stockctl):
                        check=True, stdout=subprocess.DEVNULL)
         after = settled_rss(proc.pid)
         ids = stat(stockctl, port, "ids") - ids_before
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(data, ignore_errors=True)
     per_id = (after - before) / ids
     print(f"| {stockd} | {ids:,} | {before / 2**20:.1f} | {after / 2**20:.1f} | {per_id:.1f} |", flush=True)
     return per_id
