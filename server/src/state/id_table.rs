@@ -4,12 +4,13 @@
 //! Values are appended to the slab with their ids, and the slots of
 //! removed ids are used again; a slot never moves (the slab grows a chunk
 //! at a time, `chunked.rs`), so a snapshot can walk the slab a stretch at
-//! a time while the table changes (see `state/snapshot.rs`). A general hash map keeps each (80-byte) value in
-//! its bucket, so every new id writes a random place of a table of
-//! hundreds of megabytes and reads its control bytes first; here it probes
-//! one line of the small index and writes the slab's end. And because where an id's index entry
-//! lives is known from its hash alone, replay asks for a chunk's entries
-//! before it inserts them ([`IdTable::prefetch`]).
+//! a time while the table changes (see `state/snapshot.rs`). A general
+//! hash map keeps each value in its bucket, so every new id writes a
+//! random place of a table of hundreds of megabytes and reads its control
+//! bytes first; here it probes one line of the small index and writes the
+//! slab's end. And because where an id's index entry lives is known from
+//! its hash alone, replay asks for a chunk's entries before it inserts
+//! them ([`IdTable::prefetch`]).
 
 use super::chunked::ChunkedVec;
 use super::index::{Index, EMPTY};
@@ -89,14 +90,10 @@ impl<V> IdTable<V> {
         self.slab.iter().filter_map(|e| e.as_ref().map(|(id, v)| (*id, v)))
     }
 
-    /// Slots in the slab (used or free): [`IdTable::at`] takes `0..slots()`.
+    /// Slots in the slab (used or free): [`IdTable::slots_from`] walks
+    /// `0..slots()`.
     pub fn slots(&self) -> usize {
         self.slab.len()
-    }
-
-    /// The id and value in `slot`, if it is in use.
-    pub fn at(&self, slot: usize) -> Option<(u64, &V)> {
-        self.slab.at(slot).as_ref().map(|(id, v)| (*id, v))
     }
 
     /// The slots from `slot` on, in order: each one's id and value if it
