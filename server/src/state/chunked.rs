@@ -10,9 +10,9 @@
 
 use std::collections::VecDeque;
 
-/// Elements per chunk: a chunk of 88-byte slab slots (an id and its entry)
-/// is 352 KiB, one of 16-byte places in the eviction line 64 KiB. Pages of a chunk count
-/// towards RSS only once they are written.
+/// Elements per chunk: a chunk of 64-byte slab slots (an id and its entry)
+/// is 256 KiB, one of 16-byte places in the eviction line 64 KiB. Pages of
+/// a chunk count towards RSS only once they are written.
 pub const CHUNK: usize = 1 << CHUNK_BITS;
 const CHUNK_BITS: u32 = 12;
 /// A [`ChunkedVec`]'s first chunks are smaller, so that a table of a few
