@@ -39,7 +39,8 @@ pub use stockd_protocol::{
     constant_time_eq, fmix64, prefetch, HelloInfo, Key, Line, Reply, Request, Response, Status,
 };
 use stockd_protocol::{
-    encode_lines_frame, opcode, parse_frame, shard_of, HASH_FMIX64_MOD, HEADER_LEN, MAX_BATCH_KEYS,
+    encode_batch_frame, encode_lines_frame, opcode, parse_frame, shard_of, HASH_FMIX64_MOD, HEADER_LEN,
+    MAX_BATCH_KEYS,
 };
 
 mod replicated;
@@ -510,55 +511,70 @@ impl Client {
 
     /// Available units of many rows, in order. Keys are grouped by shard and
     /// sent as one batch frame per shard (split at the batch limit), in
-    /// parallel. Each key's shard is worked out once; the answers are put
-    /// back in order by walking each shard's values, with no positions kept.
+    /// parallel. Keys that all live on one shard (always so over a single
+    /// connection) go as they are: the one allocation is the answer's.
+    /// Otherwise a counting sort puts each shard's keys side by side, each
+    /// frame is encoded from its slice, and each answer is written straight
+    /// to the places its keys came from: a few allocations per batch, not a
+    /// few per shard.
     pub async fn query_batch(&self, keys: &[Key]) -> Result<Vec<u64>, Error> {
         let n = self.inner.conns.len();
-        let owner: Vec<u16> =
-            keys.iter().map(|k| if n == 1 { 0 } else { shard_of(k.item, n) as u16 }).collect();
-        let mut count = vec![0usize; n];
-        for &o in &owner {
-            count[o as usize] += 1;
-        }
-        let mut groups: Vec<Vec<Key>> = count.iter().map(|&c| Vec::with_capacity(c)).collect();
-        for (k, &o) in keys.iter().zip(&owner) {
-            groups[o as usize].push(*k);
-        }
-        let call = |shard: usize, keys: Vec<Key>| {
-            let (len, req) = (keys.len(), Request::QueryBatch { keys });
-            async move {
-                let values = match self.inner.conns[shard].call(&req).await? {
-                    Response::Ok(Reply::Batch(v)) if v.len() == len => v,
-                    other => return Err(unexpected(other)),
-                };
-                Ok((shard, values))
-            }
+        let owner = |k: &Key| if n == 1 { 0 } else { shard_of(k.item, n) };
+        let Some(first) = keys.first().map(owner) else {
+            return Ok(Vec::new());
         };
-        let mut calls = Vec::new();
-        for (shard, group) in groups.into_iter().enumerate() {
-            if group.len() <= MAX_BATCH_KEYS {
-                if !group.is_empty() {
-                    calls.push(call(shard, group));
-                }
-            } else {
-                calls.extend(group.chunks(MAX_BATCH_KEYS).map(|c| call(shard, c.to_vec())));
+        if keys.len() <= MAX_BATCH_KEYS && keys.iter().all(|k| owner(k) == first) {
+            return self.batch_frame(first, keys).await;
+        }
+        // Each shard's keys at sorted[start[s]..start[s + 1]], in the order
+        // given; origin[p]: where the key at sorted[p] came from.
+        let owners: Vec<u32> = keys.iter().map(|k| owner(k) as u32).collect();
+        let mut start = vec![0usize; n + 1];
+        for &o in &owners {
+            start[o as usize + 1] += 1;
+        }
+        for s in 0..n {
+            start[s + 1] += start[s];
+        }
+        let mut next = start.clone();
+        let mut sorted = vec![Key { item: 0, fc: 0 }; keys.len()];
+        let mut origin = vec![0u32; keys.len()];
+        for (i, (k, &o)) in keys.iter().zip(&owners).enumerate() {
+            let at = &mut next[o as usize];
+            sorted[*at] = *k;
+            origin[*at] = i as u32;
+            *at += 1;
+        }
+        // A frame per shard with keys, and per MAX_BATCH_KEYS of them;
+        // collected first, so that join_all knows how many and keeps them in
+        // one allocation.
+        let sorted = &sorted;
+        let frames = (0..n).map(|s| (start[s + 1] - start[s]).div_ceil(MAX_BATCH_KEYS)).sum();
+        let mut calls = Vec::with_capacity(frames);
+        calls.extend((0..n).flat_map(|s| {
+            let (from, to) = (start[s], start[s + 1]);
+            (from..to).step_by(MAX_BATCH_KEYS).map(move |p| async move {
+                let values = self.batch_frame(s, &sorted[p..to.min(p + MAX_BATCH_KEYS)]).await?;
+                Ok::<_, Error>((p, values))
+            })
+        }));
+        let mut out = vec![0u64; keys.len()];
+        for answer in futures_util::future::join_all(calls).await {
+            let (p, values) = answer?;
+            for (q, v) in (p..).zip(values) {
+                out[origin[q] as usize] = v;
             }
         }
-        // Each shard's values, its chunks in the order they were sent.
-        let mut values: Vec<Vec<u64>> = vec![Vec::new(); n];
-        for answer in futures_join_all(calls).await {
-            let (shard, v) = answer?;
-            if values[shard].is_empty() {
-                values[shard] = v;
-            } else {
-                values[shard].extend(v);
-            }
+        Ok(out)
+    }
+
+    /// One batch frame to one shard; the answer is checked to hold a value per key.
+    async fn batch_frame(&self, shard: usize, keys: &[Key]) -> Result<Vec<u64>, Error> {
+        let encode = |request_id, out: &mut Vec<u8>| encode_batch_frame(request_id, keys, out);
+        match self.inner.conns[shard].call_with(encode).await? {
+            Response::Ok(Reply::Batch(v)) if v.len() == keys.len() => Ok(v),
+            other => Err(unexpected(other)),
         }
-        let mut each: Vec<std::vec::IntoIter<u64>> = values.into_iter().map(Vec::into_iter).collect();
-        Ok(owner
-            .iter()
-            .map(|&o| each[o as usize].next().expect("one value per key, checked per frame"))
-            .collect())
     }
 
     fn applied(answer: Response) -> Result<Applied, Error> {
@@ -624,29 +640,6 @@ impl Client {
 
 /// Awaits futures concurrently, results in input order (a tiny join_all, to
 /// keep the dependency list short).
-async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = (0..futs.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut done = true;
-        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
-            if o.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *o = Some(v),
-                    std::task::Poll::Pending => done = false,
-                }
-            }
-        }
-        if done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    out.into_iter().map(|o| o.expect("polled to completion")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

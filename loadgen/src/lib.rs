@@ -265,9 +265,10 @@ impl KeyGen {
     /// columns of each chunk fetched from memory together: a table of
     /// 100,000 items does not stay in a core's cache, and one miss after
     /// another was half of the load generator's time on 64-key batches.
-    pub fn keys(&self, rng: &mut Rng, n: usize) -> Vec<Key> {
+    /// Fills `out` (no allocation once it has room).
+    pub fn keys_into(&self, rng: &mut Rng, n: usize, out: &mut Vec<Key>) {
         const CHUNK: usize = 16;
-        let mut out = Vec::with_capacity(n);
+        out.clear();
         let mut draws = [0u64; CHUNK];
         while out.len() < n {
             let m = (n - out.len()).min(CHUNK);
@@ -281,7 +282,6 @@ impl KeyGen {
                 out.push(Key { item: self.item_of(*d), fc: 1 + rng.below(self.centers as u64) as u32 });
             }
         }
-        out
     }
 
     /// `n` distinct keys (fewer if the key space is smaller).
@@ -907,6 +907,7 @@ impl Worker {
         let mut rng = Rng::new(cfg.seed.wrapping_add(w as u64 * 7919));
         let mut seq: u64 = 0;
         let mut lines: Vec<Line> = Vec::with_capacity(cfg.lines);
+        let mut batch: Vec<Key> = Vec::with_capacity(cfg.batch);
         // Open loop: evenly spaced intended send times, staggered across
         // workers with the callers of one connection next to each other, so
         // that those due in one tick of the pacer mostly share a connection
@@ -938,9 +939,9 @@ impl Worker {
             let (res, nkeys, units) = match kind {
                 Kind::Query => (conn.query(keys.key(&mut rng)).await, 1, 0),
                 Kind::Batch => {
-                    let ks = keys.keys(&mut rng, cfg.batch);
-                    let r = conn.query_batch(&ks).await.map_or_else(Res::Err, |_| Res::Ok);
-                    (r, ks.len() as u64, 0)
+                    keys.keys_into(&mut rng, cfg.batch, &mut batch);
+                    let r = conn.query_batch(&batch).await.map_or_else(Res::Err, |_| Res::Ok);
+                    (r, batch.len() as u64, 0)
                 }
                 Kind::Order | Kind::Inbound => {
                     seq += 1;

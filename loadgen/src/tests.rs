@@ -55,14 +55,16 @@ fn the_alias_table_gives_every_item_its_exact_probability() {
 fn zipf_shape() {
     let n = 1000u64;
     let draws = 400_000;
-    // One key at a time, or in batches of 64 (`KeyGen::keys`): the same distribution.
+    // One key at a time, or in batches of 64 (`KeyGen::keys_into`): the same distribution.
     let count = |s: f64, batched: bool| {
         let g = KeyGen::new(n, 1, s);
         let mut rng = Rng::new(42);
         let mut c = vec![0u64; n as usize + 1];
         if batched {
+            let mut batch = Vec::new();
             for _ in 0..draws / 64 {
-                for k in g.keys(&mut rng, 64) {
+                g.keys_into(&mut rng, 64, &mut batch);
+                for k in &batch {
                     c[k.item as usize] += 1;
                 }
             }

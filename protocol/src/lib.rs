@@ -361,6 +361,21 @@ pub fn encode_lines_frame(
     end_frame(out, start);
 }
 
+/// Appends a whole QUERY_BATCH frame from borrowed keys: what
+/// [`Request::encode`] writes for them.
+pub fn encode_batch_frame(request_id: u64, keys: &[Key], out: &mut Vec<u8>) {
+    let start = begin_frame(out, opcode::QUERY_BATCH, request_id);
+    put_batch_body(out, keys);
+    end_frame(out, start);
+}
+
+fn put_batch_body(out: &mut Vec<u8>, keys: &[Key]) {
+    out.extend_from_slice(&(keys.len() as u16).to_le_bytes());
+    for k in keys {
+        put_key(out, *k);
+    }
+}
+
 /// The body of ORDER, INBOUND (no `ttl_ms`) and RESERVE.
 fn put_lines_body(out: &mut Vec<u8>, id: u64, ttl_ms: Option<u32>, lines: &[Line]) {
     out.extend_from_slice(&id.to_le_bytes());
@@ -473,12 +488,7 @@ impl Request {
             }
             Request::Ping | Request::Stats | Request::Promote => {}
             Request::Query { key } => put_key(out, *key),
-            Request::QueryBatch { keys } => {
-                out.extend_from_slice(&(keys.len() as u16).to_le_bytes());
-                for k in keys {
-                    put_key(out, *k);
-                }
-            }
+            Request::QueryBatch { keys } => put_batch_body(out, keys),
             Request::QueryItem { item } => out.extend_from_slice(&item.to_le_bytes()),
             Request::Order { id, lines } | Request::Inbound { id, lines } => {
                 put_lines_body(out, *id, None, lines)

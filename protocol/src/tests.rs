@@ -99,6 +99,12 @@ proptest! {
             encode_lines_frame(req.opcode(), rid, id, ttl_ms, lines, &mut same);
             prop_assert_eq!(&same, &buf);
         }
+        // And its borrowed encoding of a batch.
+        if let Request::QueryBatch { keys } = &req {
+            let mut same = Vec::new();
+            encode_batch_frame(rid, keys, &mut same);
+            prop_assert_eq!(&same, &buf);
+        }
         // Every strict prefix is incomplete, never an error or a frame.
         for cut in 0..buf.len() {
             prop_assert_eq!(parse_frame(&buf[..cut]).unwrap(), None);

@@ -32,9 +32,14 @@ async fn pipelined_queries_and_batches_on_every_path() {
         }
         // One batch frame per shard, and (single connection) one batch split by the server.
         assert_eq!(c.query_batch(&keys).await.unwrap(), want);
-        // More keys than one frame may carry: several frames, answers in order.
-        let n = stockd_protocol::MAX_BATCH_KEYS + 100;
+        // More keys than one frame may carry, on every shard: several frames
+        // per shard, answers in order.
+        let n = 6 * stockd_protocol::MAX_BATCH_KEYS + 100;
         let many: Vec<_> = keys.iter().cycle().take(n).copied().collect();
+        for shard in 0..3 {
+            let on_it = many.iter().filter(|k| stockd_protocol::shard_of(k.item, 3) == shard).count();
+            assert!(on_it > stockd_protocol::MAX_BATCH_KEYS, "shard {shard} gets {on_it} keys");
+        }
         let want_many: Vec<u64> = want.iter().cycle().take(n).copied().collect();
         assert_eq!(c.query_batch(&many).await.unwrap(), want_many);
         let mut with_unknown = keys.clone();
