@@ -35,6 +35,7 @@ pub use shared::{ShardStats, Shared, SnapshotPart, SnapshotQueue, SNAPSHOT_QUEUE
 use crate::state::{IdHashBuilder, IdKey, IdMap, SnapshotPiece, Store, PREFETCH_KEYS};
 use answers::respond;
 use coordinator::Txn;
+use mailbox::WalToken;
 
 /// Most shards: a mutation's participants are a 64-bit mask.
 pub const MAX_SHARDS: usize = 64;
@@ -57,6 +58,10 @@ pub struct Shard {
     snapshot_wake: Rc<Notify>,
     /// When the snapshot in progress began (its mark arrived).
     snapshot_began: Option<Instant>,
+    /// Records of this pass for the log writer (see [`Shard::flush_log`]).
+    to_log: Vec<(Vec<u8>, WalToken)>,
+    /// Woken when the first record of a pass is queued.
+    log_wake: Rc<Notify>,
 }
 
 pub fn now_ms() -> u64 {
@@ -86,6 +91,8 @@ impl Shard {
             retry_wake: Rc::new(Notify::new()),
             snapshot_wake: Rc::new(Notify::new()),
             snapshot_began: None,
+            to_log: Vec::new(),
+            log_wake: Rc::new(Notify::new()),
         }
     }
 
@@ -113,6 +120,12 @@ impl Shard {
     /// Woken when a snapshot begins: the event loop writes it in turns.
     pub fn snapshot_wake(&self) -> Rc<Notify> {
         self.snapshot_wake.clone()
+    }
+
+    /// Woken when a pass of the event loop queues its first record for
+    /// the log writer: [`Shard::flush_log`] once the pass is over.
+    pub fn log_wake(&self) -> Rc<Notify> {
+        self.log_wake.clone()
     }
 
     fn mailbox(&self, i: usize) -> &Mailbox {
@@ -261,7 +274,7 @@ impl Shard {
             Internal::Prepare { txn, coord, m, log_if_ready } => {
                 let result = self.store.prepare(txn, &m);
                 match (result, log_if_ready) {
-                    (Ok(()), Some(participants)) => self.log_for(txn, coord, participants, m),
+                    (Ok(()), Some(participants)) => self.log(txn, coord, participants, m),
                     (result, _) => {
                         self.mailbox(coord).push_internal(Internal::Vote { txn, from: self.index, result })
                     }

@@ -24,6 +24,9 @@ pub const MAX_TXNS: usize = 16_384;
 pub const CONTENDED_RETRY_FOR: Duration = Duration::from_secs(2);
 /// Expired holds released per tick of the expiry timer.
 pub const EXPIRY_BATCH: usize = 256;
+/// Records one pass of the event loop queues for the log writer at most
+/// before they are handed over without waiting for the pass to end.
+pub const LOG_PASS_MAX: usize = 1024;
 
 /// A mutation this shard coordinates, from its first prepare to its answer.
 pub(super) struct Txn {
@@ -150,23 +153,48 @@ impl Shard {
         }
     }
 
-    /// Hands the record of `txn` to the log writer: it comes back through
-    /// the commit callback (`commits.rs`) once durable.
-    fn log(&self, txn: u64, coord: usize, participants: u64, m: Arc<Mutation>) -> Result<(), SubmitError> {
+    /// Queues the record of `txn` for the log writer. The records of one
+    /// pass of the event loop go to the writer together at its end
+    /// ([`Shard::flush_log`]), so that one group commit takes them all
+    /// instead of the first few of them; each comes back through the commit
+    /// callback (`commits.rs`) once durable. `coord` is this shard, or the
+    /// coordinator this shard logs for as the last participant to be ready
+    /// (see `prepare_everywhere`).
+    pub(super) fn log(&mut self, txn: u64, coord: usize, participants: u64, m: Arc<Mutation>) {
         let mut payload = Vec::with_capacity(16 + 16 * m.lines.len());
         m.encode(&mut payload);
-        let token = WalToken::Own { txn, coord, participants, m };
-        self.shared.wal.try_submit(payload, token).map_err(|(e, _)| e)
+        if self.to_log.is_empty() {
+            self.log_wake.notify_one();
+        }
+        self.to_log.push((payload, WalToken::Own { txn, coord, participants, m }));
+        if self.to_log.len() >= LOG_PASS_MAX {
+            self.flush_log();
+        }
     }
 
-    /// Logs `txn` for its coordinator, as the last participant to be ready
-    /// (see `prepare_everywhere`); if the log writer cannot take it, drops
-    /// this shard's reservation and tells the coordinator.
-    pub(super) fn log_for(&mut self, txn: u64, coord: usize, participants: u64, m: Arc<Mutation>) {
-        if let Err(error) = self.log(txn, coord, participants, m) {
-            self.store.abort(txn);
-            self.mailbox(coord).push_internal(Internal::NotLogged { txn, error });
+    /// Hands the records queued by [`Shard::log`] to the log writer. One it
+    /// cannot take (its queue is full, or it stopped) is refused: the
+    /// coordinator drops the reservations and answers; a shard that logged
+    /// for another drops its own and tells the coordinator.
+    pub fn flush_log(&mut self) {
+        let mut records = std::mem::take(&mut self.to_log);
+        for (payload, token) in records.drain(..) {
+            let Err((error, token)) = self.shared.wal.try_submit(payload, token) else { continue };
+            let WalToken::Own { txn, coord, .. } = token else {
+                unreachable!("a shard logs only its own mutations")
+            };
+            if coord == self.index {
+                self.abort_everywhere(txn);
+                self.finish(txn, log_refused(error));
+            } else {
+                self.store.abort(txn);
+                self.mailbox(coord).push_internal(Internal::NotLogged { txn, error });
+            }
         }
+        // The buffer is kept for the next pass (nothing was queued meanwhile:
+        // refusals only answer and message).
+        debug_assert!(self.to_log.is_empty());
+        self.to_log = records;
     }
 
     /// The participant that was to log `txn` could not.
@@ -221,10 +249,7 @@ impl Shard {
             return self.finish(txn, refusal_response(&r));
         }
         let (participants, m) = (t.participants, t.m.clone());
-        if let Err(e) = self.log(txn, self.index, participants, m) {
-            self.abort_everywhere(txn);
-            self.finish(txn, log_refused(e));
-        }
+        self.log(txn, self.index, participants, m);
     }
 
     fn abort_everywhere(&mut self, txn: u64) {

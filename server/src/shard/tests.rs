@@ -163,6 +163,7 @@ fn a_full_log_queue_answers_overloaded_and_reserves_nothing() {
     let refused = loop {
         assert!(logged < 8, "the log never filled");
         shard.start(opcode::ORDER, logged, order(logged, KEY, 10), Some(tx.clone()));
+        shard.flush_log(); // the end of the event loop's pass
         std::thread::sleep(Duration::from_millis(20)); // let the writer take what it can
         if let Some(resp) = answer(&mut rx) {
             break resp;
@@ -177,6 +178,38 @@ fn a_full_log_queue_answers_overloaded_and_reserves_nothing() {
         .prepare(99, &Mutation { op: Op::Order { id: 99 }, lines: vec![Line { key: KEY, qty: rest }].into() })
         .is_ok());
     drop(gate_tx);
+}
+
+/// A shard hands the log writer the records of a pass of its event loop
+/// when the pass ends (`flush_log`), or once it has queued `LOG_PASS_MAX`.
+#[test]
+fn the_records_of_a_pass_reach_the_log_when_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (batch_tx, batches) = std_mpsc::channel();
+    let shared = shared_with(dir.path(), 1, 4 * coordinator::LOG_PASS_MAX, move |b| {
+        let _ = batch_tx.send(b.len());
+    });
+    let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 1_000_000));
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let logged = |n: usize| {
+        let mut got = 0;
+        while got < n {
+            got += batches.recv_timeout(Duration::from_secs(10)).expect("a group commit");
+        }
+        assert_eq!(got, n);
+    };
+    for id in 0..3 {
+        shard.start(opcode::ORDER, id, order(id, KEY, 1), Some(tx.clone()));
+    }
+    assert!(batches.recv_timeout(Duration::from_millis(100)).is_err(), "nothing logged mid-pass");
+    shard.flush_log();
+    logged(3);
+    // A pass that queues LOG_PASS_MAX records hands them over without ending.
+    for id in 3..3 + coordinator::LOG_PASS_MAX as u64 {
+        shard.start(opcode::ORDER, id, order(id, KEY, 1), Some(tx.clone()));
+    }
+    logged(coordinator::LOG_PASS_MAX);
+    assert!(shard.to_log.is_empty());
 }
 
 /// A QUERY_BATCH over three shards whose third owner's queue is full: the
@@ -314,6 +347,7 @@ fn the_one_other_participant_logs_the_record_itself_and_the_coordinator_answers_
     // The owner of the row prepares and logs; it sends no vote.
     assert_eq!(p.shared.mailboxes[p.rows.index()].depths().1, 1, "one prepare");
     p.rows.drain();
+    p.rows.flush_log();
     assert_eq!(p.shared.mailboxes[p.coord.index()].depths().1, 0, "no vote");
     let batch = p.next_batch();
     assert_eq!(batch.len(), 1);
@@ -346,6 +380,7 @@ fn a_record_logged_by_the_other_participant_and_then_fenced_releases_its_units()
     let (tx, mut rx) = mpsc::unbounded_channel();
     p.coord.start(opcode::ORDER, 1, order(p.id, p.key, 10), Some(tx));
     p.rows.drain();
+    p.rows.flush_log();
     let batch = p.next_batch();
     commits::fence_commits(&p.shared.mailboxes, batch, &Arc::from("another node is the primary"));
     p.coord.drain();
@@ -373,7 +408,8 @@ fn the_one_other_participant_that_finds_the_log_full_drops_its_reservation_and_t
     let refused = loop {
         assert!(logged < ids.len(), "the log never filled");
         coord.start(opcode::ORDER, logged as u64, order(ids[logged], key, 10), Some(tx.clone()));
-        rows.drain(); // prepares, and logs or is refused by the log
+        rows.drain(); // prepares and queues the record...
+        rows.flush_log(); // ...which the log takes or refuses
         std::thread::sleep(Duration::from_millis(20));
         coord.drain();
         if let Some(resp) = answer(&mut rx) {
