@@ -1,6 +1,8 @@
 //! A shard thread's event loop: one tokio current-thread runtime per shard,
 //! running the shard's listeners, its connections, its mailbox, the retry
-//! of contended mutations and the hold-expiry timer, all on one thread.
+//! of contended mutations, the hold-expiry timer, the paced snapshot turns
+//! and the hand-over of each pass's records to the log writer, all on one
+//! thread.
 
 use std::cell::RefCell;
 use std::net::TcpListener as StdListener;
