@@ -150,7 +150,7 @@ async fn snapshot_loop(shard: Rc<RefCell<Shard>>) {
 /// mailbox) runs before this one does. Handed over one by one, as they
 /// were made, the writer took the first few of a pass into one fdatasync
 /// and the rest waited for the next (docs/benchmarks.md, *One hand-over
-/// per pass*).
+/// to the log per pass*).
 async fn log_loop(shard: Rc<RefCell<Shard>>) {
     let wake = shard.borrow().log_wake();
     loop {
