@@ -123,7 +123,7 @@ try:
     for line in open("/proc/cpuinfo"):
         if line.startswith("model name"): cpu = line.split(":", 1)[1].strip(); break
 except OSError: pass
-machine = f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, {datetime.date.today().isoformat()}; stockd --shards {shards}; both servers on CPUs {server_cpus}, the load generator on CPUs {loadgen_cpus} ({lg_threads} threads); {duration} per run, 16 connections"
+machine = f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, {datetime.date.today().isoformat()}; stockd --shards {shards}; both servers on CPUs {server_cpus}, the load generator on CPUs {loadgen_cpus} ({lg_threads} threads); {duration} per run, 16 clients (those of a load generator thread share its connections: one per shard for stockd, one for Redis)"
 table = "\n".join(rows)
 print(machine); print(table)
 md = open("docs/benchmarks.md").read()

@@ -147,7 +147,7 @@ impl Gateway {
     /// A gateway in front of `cfg.stockd` (one address, or several of a
     /// replicated stockd). Connects on the first request.
     pub fn new(cfg: Config) -> Result<Arc<Gateway>, String> {
-        let opts = Options { token: cfg.stockd_token.clone(), single_connection: false };
+        let opts = Options { token: cfg.stockd_token.clone(), ..Options::default() };
         let mut client =
             Replicated::new(&cfg.stockd, opts).map_err(|e| format!("--stockd {:?}: {e}", cfg.stockd))?;
         // An HTTP caller waits this long at most while a standby takes over.

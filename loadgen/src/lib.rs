@@ -135,6 +135,12 @@ pub struct Config {
     pub progress: bool,
     /// Threads, each with its own share of the connections (at most one per connection).
     pub threads: usize,
+    /// Each of the `connections` clients opens connections of its own. By
+    /// default the clients of one thread share one set: the stockd client
+    /// shares them itself (a socket per shard), and a Redis target's
+    /// multiplexed connection is cloned, so both carry a thread's requests
+    /// over as few sockets as the target allows.
+    pub own_connections: bool,
 }
 
 impl Config {
@@ -156,6 +162,7 @@ impl Config {
             preload_qty: 1_000_000,
             progress: false,
             threads: 2,
+            own_connections: false,
         }
     }
 }
@@ -517,10 +524,13 @@ fn redis_err(e: redis::RedisError) -> Res {
 }
 
 impl Conn {
-    pub async fn open(target: &Target) -> Result<Conn, String> {
+    /// A client of `target`; with `own_connections`, one that shares no
+    /// connection with the other clients of this thread.
+    pub async fn open(target: &Target, own_connections: bool) -> Result<Conn, String> {
         match target {
             Target::Stockd(a) => {
-                Client::connect(a).await.map(Conn::Stockd).map_err(|e| format!("{target}: {e}"))
+                let opts = stockd_client::Options { own_connections, ..Default::default() };
+                Client::connect_with(a, opts).await.map(Conn::Stockd).map_err(|e| format!("{target}: {e}"))
             }
             Target::Redis(url) => {
                 let c = redis::Client::open(url.as_str()).map_err(|e| format!("{url}: {e}"))?;
@@ -668,8 +678,9 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
-/// Runs the workload and measures it. Opens `connections` connections and
-/// keeps `pipeline` requests in flight on each.
+/// Runs the workload and measures it. Opens `connections` clients and
+/// keeps `pipeline` requests in flight on each (the clients of a thread
+/// share their sockets unless `own_connections`).
 pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     if cfg.connections == 0 || cfg.pipeline == 0 || cfg.batch == 0 || cfg.lines == 0 {
         return Err("connections, pipeline, batch and lines must be at least 1".into());
@@ -677,7 +688,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     let keys = KeyGen::new(cfg.keys, cfg.centers, cfg.zipf);
     if cfg.preload {
         let t = Instant::now();
-        let conn = Conn::open(&cfg.target).await?;
+        let conn = Conn::open(&cfg.target, cfg.own_connections).await?;
         let n = preload(&conn, &keys, cfg.preload_qty, cfg.seed).await?;
         if cfg.progress {
             eprintln!(
@@ -835,7 +846,14 @@ impl ThreadRun {
         let (t, threads, connections) = (self.t, self.threads, self.cfg.connections);
         let mut conns = Vec::new();
         for _ in (t..connections).step_by(threads) {
-            match Conn::open(&self.cfg.target).await {
+            let own = self.cfg.own_connections;
+            let opened = match conns.first() {
+                // Redis's client keeps no table of shared connections: the
+                // thread's first one is cloned (one multiplexed socket).
+                Some(first @ Conn::Redis(..)) if !own => Ok(first.clone()),
+                _ => Conn::open(&self.cfg.target, own).await,
+            };
+            match opened {
                 Ok(c) => conns.push(c),
                 Err(e) => {
                     self.ready.say(Err(e.clone()));

@@ -46,10 +46,16 @@ struct RunArgs {
     /// Zipf exponent of item popularity (0 = uniform, 0.99 = a launch-day hot item).
     #[arg(long, default_value_t = 0.0)]
     zipf: f64,
-    /// Client connections (each a task with `--pipeline` requests in flight).
+    /// Clients, each with `--pipeline` requests in flight. The clients of one
+    /// thread share its connections to the target (stockd: one per shard;
+    /// Redis: one), unless `--own-connections`.
     #[arg(long, default_value_t = 16)]
     connections: usize,
-    /// Requests in flight per connection.
+    /// Each client opens connections of its own (stockd: one per shard per
+    /// client), as every client did before the clients of a thread shared them.
+    #[arg(long)]
+    own_connections: bool,
+    /// Requests in flight per client.
     #[arg(long, default_value_t = 16)]
     pipeline: usize,
     /// Keys per query-batch request.
@@ -137,6 +143,7 @@ fn main() -> ExitCode {
     cfg.centers = a.centers;
     cfg.zipf = a.zipf;
     cfg.connections = a.connections;
+    cfg.own_connections = a.own_connections;
     cfg.pipeline = a.pipeline;
     cfg.batch = a.batch;
     cfg.lines = a.lines;

@@ -47,8 +47,11 @@ async fn conserved(target: Target, rate: Option<f64>) {
     // Another seed for the open loop: its ids must not repeat the closed loop's.
     cfg.seed = if rate.is_some() { 12 } else { 11 };
     cfg.rate = rate;
+    // The closed loop's clients share their thread's connections (the
+    // default), the open loop's have their own.
+    cfg.own_connections = rate.is_some();
     let keys: Vec<_> = KeyGen::new(cfg.keys, cfg.centers, 0.0).all().collect();
-    let mut conn = Conn::open(&target).await.unwrap();
+    let mut conn = Conn::open(&target, true).await.unwrap();
     let before: u64 = conn.query_batch(&keys).await.unwrap().iter().sum();
     let out = run(&cfg).await.unwrap();
     let r = &out.report;

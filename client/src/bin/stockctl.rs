@@ -126,7 +126,7 @@ fn lines_json(lines: &[Line]) -> Value {
 }
 
 async fn run(cli: &Cli) -> Result<Value, Error> {
-    let opts = Options { token: cli.token.clone(), single_connection: false };
+    let opts = Options { token: cli.token.clone(), ..Options::default() };
     let client = Replicated::new(&cli.addr, opts)?;
     let applied = |what: &str, id_field: &str, id: u64, a: Applied| {
         let (status, lsn) = match a {
