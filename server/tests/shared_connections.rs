@@ -2,7 +2,7 @@
 //! (one per shard), unless a client asks for its own; a client never
 //! shares a connection authenticated with another token, and one connected
 //! after the server restarted gets new connections even while a client of
-//! the old ones is still held.
+//! the old ones is still held; nor one in another runtime of the thread.
 
 mod common;
 
@@ -104,4 +104,32 @@ async fn a_client_connected_after_a_restart_gets_new_connections() {
     assert!(old.query(1, 1).await.is_err(), "the old connections are gone");
     drop((old, new));
     d.terminate();
+}
+
+/// A set's tasks run on the runtime that opened it: a client connected on
+/// the same thread in another runtime (the first one not driven meanwhile)
+/// must not take it, or its `HELLO` would wait for tasks that never run.
+#[test]
+fn a_client_in_another_runtime_of_the_thread_gets_its_own_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(dir.path(), 2);
+    let addr = srv.addr.to_string();
+    let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (first_rt, second_rt) = (runtime(), runtime());
+    let first = first_rt.block_on(async {
+        let first = Client::connect(&addr).await.unwrap();
+        until_connections(&first, 2).await;
+        first
+    });
+    let second = second_rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), Client::connect(&addr)).await })
+        .expect("connected without the first runtime's tasks")
+        .unwrap();
+    second_rt.block_on(async {
+        second.inbound(1, &[Line::new(1, 1, 4)]).await.unwrap();
+        until_connections(&second, 4).await;
+    });
+    assert_eq!(first_rt.block_on(first.query(1, 1)).unwrap(), 4);
+    drop((first, second));
+    srv.shutdown();
 }
