@@ -133,7 +133,7 @@ pub struct Config {
     pub preload_qty: u32,
     /// Print a progress line every second.
     pub progress: bool,
-    /// Threads, each with its own share of the connections (at most one per connection).
+    /// Threads, each with its own share of the clients (at most one per client).
     pub threads: usize,
     /// Each of the `connections` clients opens connections of its own. By
     /// default the clients of one thread share one set: the stockd client
@@ -796,11 +796,11 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
 }
 
 /// One load generator thread: a current-thread runtime that opens its share
-/// of the connections (connection `c` belongs to thread `c % threads`) and
-/// runs every worker of those connections. A connection's callers, its
-/// writer and its reader thus live on one thread and never wake each other
-/// across threads (docs/benchmarks.md, *Client and load generator cost per
-/// request*).
+/// of the clients (client `c` belongs to thread `c % threads`; they share
+/// the thread's connections unless `own_connections`) and runs every worker
+/// of those clients. A connection's callers, its writer and its reader thus
+/// live on one thread and never wake each other across threads
+/// (docs/benchmarks.md, *Client and load generator cost per request*).
 struct ThreadRun {
     t: usize,
     threads: usize,
