@@ -118,6 +118,16 @@ for t, label in [("stockd", "stockd"), ("redis", "Redis")]:
     o = load(f"open-{t}")
     late = o["send_late_us"]["p99"]  # the load generator's own delay in sending (part of the latency)
     rows.append(f"| mixed open loop at 50% of {label} max | {o['throughput_ops_s']:,.0f} offered+done, load generator delay p99 {late} us | | | {lat(o) if t=='stockd' else ''} | {lat(o) if t=='redis' else ''} |")
+# The mixed rows by kind of request: an order's answer waits for the disk, a query's does not.
+kinds = ["query", "order", "inbound"]
+rows.append("")
+rows.append("| mixed 90/9/1, p50/p99/p99.9 us | " + " | ".join(f"stockd {k}" for k in kinds) + " | " + " | ".join(f"Redis {k}" for k in kinds) + " |")
+rows.append("|---" * 7 + "|")
+def by_kind(r):
+    k = r.get("latency_by_kind_us") or {}
+    return [f'{k[n]["p50"]}/{k[n]["p99"]}/{k[n]["p999"]}' if n in k else "" for n in kinds]
+for tag, label in [("w5", "closed loop"), ("open", "open loop at 50% of each one's max")]:
+    rows.append(f"| {label} | " + " | ".join(by_kind(load(f"{tag}-stockd")) + by_kind(load(f"{tag}-redis"))) + " |")
 cpu = "unknown"
 try:
     for line in open("/proc/cpuinfo"):

@@ -339,6 +339,10 @@ pub struct Report {
     /// its own delay, part of the latency (which counts from the intended
     /// time). Large values mean the load generator did not keep up.
     pub send_late_us: Option<Latency>,
+    /// A mixed workload's latency for each kind of request in it, by name
+    /// (`query`, `order`, `inbound`): an order's answer waits for the disk,
+    /// a query's does not. Null for a workload of one kind.
+    pub latency_by_kind_us: Option<BTreeMap<String, Latency>>,
 }
 
 /// CPU seconds (user + system) this process has used so far.
@@ -397,6 +401,9 @@ struct Tally {
     /// Open loop: the load generator's own delay per send (us), see
     /// [`Report::send_late_us`].
     late: Histogram<u64>,
+    /// Latency by kind of request, indexed by [`Kind`] (for
+    /// [`Report::latency_by_kind_us`]).
+    by_kind: [Histogram<u64>; 4],
     ops: u64,
     keys: u64,
     insufficient: u64,
@@ -412,6 +419,7 @@ impl Default for Tally {
         Tally {
             hist: new_histogram(),
             late: new_histogram(),
+            by_kind: std::array::from_fn(|_| new_histogram()),
             ops: 0,
             keys: 0,
             insufficient: 0,
@@ -427,6 +435,9 @@ impl Tally {
     fn add(&mut self, o: &Tally) {
         self.hist.add(&o.hist).expect("histograms of the same bounds");
         self.late.add(&o.late).expect("histograms of the same bounds");
+        for (h, o) in self.by_kind.iter_mut().zip(&o.by_kind) {
+            h.add(o).expect("histograms of the same bounds");
+        }
         self.ops += o.ops;
         self.keys += o.keys;
         self.insufficient += o.insufficient;
@@ -654,6 +665,19 @@ pub enum Kind {
     Inbound,
 }
 
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Query, Kind::Batch, Kind::Order, Kind::Inbound];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Query => "query",
+            Kind::Batch => "batch",
+            Kind::Order => "order",
+            Kind::Inbound => "inbound",
+        }
+    }
+}
+
 /// Picks the kind of the next request.
 pub fn pick(workload: Workload, rng: &mut Rng) -> Kind {
     match workload {
@@ -770,6 +794,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     let Tally {
         hist: histogram,
         late,
+        by_kind,
         ops,
         keys,
         insufficient,
@@ -791,6 +816,14 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         client_cpu_us_per_op,
         latency_us: Latency::of(&histogram),
         send_late_us: (!late.is_empty()).then(|| Latency::of(&late)),
+        latency_by_kind_us: matches!(cfg.workload, Workload::Mixed { .. }).then(|| {
+            Kind::ALL
+                .iter()
+                .zip(&by_kind)
+                .filter(|(_, h)| !h.is_empty())
+                .map(|(k, h)| (k.name().to_string(), Latency::of(h)))
+                .collect()
+        }),
     };
     Ok(Outcome { report, histogram, insufficient, errors_by_kind, order_units, inbound_units })
 }
@@ -901,7 +934,14 @@ impl ThreadRun {
     }
 }
 
-/// One caller: a request at a time, recorded into its thread's tally.
+/// One caller: a request at a time, recorded into its thread's tally. In
+/// an open loop it sends at evenly spaced intended times, each once the one
+/// before is answered, and latency counts from the intended time, so a slow
+/// answer is charged to the requests it held up. Tried and not kept: each
+/// request a task of its own, sent on time whatever the one before (18%
+/// more of the load generator's CPU per request, and its own delay in
+/// sending became the tail: docs/benchmarks.md, *An open loop of
+/// independent requests*).
 struct Worker {
     w: usize,
     workers: usize,
@@ -979,6 +1019,7 @@ impl Worker {
             let us = done.saturating_duration_since(sent_at).as_micros().max(1) as u64;
             recorder.record(|t| {
                 t.hist.saturating_record(us);
+                t.by_kind[kind as usize].saturating_record(us);
                 if let Some(late) = late {
                     t.late.saturating_record(late.as_micros() as u64);
                 }
@@ -994,7 +1035,7 @@ impl Worker {
                         }
                     }
                     Res::Insufficient => t.insufficient += 1,
-                    Res::Err(kind) => *t.errors.entry(kind).or_default() += 1,
+                    Res::Err(e) => *t.errors.entry(e).or_default() += 1,
                 }
             });
             if let (Some(t), Some(i)) = (intended.as_mut(), interval) {

@@ -1,9 +1,11 @@
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use stock_loadgen::{hgrm, plot, run, Config, Target, Workload};
+use stock_loadgen::{hgrm, plot, run, Config, Outcome, Target, Workload};
 
 /// Load generator for stockd and Redis: same workloads, HdrHistogram latency.
 #[derive(Parser, Debug)]
@@ -177,28 +179,13 @@ fn main() -> ExitCode {
         }
     };
     let r = &out.report;
-    let l = &r.latency_us;
-    println!(
-        "{} {} : {} ops in {:.1}s = {:.0} ops/s ({:.0} keys/s)",
-        r.target, r.workload, r.ops, r.duration_s, r.throughput_ops_s, r.keys_per_s
-    );
-    println!("latency us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
-    if let Some(s) = &r.send_late_us {
-        println!(
-            "load generator delay in sending, us: p50 {}  p99 {}  p99.9 {}  max {}",
-            s.p50, s.p99, s.p999, s.max
-        );
-    }
-    println!("load generator CPU: {:.2} us per operation", r.client_cpu_us_per_op);
-    println!(
-        "refused for lack of stock: {}; units ordered {}, units received {}",
-        out.insufficient, out.order_units, out.inbound_units
-    );
-    if out.errors_by_kind.is_empty() {
-        println!("errors: none");
-    } else {
-        let kinds: Vec<String> = out.errors_by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("errors: {} ({})", r.errors, kinds.join(", "));
+    // A reader that stopped reading (`| head`) is not an error of the run:
+    // the files below are still written.
+    if let Err(e) = std::io::stdout().lock().write_all(summary(&out).as_bytes()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("stock-loadgen: stdout: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     if let Some(p) = &a.json {
         let text = serde_json::to_string_pretty(r).expect("report serializes");
@@ -218,4 +205,47 @@ fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The run's summary, as printed.
+fn summary(out: &Outcome) -> String {
+    let (r, l) = (&out.report, &out.report.latency_us);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} {} : {} ops in {:.1}s = {:.0} ops/s ({:.0} keys/s)",
+        r.target, r.workload, r.ops, r.duration_s, r.throughput_ops_s, r.keys_per_s
+    );
+    let _ = writeln!(
+        s,
+        "latency us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        l.p50, l.p90, l.p99, l.p999, l.max
+    );
+    for (kind, l) in r.latency_by_kind_us.iter().flatten() {
+        let _ = writeln!(
+            s,
+            "  {kind:<8} us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+    }
+    if let Some(d) = &r.send_late_us {
+        let _ = writeln!(
+            s,
+            "load generator delay in sending, us: p50 {}  p99 {}  p99.9 {}  max {}",
+            d.p50, d.p99, d.p999, d.max
+        );
+    }
+    let _ = writeln!(s, "load generator CPU: {:.2} us per operation", r.client_cpu_us_per_op);
+    let _ = writeln!(
+        s,
+        "refused for lack of stock: {}; units ordered {}, units received {}",
+        out.insufficient, out.order_units, out.inbound_units
+    );
+    if out.errors_by_kind.is_empty() {
+        let _ = writeln!(s, "errors: none");
+    } else {
+        let kinds: Vec<String> = out.errors_by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(s, "errors: {} ({})", r.errors, kinds.join(", "));
+    }
+    s
 }

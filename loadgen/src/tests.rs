@@ -128,6 +128,7 @@ fn report_json_has_exactly_the_documented_fields() {
         client_cpu_us_per_op: 2.5,
         latency_us: Latency::of(&h),
         send_late_us: Some(Latency::of(&h)),
+        latency_by_kind_us: Some([("order".to_string(), Latency::of(&h))].into()),
     };
     let v: serde_json::Value = serde_json::to_value(&r).unwrap();
     let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
@@ -139,6 +140,7 @@ fn report_json_has_exactly_the_documented_fields() {
             "duration_s",
             "errors",
             "keys_per_s",
+            "latency_by_kind_us",
             "latency_us",
             "ops",
             "send_late_us",
@@ -153,8 +155,11 @@ fn report_json_has_exactly_the_documented_fields() {
     assert_eq!(v["latency_us"]["p50"], 500);
     assert_eq!(v["latency_us"]["max"], 1000);
     assert_eq!(v["send_late_us"]["p99"], v["latency_us"]["p99"]);
-    let closed = Report { send_late_us: None, ..r };
-    assert!(serde_json::to_value(&closed).unwrap()["send_late_us"].is_null(), "null in a closed loop");
+    assert_eq!(v["latency_by_kind_us"]["order"]["p99"], v["latency_us"]["p99"]);
+    let closed = Report { send_late_us: None, latency_by_kind_us: None, ..r };
+    let closed = serde_json::to_value(&closed).unwrap();
+    assert!(closed["send_late_us"].is_null(), "null in a closed loop");
+    assert!(closed["latency_by_kind_us"].is_null(), "null for a workload of one kind");
 }
 
 #[test]

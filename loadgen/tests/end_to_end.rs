@@ -59,6 +59,10 @@ async fn conserved(target: Target, rate: Option<f64>) {
     assert!(r.ops > 100, "{target}: only {} ops", r.ops);
     assert_eq!(r.send_late_us.is_some(), rate.is_some(), "send lateness is measured in open loops only");
     assert!(out.order_units > 0 && out.inbound_units > 0);
+    let kinds = r.latency_by_kind_us.as_ref().expect("a mixed run reports its latency by kind");
+    assert_eq!(kinds.keys().map(String::as_str).collect::<Vec<_>>(), ["inbound", "order", "query"]);
+    assert!(kinds.values().all(|l| l.p50 >= 1 && l.p50 <= l.max && l.max <= r.latency_us.max));
+    assert_eq!(kinds.values().map(|l| l.max).max(), Some(r.latency_us.max), "the slowest is of some kind");
     let total: u64 = conn.query_batch(&keys).await.unwrap().iter().sum();
     let preload = if cfg.preload { keys.len() as u64 * cfg.preload_qty as u64 } else { 0 };
     assert_eq!(
