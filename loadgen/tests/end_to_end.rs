@@ -91,3 +91,30 @@ async fn short_mixed_runs_conserve_stock_on_both_targets() {
     let (_redis, port) = start_redis();
     conserved(Target::Redis(format!("redis://127.0.0.1:{port}")), None).await;
 }
+
+/// A reader of the summary that stops reading (`| head`) ends nothing else:
+/// no panic, a clean exit, the JSON report still written.
+#[test]
+fn a_reader_that_stops_early_ends_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = stockd::Config::new("127.0.0.1:0".parse().unwrap(), dir.path(), 1);
+    cfg.pin = false;
+    let srv = stockd::start(cfg).unwrap();
+    let json = dir.path().join("report.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stock-loadgen"))
+        .args(["--target", &format!("stockd://{}", srv.addr), "--workload", "mixed:90,9,1", "--keys", "50"])
+        .args(["--preload", "--duration", "300ms", "--quiet", "--json"])
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before the summary is written
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(report["ops"].as_u64().unwrap() > 0);
+    srv.shutdown();
+}
