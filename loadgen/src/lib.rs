@@ -13,6 +13,7 @@
 
 mod pacer;
 pub mod plot;
+mod schedule;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -26,6 +27,7 @@ use stockd_client::{prefetch, Applied, Client, Error as ClientError, Key, Line};
 use tokio::sync::{oneshot, watch};
 
 use pacer::Pacer;
+pub use schedule::{schedule, Sched};
 
 /// What a request does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -709,6 +711,11 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     if cfg.connections == 0 || cfg.pipeline == 0 || cfg.batch == 0 || cfg.lines == 0 {
         return Err("connections, pipeline, batch and lines must be at least 1".into());
     }
+    // Open loop: every worker's send times and kind, checked before anything runs.
+    let sched = match cfg.rate {
+        Some(rate) => Some(Arc::new(schedule(cfg.workload, cfg.connections, cfg.pipeline, rate)?)),
+        None => None,
+    };
     let keys = KeyGen::new(cfg.keys, cfg.centers, cfg.zipf);
     if cfg.preload {
         let t = Instant::now();
@@ -734,6 +741,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
             t,
             threads,
             cfg: cfg.clone(),
+            sched: sched.clone(),
             keys: keys.clone(),
             recorder: recorder.clone(),
             stop: stop.clone(),
@@ -838,6 +846,8 @@ struct ThreadRun {
     t: usize,
     threads: usize,
     cfg: Config,
+    /// Open loop: every worker's sends (see [`schedule`]).
+    sched: Option<Arc<Vec<Sched>>>,
     keys: KeyGen,
     recorder: Arc<Recorder>,
     stop: Arc<AtomicBool>,
@@ -903,24 +913,29 @@ impl ThreadRun {
                 return Ok(()); // the run was abandoned
             }
         };
-        let workers = connections * self.cfg.pipeline;
-        let interval = self.cfg.rate.map(|r| Duration::from_secs_f64(workers as f64 / r.max(1e-9)));
-        let pacer = match interval {
+        // (worker, caller, its open-loop sends): a worker per caller in a
+        // closed loop; in an open loop as [`schedule`] says (a mixed
+        // workload's has one per caller and kind). Worker numbers seed the
+        // random streams and keep ids apart.
+        let workers: Vec<(usize, usize, Option<Sched>)> = match &self.sched {
+            Some(s) => s.iter().enumerate().map(|(w, s)| (w, s.caller, Some(*s))).collect(),
+            None => (0..connections * self.cfg.pipeline).map(|w| (w, w, None)).collect(),
+        };
+        let pacer = match self.sched {
             Some(_) => Some(Pacer::start(self.stop.clone())?),
             None => None,
         };
         let id_base = receipt_base(self.cfg.seed);
         let mut tasks = Vec::new();
-        for w in (0..workers).filter(|w| w % connections % threads == t) {
+        for (w, caller, sched) in workers.into_iter().filter(|(_, c, _)| c % connections % threads == t) {
             let worker = Worker {
                 w,
-                workers,
-                conn: conns[w % connections / threads].clone(),
+                conn: conns[caller % connections / threads].clone(),
                 keys: self.keys.clone(),
                 recorder: self.recorder.clone(),
                 stop: self.stop.clone(),
                 cfg: self.cfg.clone(),
-                interval,
+                sched,
                 pacer: pacer.clone(),
                 start,
                 id_base,
@@ -937,22 +952,21 @@ impl ThreadRun {
 /// One caller: a request at a time, recorded into its thread's tally. In
 /// an open loop it sends at evenly spaced intended times, each once the one
 /// before is answered, and latency counts from the intended time, so a slow
-/// answer is charged to the requests it held up. Tried and not kept: each
-/// request a task of its own, sent on time whatever the one before (18%
-/// more of the load generator's CPU per request, and its own delay in
-/// sending became the tail: docs/benchmarks.md, *An open loop of
-/// independent requests*).
+/// answer is charged to the requests it held up; in a mixed workload each
+/// worker sends one kind ([`schedule`]). Tried and not kept: each request a
+/// task of its own, sent on time whatever the one before (18-96% more of
+/// the load generator's CPU per request, and its own delay in sending
+/// became the tail: docs/benchmarks.md, *An open loop of independent
+/// requests*).
 struct Worker {
     w: usize,
-    workers: usize,
     conn: Conn,
     keys: KeyGen,
     recorder: Arc<Recorder>,
     stop: Arc<AtomicBool>,
     cfg: Config,
-    /// Open loop: the time between this worker's intended sends, and what
-    /// wakes the worker at each.
-    interval: Option<Duration>,
+    /// Open loop: this worker's sends, and what wakes the worker at each.
+    sched: Option<Sched>,
     pacer: Option<Arc<Pacer>>,
     start: Instant,
     id_base: u64,
@@ -960,21 +974,13 @@ struct Worker {
 
 impl Worker {
     async fn run(self) {
-        let Worker { w, workers, mut conn, keys, recorder, stop, cfg, interval, pacer, start, id_base } =
-            self;
+        let Worker { w, mut conn, keys, recorder, stop, cfg, sched, pacer, start, id_base } = self;
         let mut rng = Rng::new(cfg.seed.wrapping_add(w as u64 * 7919));
         let mut seq: u64 = 0;
         let mut lines: Vec<Line> = Vec::with_capacity(cfg.lines);
         let mut batch: Vec<Key> = Vec::with_capacity(cfg.batch);
-        // Open loop: evenly spaced intended send times, staggered across
-        // workers with the callers of one connection next to each other, so
-        // that those due in one tick of the pacer mostly share a connection
-        // and go out in one write (spread over every connection instead,
-        // each request was a packet of its own: docs/benchmarks.md,
-        // *Open-loop sends on time*).
-        let (connections, pipeline) = (cfg.connections, workers / cfg.connections);
-        let slot = (w % connections) * pipeline + w / connections;
-        let mut intended = interval.map(|i| start + i.mul_f64(slot as f64 / workers as f64));
+        // Open loop: evenly spaced intended send times (see [`schedule`]).
+        let mut intended = sched.map(|s| start + s.offset);
         // Closed loop: a request is sent when the one before is answered, so
         // that answer's time is the next request's start (one clock read per
         // request; the clock was a tenth of this thread's own code).
@@ -993,7 +999,8 @@ impl Worker {
                 }
                 _ => (last_done, None),
             };
-            let kind = pick(cfg.workload, &mut rng);
+            // An open-loop worker of a mixed workload sends one kind only.
+            let kind = sched.and_then(|s| s.kind).unwrap_or_else(|| pick(cfg.workload, &mut rng));
             let (res, nkeys, units) = match kind {
                 Kind::Query => (conn.query(keys.key(&mut rng)).await, 1, 0),
                 Kind::Batch => {
@@ -1038,8 +1045,8 @@ impl Worker {
                     Res::Err(e) => *t.errors.entry(e).or_default() += 1,
                 }
             });
-            if let (Some(t), Some(i)) = (intended.as_mut(), interval) {
-                *t += i;
+            if let (Some(t), Some(s)) = (intended.as_mut(), sched) {
+                *t += s.interval;
             }
         }
     }
