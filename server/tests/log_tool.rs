@@ -61,3 +61,24 @@ fn a_directory_without_a_log_is_a_clear_error() {
     assert!(!ok && lines.is_empty());
     assert!(err.contains("no log segments"), "{err}");
 }
+
+/// A reader that stops early (`stockd-log | head`) is not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_early_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 1);
+    let c = client(&server).await;
+    c.inbound(7, &[Line::new(1001, 3, 10)]).await.unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stockd-log"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // gone before the first line is written
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.is_empty(), "exit {:?}: {stderr}", out.status);
+    server.shutdown();
+}

@@ -51,9 +51,9 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     let (mut printed, mut undecodable) = (0u64, 0u64);
     let limit = args.count.unwrap_or(u64::MAX);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut write_failed = false;
+    let mut write_error: Option<std::io::Error> = None;
     let end = wal::scan(dir, from - 1, |r| {
-        if printed >= limit || write_failed {
+        if printed >= limit || write_error.is_some() {
             return;
         }
         let line = match LogRecord::decode(r.payload) {
@@ -63,11 +63,16 @@ fn run(args: &Args) -> Result<ExitCode, String> {
                 json!({ "lsn": r.lsn, "ts_ms": r.ts_ms, "error": e })
             }
         };
-        write_failed = writeln!(out, "{line}").is_err();
+        write_error = writeln!(out, "{line}").err();
         printed += 1;
     })
     .map_err(|e| e.to_string())?;
-    out.flush().map_err(|e| format!("stdout: {e}"))?;
+    match write_error.map_or_else(|| out.flush(), Err) {
+        // A reader that stopped early (`| head`) has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => return Err(format!("stdout: {e}")),
+        Ok(()) => {}
+    }
     if let Some(t) = end.torn {
         eprintln!(
             "stockd-log: {} ends in {} bytes that are not a whole record ({}): a write cut short by a crash, \
