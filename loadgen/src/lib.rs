@@ -652,6 +652,10 @@ pub async fn preload(conn: &Conn, keys: &KeyGen, qty: u32, seed: u64) -> Result<
     Ok(all.len() as u64)
 }
 
+/// Most workers in one run: worker `w`'s ids are the run's base, `w` in
+/// bits 32-47 and a sequence below them; `0xFFFF` there is the preload's.
+pub const MAX_WORKERS: usize = 0xFFFF;
+
 /// High bits of every id this run uses, from the seed, so runs against the
 /// same server do not collide.
 fn receipt_base(seed: u64) -> u64 {
@@ -716,6 +720,18 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         Some(rate) => Some(Arc::new(schedule(cfg.workload, cfg.connections, cfg.pipeline, rate)?)),
         None => None,
     };
+    let workers = sched.as_ref().map_or(cfg.connections * cfg.pipeline, |s| s.len());
+    if workers > MAX_WORKERS {
+        return Err(format!(
+            "{workers} workers (--connections x --pipeline{}): at most {MAX_WORKERS}, so that \
+             every worker's ids stay its own",
+            if sched.is_some() && matches!(cfg.workload, Workload::Mixed { .. }) {
+                ", one per kind in a mixed open loop"
+            } else {
+                ""
+            }
+        ));
+    }
     let keys = KeyGen::new(cfg.keys, cfg.centers, cfg.zipf);
     if cfg.preload {
         let t = Instant::now();

@@ -198,3 +198,18 @@ fn a_target_that_refuses_connections_ends_the_run_with_its_error() {
     assert!(err.contains("127.0.0.1") && err.contains("refused"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
 }
+
+#[test]
+fn more_workers_than_ids_can_tell_apart_is_a_clear_error() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let target: Target = "stockd://127.0.0.1:1".parse().unwrap();
+    let mut cfg = Config::new(target.clone(), Workload::Order);
+    (cfg.connections, cfg.pipeline) = (256, 256);
+    let err = rt.block_on(run(&cfg)).err().expect("65,536 workers are refused");
+    assert!(err.contains("65536 workers") && err.contains(&MAX_WORKERS.to_string()), "{err}");
+    // A mixed open loop runs a worker per caller and kind: 3 x 21,846.
+    let mut cfg = Config::new(target, Workload::Mixed { query: 90, order: 9, inbound: 1 });
+    (cfg.connections, cfg.pipeline, cfg.rate) = (2, 10_923, Some(1_000.0));
+    let err = rt.block_on(run(&cfg)).err().expect("65,538 workers are refused");
+    assert!(err.contains("65538 workers") && err.contains("one per kind"), "{err}");
+}
