@@ -715,23 +715,26 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     if cfg.connections == 0 || cfg.pipeline == 0 || cfg.batch == 0 || cfg.lines == 0 {
         return Err("connections, pipeline, batch and lines must be at least 1".into());
     }
+    // A worker per caller; in a mixed open loop one per caller and kind.
+    let kinds = match (cfg.rate, cfg.workload) {
+        (Some(_), Workload::Mixed { query, order, inbound }) => {
+            [query, order, inbound].iter().filter(|&&share| share > 0).count()
+        }
+        _ => 1,
+    };
+    let workers = cfg.connections.saturating_mul(cfg.pipeline).saturating_mul(kinds);
+    if workers > MAX_WORKERS {
+        let per_kind = if kinds > 1 { ", one per kind in a mixed open loop" } else { "" };
+        return Err(format!(
+            "{workers} workers (--connections x --pipeline{per_kind}): at most {MAX_WORKERS}, so that \
+             every worker's ids stay its own"
+        ));
+    }
     // Open loop: every worker's send times and kind, checked before anything runs.
     let sched = match cfg.rate {
         Some(rate) => Some(Arc::new(schedule(cfg.workload, cfg.connections, cfg.pipeline, rate)?)),
         None => None,
     };
-    let workers = sched.as_ref().map_or(cfg.connections * cfg.pipeline, |s| s.len());
-    if workers > MAX_WORKERS {
-        return Err(format!(
-            "{workers} workers (--connections x --pipeline{}): at most {MAX_WORKERS}, so that \
-             every worker's ids stay its own",
-            if sched.is_some() && matches!(cfg.workload, Workload::Mixed { .. }) {
-                ", one per kind in a mixed open loop"
-            } else {
-                ""
-            }
-        ));
-    }
     let keys = KeyGen::new(cfg.keys, cfg.centers, cfg.zipf);
     if cfg.preload {
         let t = Instant::now();

@@ -1,8 +1,8 @@
 //! When each open-loop worker sends, and what.
 //!
-//! Worker `w` is caller `w / connections` of client `w % connections`. Send
-//! times are staggered in slot order, the callers of one client next to
-//! each other, so that those due in one tick of the pacer mostly share a
+//! Caller `c` is the `c / connections`-th of client `c % connections`.
+//! Send times are staggered in slot order, the callers of one client next
+//! to each other, so that those due in one tick of the pacer mostly share a
 //! connection and go out in one write (spread over every connection
 //! instead, each request was a packet of its own: docs/benchmarks.md,
 //! *Open-loop sends on time*).
@@ -55,19 +55,20 @@ pub fn schedule(
         }
         _ => vec![(None, rate)],
     };
-    let slot_of = |w: usize| (w % connections) * pipeline + w / connections;
-    Ok(kinds
-        .into_iter()
-        .flat_map(|(kind, rate)| {
-            let interval = Duration::from_secs_f64(callers as f64 / rate);
-            (0..callers).map(move |caller| Sched {
-                caller,
-                offset: interval.mul_f64(slot_of(caller) as f64 / callers as f64),
-                interval,
-                kind,
-            })
-        })
-        .collect())
+    let slot_of = |c: usize| (c % connections) * pipeline + c / connections;
+    let mut all = Vec::with_capacity(kinds.len() * callers);
+    for (kind, part) in kinds {
+        let interval = Duration::try_from_secs_f64(callers as f64 / part).map_err(|_| {
+            format!("--rate {rate} is too low: a worker would wait longer between sends than a clock counts")
+        })?;
+        all.extend((0..callers).map(|caller| Sched {
+            caller,
+            offset: interval.mul_f64(slot_of(caller) as f64 / callers as f64),
+            interval,
+            kind,
+        }));
+    }
+    Ok(all)
 }
 
 #[cfg(test)]
@@ -125,5 +126,6 @@ mod tests {
         assert_eq!(none.len(), 2, "no workers for a kind of share 0");
         assert!(none.iter().all(|x| x.kind == Some(Kind::Query) && x.interval == Duration::from_millis(200)));
         assert!(schedule(mix, 1, 1, 0.0).is_err());
+        assert!(schedule(mix, 1, 1, 1e-300).unwrap_err().contains("rate"), "an interval beyond any clock");
     }
 }

@@ -212,4 +212,8 @@ fn more_workers_than_ids_can_tell_apart_is_a_clear_error() {
     (cfg.connections, cfg.pipeline, cfg.rate) = (2, 10_923, Some(1_000.0));
     let err = rt.block_on(run(&cfg)).err().expect("65,538 workers are refused");
     assert!(err.contains("65538 workers") && err.contains("one per kind"), "{err}");
+    // Far beyond: refused before anything is sized by it.
+    let mut cfg = Config::new("stockd://127.0.0.1:1".parse().unwrap(), Workload::Query);
+    (cfg.connections, cfg.pipeline, cfg.rate) = (usize::MAX / 2, 3, Some(1_000.0));
+    assert!(rt.block_on(run(&cfg)).err().expect("refused").contains("at most 65535"));
 }
