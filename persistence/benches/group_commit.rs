@@ -60,7 +60,7 @@ fn main() {
         std::fs::create_dir_all(&sub).unwrap();
         // Each record's token is the submitting thread's reply channel and its send time.
         let (wal, handle) =
-            Wal::<(mpsc::Sender<()>, Instant, usize)>::start(WalConfig::new(&sub), 1, 0, move |batch| {
+            Wal::<(mpsc::Sender<()>, Instant, usize)>::start(WalConfig::new(&sub), 1, 0, move |batch, _| {
                 for c in batch {
                     let _ = c.token.0.send(());
                 }

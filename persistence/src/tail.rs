@@ -320,7 +320,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = WalConfig::new(dir.path());
         cfg.segment_bytes = 300; // a new segment every few records
-        let (wal, handle) = Wal::start(cfg, 1, 0, |_: Vec<crate::wal::Committed<()>>| {}).unwrap();
+        let (wal, handle) = Wal::start(cfg, 1, 0, |_: Vec<crate::wal::Committed<()>>, _: &[u8]| {}).unwrap();
         let durable: Arc<Durable> = wal.durable.clone();
         let mut tail = LogTail::new(dir.path(), 0);
         let mut seen = Vec::new();
@@ -350,7 +350,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = WalConfig::new(dir.path());
         cfg.segment_bytes = 64 << 10;
-        let (wal, handle) = Wal::start(cfg, 1, 0, |_: Vec<crate::wal::Committed<()>>| {}).unwrap();
+        let (wal, handle) = Wal::start(cfg, 1, 0, |_: Vec<crate::wal::Committed<()>>, _: &[u8]| {}).unwrap();
         let durable: Arc<Durable> = wal.durable.clone();
         // Until the writer is in a zeroed segment (after its first, appended one).
         let mut lsn = 0;

@@ -371,9 +371,11 @@ pub struct WalConfig {
     pub dir: PathBuf,
     /// Start a new segment when the current one passes this many bytes.
     pub segment_bytes: u64,
-    /// Most records in one group commit.
+    /// Most records in one group commit: the writer takes no further
+    /// batch once it has this many (so one may carry a batch's records
+    /// more).
     pub max_batch: usize,
-    /// Submissions that may wait for the writer; beyond this `try_submit` says Full.
+    /// Batches that may wait for the writer; beyond this `try_submit` says Full.
     pub queue_capacity: usize,
 }
 
@@ -420,25 +422,95 @@ impl Default for WalStats {
     }
 }
 
-/// A payload waiting to be logged, and what the caller wants back after the commit.
-pub struct Submission<T> {
-    pub payload: Vec<u8>,
-    pub token: T,
+/// Records handed to the writer together: their payloads back to back in
+/// one buffer. A shard hands over the records of one pass of its event
+/// loop as one batch, so a record costs no allocation of its own and no
+/// place of its own in the writer's queue; the batch's buffers are freed
+/// by the writer, once, after it has copied them into its group commit.
+pub struct Batch<T> {
+    bytes: Vec<u8>,
+    records: Vec<Pending<T>>,
+}
+
+/// One record of a [`Batch`].
+struct Pending<T> {
+    /// Where its payload ends in the batch's bytes (it starts where the
+    /// previous one ends).
+    end: usize,
     /// The record's timestamp if it has one already (a record copied from
     /// another server's log); else the writer's clock. Never below the
     /// previous record's.
-    pub ts_ms: Option<u64>,
+    ts_ms: Option<u64>,
+    token: T,
 }
 
-/// A durable record, handed to the commit callback.
+impl<T> Default for Batch<T> {
+    fn default() -> Self {
+        Batch { bytes: Vec::new(), records: Vec::new() }
+    }
+}
+
+impl<T> Batch<T> {
+    /// A batch of one record.
+    fn one(payload: Vec<u8>, ts_ms: Option<u64>, token: T) -> Self {
+        Batch { records: vec![Pending { end: payload.len(), ts_ms, token }], bytes: payload }
+    }
+
+    /// Room for `records` more records of `bytes` more payload bytes in all.
+    pub fn reserve(&mut self, records: usize, bytes: usize) {
+        self.records.reserve(records);
+        self.bytes.reserve(bytes);
+    }
+
+    /// Records in the batch.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Appends a record whose payload `encode` appends to the buffer it is
+    /// given (from the token, if that is where the record's contents are);
+    /// `token` comes back with the record once it is durable.
+    pub fn push(&mut self, token: T, encode: impl FnOnce(&T, &mut Vec<u8>)) {
+        encode(&token, &mut self.bytes);
+        self.records.push(Pending { end: self.bytes.len(), ts_ms: None, token });
+    }
+
+    /// The tokens of the records, in order: what a caller whose batch the
+    /// writer refused gets back.
+    pub fn into_tokens(self) -> impl Iterator<Item = T> {
+        self.records.into_iter().map(|p| p.token)
+    }
+
+    /// Bytes the records take in the log.
+    fn log_bytes(&self) -> u64 {
+        (self.bytes.len() + RECORD_HEADER * self.records.len()) as u64
+    }
+}
+
+/// A durable record, handed to the commit callback with the bytes of its
+/// group commit, in which its payload is ([`Committed::payload`]).
 pub struct Committed<T> {
     pub lsn: u64,
     pub ts_ms: u64,
-    pub payload: Vec<u8>,
     pub token: T,
+    /// Where the payload is in the group commit's bytes.
+    at: usize,
+    len: usize,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+impl<T> Committed<T> {
+    /// The record's payload, out of the bytes of the group commit that
+    /// wrote it (the callback's second argument).
+    pub fn payload<'a>(&self, group: &'a [u8]) -> &'a [u8] {
+        &group[self.at..self.at + self.len]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubmitError {
     /// The writer queue is full: shed load.
     Full,
@@ -448,7 +520,7 @@ pub enum SubmitError {
 
 /// The submitting side of the log; cheap to clone.
 pub struct Wal<T> {
-    tx: Sender<Submission<T>>,
+    tx: Sender<Batch<T>>,
     pub stats: Arc<WalStats>,
     /// The highest LSN on disk, for readers that follow the log.
     pub durable: Arc<Durable>,
@@ -464,13 +536,14 @@ impl<T: Send + 'static> Wal<T> {
     /// Starts the writer thread. It appends at `next_lsn` (from [`replay`]) in
     /// a fresh segment, then writes into segments a third thread fills with
     /// zeros ahead of use (`prepare.rs`), and after every fdatasync advances [`Wal::durable`]
-    /// and hands the batch it made durable to a second thread, which calls
-    /// `on_commit` with each batch in LSN order: the writer goes on to the
-    /// next write + fdatasync while the callback runs, with at most one
-    /// batch waiting between them (a slow callback slows the writer, so
-    /// nothing grows without bound). The threads end when every `Wal` handle
-    /// is dropped, after the last callback; join the returned handle to wait
-    /// for both.
+    /// and hands the group commit it made durable to a second thread, which
+    /// calls `on_commit` with each group commit's records in LSN order and
+    /// the bytes it wrote (where [`Committed::payload`] finds each record's
+    /// payload): the writer goes on to the next write + fdatasync while the
+    /// callback runs, with at most one group commit waiting between them (a
+    /// slow callback slows the writer, so nothing grows without bound). The
+    /// threads end when every `Wal` handle is dropped, after the last
+    /// callback; join the returned handle to wait for both.
     ///
     /// A failed write or fsync aborts the process: after a failed fsync the
     /// kernel may have dropped the dirty pages, so retrying could acknowledge
@@ -479,7 +552,7 @@ impl<T: Send + 'static> Wal<T> {
         cfg: WalConfig,
         next_lsn: u64,
         last_ts_ms: u64,
-        on_commit: impl FnMut(Vec<Committed<T>>) + Send + 'static,
+        on_commit: impl FnMut(Vec<Committed<T>>, &[u8]) + Send + 'static,
     ) -> Result<(Wal<T>, std::thread::JoinHandle<()>), Error> {
         let (tx, rx) = channel::bounded(cfg.queue_capacity);
         let stats = Arc::new(WalStats::default());
@@ -499,46 +572,50 @@ impl<T: Send + 'static> Wal<T> {
             stats: stats.clone(),
             durable: durable.clone(),
         };
-        // A rendezvous: the writer hands over a batch only when the callback
-        // thread is done with the previous one.
-        let (commits_tx, commits_rx) = channel::bounded::<Vec<Committed<T>>>(0);
+        // A rendezvous: the writer hands over a group commit only when the
+        // callback thread is done with the previous one. Its buffer comes
+        // back for a later group commit.
+        let (commits_tx, commits_rx) = channel::bounded::<(Vec<Committed<T>>, Vec<u8>)>(0);
+        let (spare_tx, spare_rx) = channel::bounded::<Vec<u8>>(2);
         let mut on_commit = on_commit;
         let callbacks = std::thread::Builder::new()
             .name("stockd-wal-commit".into())
             .spawn(move || {
-                for batch in commits_rx {
-                    on_commit(batch);
+                for (records, bytes) in commits_rx {
+                    on_commit(records, &bytes);
+                    let _ = spare_tx.try_send(bytes);
                 }
             })
             .map_err(|e| Error::io(Path::new("<thread>"), e))?;
         let handle = std::thread::Builder::new()
             .name("stockd-wal".into())
             .spawn(move || {
-                w.run(rx, commits_tx);
+                w.run(rx, commits_tx, spare_rx);
                 let _ = callbacks.join();
             })
             .map_err(|e| Error::io(Path::new("<thread>"), e))?;
         Ok((Wal { tx, stats, durable }, handle))
     }
 
-    /// Queues a payload without blocking.
-    pub fn try_submit(&self, payload: Vec<u8>, token: T) -> Result<(), (SubmitError, T)> {
-        self.tx.try_send(Submission { payload, token, ts_ms: None }).map_err(|e| match e {
-            TrySendError::Full(s) => (SubmitError::Full, s.token),
-            TrySendError::Disconnected(s) => (SubmitError::Closed, s.token),
+    /// Queues a batch of records without blocking; refused whole, and
+    /// given back, if the writer's queue is full or the writer has stopped.
+    pub fn try_submit(&self, batch: Batch<T>) -> Result<(), (SubmitError, Batch<T>)> {
+        self.tx.try_send(batch).map_err(|e| match e {
+            TrySendError::Full(b) => (SubmitError::Full, b),
+            TrySendError::Disconnected(b) => (SubmitError::Closed, b),
         })
     }
 
     /// Queues a payload, waiting while the queue is full (for tools and tests).
     pub fn submit(&self, payload: Vec<u8>, token: T) -> Result<(), SubmitError> {
-        self.tx.send(Submission { payload, token, ts_ms: None }).map_err(|_| SubmitError::Closed)
+        self.tx.send(Batch::one(payload, None, token)).map_err(|_| SubmitError::Closed)
     }
 
     /// Queues a payload that keeps the timestamp it was given (at least the
     /// previous record's), waiting while the queue is full: a standby logs
     /// its primary's records as the primary logged them.
     pub fn submit_at(&self, payload: Vec<u8>, ts_ms: u64, token: T) -> Result<(), SubmitError> {
-        self.tx.send(Submission { payload, token, ts_ms: Some(ts_ms) }).map_err(|_| SubmitError::Closed)
+        self.tx.send(Batch::one(payload, Some(ts_ms), token)).map_err(|_| SubmitError::Closed)
     }
 }
 
@@ -578,30 +655,43 @@ fn now_ms() -> u64 {
 }
 
 impl Writer {
-    fn run<T>(&mut self, rx: Receiver<Submission<T>>, commits: Sender<Vec<Committed<T>>>) {
-        let mut buf = Vec::with_capacity(1 << 20);
-        let mut batch: Vec<Submission<T>> = Vec::with_capacity(self.cfg.max_batch);
+    fn run<T>(
+        &mut self,
+        rx: Receiver<Batch<T>>,
+        commits: Sender<(Vec<Committed<T>>, Vec<u8>)>,
+        spare: Receiver<Vec<u8>>,
+    ) {
+        let mut batches: Vec<Batch<T>> = Vec::new();
         while let Ok(first) = rx.recv() {
-            batch.push(first);
+            let mut records = first.len();
+            batches.push(first);
             // Everything that queued up during the previous fsync joins this one.
-            while batch.len() < self.cfg.max_batch {
+            while records < self.cfg.max_batch {
                 match rx.try_recv() {
-                    Ok(s) => batch.push(s),
+                    Ok(b) => {
+                        records += b.len();
+                        batches.push(b);
+                    }
                     Err(_) => break,
                 }
             }
-            let bytes = batch.iter().map(|s| (RECORD_HEADER + s.payload.len()) as u64).sum();
-            self.make_room(bytes);
+            self.make_room(batches.iter().map(Batch::log_bytes).sum());
             let now = now_ms();
+            let mut buf = spare.try_recv().unwrap_or_else(|_| Vec::with_capacity(1 << 20));
             buf.clear();
-            let mut done = Vec::with_capacity(batch.len());
-            for s in batch.drain(..) {
-                let lsn = self.next_lsn;
-                self.next_lsn += 1;
-                let ts_ms = s.ts_ms.unwrap_or(now).max(self.last_ts_ms);
-                self.last_ts_ms = ts_ms;
-                encode_record(lsn, ts_ms, &s.payload, &mut buf);
-                done.push(Committed { lsn, ts_ms, payload: s.payload, token: s.token });
+            let mut done = Vec::with_capacity(records);
+            for b in batches.drain(..) {
+                let mut start = 0;
+                for p in b.records {
+                    let lsn = self.next_lsn;
+                    self.next_lsn += 1;
+                    let ts_ms = p.ts_ms.unwrap_or(now).max(self.last_ts_ms);
+                    self.last_ts_ms = ts_ms;
+                    let at = buf.len() + RECORD_HEADER;
+                    encode_record(lsn, ts_ms, &b.bytes[start..p.end], &mut buf);
+                    done.push(Committed { lsn, ts_ms, token: p.token, at, len: p.end - start });
+                    start = p.end;
+                }
             }
             let t = Instant::now();
             if let Err(e) = self.file.write_all_at(&buf, self.written).and_then(|_| self.file.sync_data()) {
@@ -619,7 +709,7 @@ impl Writer {
             self.written += buf.len() as u64;
             let end = LogEnd { segment: self.first_lsn, bytes: self.written };
             self.durable.advance(self.next_lsn - 1, buf.len() as u64, end);
-            if commits.send(done).is_err() {
+            if commits.send((done, buf)).is_err() {
                 // The callback thread is gone (it panicked): nothing durable
                 // can be acknowledged any more.
                 tracing::error!("the log's commit callback thread has stopped; aborting");

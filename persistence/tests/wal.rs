@@ -10,7 +10,7 @@ use stockd_persistence::Error;
 /// Logs `n` payloads through a real writer thread, waiting for every commit.
 fn write_records(cfg: WalConfig, first: u64, n: u64) -> Vec<(u64, u64)> {
     let (tx, rx) = mpsc::channel();
-    let (w, handle) = Wal::start(cfg, first, 0, move |batch| {
+    let (w, handle) = Wal::start(cfg, first, 0, move |batch, _| {
         for c in batch {
             tx.send((c.lsn, c.token)).unwrap();
         }
@@ -235,11 +235,76 @@ fn truncate_after_cuts_across_segments_and_the_log_goes_on() {
     assert_eq!(replay_all(dir.path(), 0).0.len(), 0);
 }
 
+/// A batch's records get consecutive LSNs in the order they were pushed,
+/// between the records submitted before and after it; the callback finds
+/// each payload in its group commit's bytes, and replay finds the same.
+#[test]
+fn a_batch_is_logged_in_order_and_its_payloads_reach_the_callback() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let (w, handle) = Wal::start(WalConfig::new(dir.path()), 1, 0, move |batch, group| {
+        for c in batch {
+            tx.send((c.lsn, c.token, c.payload(group).to_vec())).unwrap();
+        }
+    })
+    .unwrap();
+    w.submit(b"before".to_vec(), 0).unwrap();
+    let mut batch = wal::Batch::default();
+    batch.reserve(2, 16);
+    batch.push(1, |_, buf| buf.extend_from_slice(b"first"));
+    batch.push(2, |_, _| {}); // an empty payload is a record too
+    batch.push(3, |_, buf| buf.extend_from_slice(b"third of three"));
+    assert_eq!(batch.len(), 3);
+    w.try_submit(batch).map_err(|(e, _)| e).unwrap();
+    w.submit(b"after".to_vec(), 4).unwrap();
+    drop(w);
+    handle.join().unwrap();
+    let want: Vec<(u64, u64, Vec<u8>)> = [&b"before"[..], b"first", b"", b"third of three", b"after"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 + 1, i as u64, p.to_vec()))
+        .collect();
+    assert_eq!(rx.iter().collect::<Vec<_>>(), want);
+    let (recs, _) = replay_all(dir.path(), 0);
+    let replayed: Vec<(u64, Vec<u8>)> = recs.into_iter().map(|r| (r.lsn, r.payload)).collect();
+    assert_eq!(replayed, want.into_iter().map(|(lsn, _, p)| (lsn, p)).collect::<Vec<_>>());
+}
+
+/// A full queue refuses a batch whole and gives its tokens back in order.
+#[test]
+fn a_refused_batch_gives_its_tokens_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let cfg = WalConfig { queue_capacity: 1, ..WalConfig::new(dir.path()) };
+    let (w, handle) = Wal::start(cfg, 1, 0, move |_, _| {
+        let _ = gate_rx.recv();
+    })
+    .unwrap();
+    let timeout = std::time::Duration::from_secs(10);
+    // The callback holds record 1, the writer waits to hand it record 2,
+    // and record 3 fills the queue.
+    for lsn in 1..=2u64 {
+        w.submit(b"x".to_vec(), lsn).unwrap();
+        assert_eq!(w.durable.wait_past(lsn - 1, timeout), lsn);
+    }
+    w.submit(b"x".to_vec(), 3).unwrap();
+    let mut batch = wal::Batch::default();
+    for token in [7, 8, 9] {
+        batch.push(token, |_, buf| buf.push(1));
+    }
+    let (error, batch) = w.try_submit(batch).expect_err("the queue is full");
+    assert_eq!(error, wal::SubmitError::Full);
+    assert_eq!(batch.into_tokens().collect::<Vec<_>>(), vec![7, 8, 9]);
+    drop(gate_tx);
+    drop(w);
+    handle.join().unwrap();
+}
+
 #[test]
 fn submit_at_keeps_the_given_timestamps_never_going_back() {
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = mpsc::channel();
-    let (w, handle) = Wal::start(WalConfig::new(dir.path()), 1, 0, move |batch| {
+    let (w, handle) = Wal::start(WalConfig::new(dir.path()), 1, 0, move |batch, _| {
         for c in batch {
             tx.send((c.lsn, c.ts_ms)).unwrap();
         }
@@ -271,7 +336,7 @@ fn the_writer_makes_the_next_batch_durable_while_the_callback_runs_and_no_more()
     let dir = tempfile::tempdir().unwrap();
     let (gate_tx, gate_rx) = mpsc::channel::<()>();
     let (seen_tx, seen_rx) = mpsc::channel::<Vec<u64>>();
-    let (w, handle) = Wal::start(WalConfig::new(dir.path()), 1, 0, move |batch| {
+    let (w, handle) = Wal::start(WalConfig::new(dir.path()), 1, 0, move |batch, _| {
         seen_tx.send(batch.iter().map(|c| c.lsn).collect()).unwrap();
         let _ = gate_rx.recv();
     })
@@ -299,7 +364,7 @@ fn the_writer_makes_the_next_batch_durable_while_the_callback_runs_and_no_more()
 /// checked to be gone once the writer has stopped.
 fn write_one_by_one(cfg: WalConfig, first: u64, n: u64) {
     let dir = cfg.dir.clone();
-    let (w, handle) = Wal::start(cfg, first, 0, |_: Vec<wal::Committed<()>>| {}).unwrap();
+    let (w, handle) = Wal::start(cfg, first, 0, |_: Vec<wal::Committed<()>>, _: &[u8]| {}).unwrap();
     for lsn in first..first + n {
         w.submit(format!("payload {lsn}").into_bytes(), ()).unwrap();
         w.durable.wait_past(lsn - 1, std::time::Duration::from_secs(5));

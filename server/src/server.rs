@@ -234,8 +234,8 @@ pub fn start(cfg: Config) -> Result<Running, String> {
             let (commits_tx, commits) = crossbeam::channel::unbounded();
             let (to_topic, on_commit_replica) = (producer.tx.clone(), replica.clone());
             let (wal, wal_thread) =
-                Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch| {
-                    send_own_records(&to_topic, &on_commit_replica, &batch);
+                Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch, group| {
+                    send_own_records(&to_topic, &on_commit_replica, &batch, group);
                     let _ = commits_tx.send(batch);
                 })
                 .map_err(|e| e.to_string())?;
@@ -256,7 +256,7 @@ pub fn start(cfg: Config) -> Result<Running, String> {
         }
         _ => {
             let (wal, wal_thread) =
-                Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch| {
+                Wal::start(WalConfig::new(dir), rec.next_lsn, rec.last_ts_ms, move |batch, _| {
                     router.route(batch)
                 })
                 .map_err(|e| e.to_string())?;
@@ -330,11 +330,12 @@ fn send_own_records(
     to_topic: &crossbeam::channel::Sender<Outgoing>,
     replica: &Replica,
     batch: &[wal::Committed<WalToken>],
+    group: &[u8],
 ) {
     let own = batch
         .iter()
         .filter(|c| matches!(c.token, WalToken::Own { .. }))
-        .map(|c| (c.lsn, c.ts_ms, &c.payload[..]));
+        .map(|c| (c.lsn, c.ts_ms, c.payload(group)));
     let messages = data_messages(replica.epoch(), replica.node, own);
     if !messages.is_empty() {
         let _ = to_topic.send(Outgoing::Data(messages));

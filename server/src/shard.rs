@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use stockd_persistence::wal;
 use stockd_protocol::{opcode, Key, Reply, Response};
 use tokio::sync::Notify;
 
@@ -59,7 +60,7 @@ pub struct Shard {
     /// When the snapshot in progress began (its mark arrived).
     snapshot_began: Option<Instant>,
     /// Records of this pass for the log writer (see [`Shard::flush_log`]).
-    to_log: Vec<(Vec<u8>, WalToken)>,
+    to_log: wal::Batch<WalToken>,
     /// Woken when the first record of a pass is queued.
     log_wake: Rc<Notify>,
 }
@@ -91,7 +92,7 @@ impl Shard {
             retry_wake: Rc::new(Notify::new()),
             snapshot_wake: Rc::new(Notify::new()),
             snapshot_began: None,
-            to_log: Vec::new(),
+            to_log: wal::Batch::default(),
             log_wake: Rc::new(Notify::new()),
         }
     }

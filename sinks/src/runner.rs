@@ -495,7 +495,8 @@ mod tests {
     #[test]
     fn a_stopping_runner_delivers_everything_durable_and_saves_its_cursor() {
         let dir = tempfile::tempdir().unwrap();
-        let (wal, writer) = Wal::start(WalConfig::new(dir.path()), 1, 0, |_: Vec<Committed<()>>| {}).unwrap();
+        let (wal, writer) =
+            Wal::start(WalConfig::new(dir.path()), 1, 0, |_: Vec<Committed<()>>, _: &[u8]| {}).unwrap();
         let retention = Arc::new(Retention::new(dir.path(), 0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let key = Key { item: 1, fc: 1 };

@@ -165,25 +165,32 @@ impl Shard {
     /// coordinator this shard logs for as the last participant to be ready
     /// (see `prepare_everywhere`).
     pub(super) fn log(&mut self, txn: u64, coord: usize, participants: u64, m: Arc<Mutation>) {
-        let mut payload = Vec::with_capacity(16 + 16 * m.lines.len());
-        m.encode(&mut payload);
         if self.to_log.is_empty() {
             self.log_wake.notify_one();
+            self.to_log.reserve(LOG_PASS_MAX, LOG_PASS_MAX * 32);
         }
-        self.to_log.push((payload, WalToken::Own { txn, coord, participants, m }));
+        self.to_log.push(WalToken::Own { txn, coord, participants, m }, |token, payload| {
+            if let WalToken::Own { m, .. } = token {
+                m.encode(payload)
+            }
+        });
         if self.to_log.len() >= LOG_PASS_MAX {
             self.flush_log();
         }
     }
 
-    /// Hands the records queued by [`Shard::log`] to the log writer. One it
-    /// cannot take (its queue is full, or it stopped) is refused: the
-    /// coordinator drops the reservations and answers; a shard that logged
-    /// for another drops its own and tells the coordinator.
+    /// Hands the records queued by [`Shard::log`] to the log writer, one
+    /// batch for them all. A batch it cannot take (its queue is full, or it
+    /// stopped) is refused whole: for each record the coordinator drops the
+    /// reservations and answers; a shard that logged for another drops its
+    /// own and tells the coordinator.
     pub fn flush_log(&mut self) {
-        let mut records = std::mem::take(&mut self.to_log);
-        for (payload, token) in records.drain(..) {
-            let Err((error, token)) = self.shared.wal.try_submit(payload, token) else { continue };
+        if self.to_log.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.to_log);
+        let Err((error, batch)) = self.shared.wal.try_submit(batch) else { return };
+        for token in batch.into_tokens() {
             let WalToken::Own { txn, coord, .. } = token else {
                 unreachable!("a shard logs only its own mutations")
             };
@@ -195,10 +202,6 @@ impl Shard {
                 self.mailbox(coord).push_internal(Internal::NotLogged { txn, error });
             }
         }
-        // The buffer is kept for the next pass (nothing was queued meanwhile:
-        // refusals only answer and message).
-        debug_assert!(self.to_log.is_empty());
-        self.to_log = records;
     }
 
     /// The participant that was to log `txn` could not.

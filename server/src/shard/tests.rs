@@ -25,7 +25,7 @@ fn shared_with(
     dir: &std::path::Path,
     n: usize,
     queue_capacity: usize,
-    on_commit: impl FnMut(Vec<Committed<mailbox::WalToken>>) + Send + 'static,
+    on_commit: impl FnMut(Vec<Committed<mailbox::WalToken>>, &[u8]) + Send + 'static,
 ) -> Arc<Shared> {
     shared_from(dir, n, queue_capacity, 1, on_commit)
 }
@@ -36,7 +36,7 @@ fn shared_from(
     n: usize,
     queue_capacity: usize,
     next_lsn: u64,
-    on_commit: impl FnMut(Vec<Committed<mailbox::WalToken>>) + Send + 'static,
+    on_commit: impl FnMut(Vec<Committed<mailbox::WalToken>>, &[u8]) + Send + 'static,
 ) -> Arc<Shared> {
     let cfg = WalConfig { queue_capacity, ..WalConfig::new(dir) };
     let (wal, _writer) = Wal::start(cfg, next_lsn, 0, on_commit).unwrap();
@@ -90,7 +90,7 @@ const KEY: Key = Key { item: 5, fc: 1 };
 fn a_contended_refusal_is_retried_until_its_time_runs_out() {
     let dir = tempfile::tempdir().unwrap();
     // Commits are never routed: the first order stays undecided for good.
-    let shared = shared_with(dir.path(), 1, 1024, |_| {});
+    let shared = shared_with(dir.path(), 1, 1024, |_, _| {});
     let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 5));
     let (tx, mut rx) = mpsc::unbounded_channel();
     shard.start(opcode::ORDER, 1, order(10, KEY, 5), Some(tx.clone()));
@@ -115,7 +115,7 @@ fn a_contended_refusal_is_retried_until_its_time_runs_out() {
 #[test]
 fn beyond_max_txns_a_shard_answers_overloaded() {
     let dir = tempfile::tempdir().unwrap();
-    let shared = shared_with(dir.path(), 1, MAX_TXNS * 2, |_| {});
+    let shared = shared_with(dir.path(), 1, MAX_TXNS * 2, |_, _| {});
     let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 1_000_000));
     let (tx, mut rx) = mpsc::unbounded_channel();
     for id in 0..MAX_TXNS as u64 {
@@ -145,7 +145,7 @@ fn assert_log_saturated(resp: Response) {
 /// on: the writer soon stops taking records and its queue of `capacity`
 /// fills.
 fn stuck_log(dir: &std::path::Path, n: usize, capacity: usize, gate: std_mpsc::Receiver<()>) -> Arc<Shared> {
-    shared_with(dir, n, capacity, move |_| {
+    shared_with(dir, n, capacity, move |_, _| {
         let _ = gate.recv();
     })
 }
@@ -180,13 +180,52 @@ fn a_full_log_queue_answers_overloaded_and_reserves_nothing() {
     drop(gate_tx);
 }
 
+/// The records of a pass go to the log as one batch, and a full queue
+/// refuses it whole: every one of its orders is answered OVERLOADED and
+/// keeps nothing reserved.
+#[test]
+fn a_pass_the_full_log_refuses_answers_each_of_its_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate_tx, gate_rx) = std_mpsc::channel::<()>();
+    let shared = stuck_log(dir.path(), 1, 1, gate_rx);
+    let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 100));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // One pass at a time until the log refuses one (as above).
+    let mut logged = 0;
+    let refused = loop {
+        assert!(logged < 8, "the log never filled");
+        shard.start(opcode::ORDER, logged, order(logged, KEY, 10), Some(tx.clone()));
+        shard.flush_log();
+        std::thread::sleep(Duration::from_millis(20));
+        if let Some(resp) = answer(&mut rx) {
+            break resp;
+        }
+        logged += 1;
+    };
+    assert_log_saturated(refused);
+    // A pass of three orders: one batch, refused whole.
+    for id in 100..103 {
+        shard.start(opcode::ORDER, id, order(id, KEY, 10), Some(tx.clone()));
+    }
+    assert!(answer(&mut rx).is_none(), "nothing answered before the pass ends");
+    shard.flush_log();
+    for _ in 100..103 {
+        assert_log_saturated(answer(&mut rx).expect("every order of the batch is answered"));
+    }
+    assert!(answer(&mut rx).is_none());
+    let rest = 100 - 10 * logged as u32;
+    let all_free = Mutation { op: Op::Order { id: 99 }, lines: vec![Line { key: KEY, qty: rest }].into() };
+    assert!(shard.store.prepare(99, &all_free).is_ok(), "the refused orders reserved nothing");
+    drop(gate_tx);
+}
+
 /// A shard hands the log writer the records of a pass of its event loop
 /// when the pass ends (`flush_log`), or once it has queued `LOG_PASS_MAX`.
 #[test]
 fn the_records_of_a_pass_reach_the_log_when_it_ends() {
     let dir = tempfile::tempdir().unwrap();
     let (batch_tx, batches) = std_mpsc::channel();
-    let shared = shared_with(dir.path(), 1, 4 * coordinator::LOG_PASS_MAX, move |b| {
+    let shared = shared_with(dir.path(), 1, 4 * coordinator::LOG_PASS_MAX, move |b, _| {
         let _ = batch_tx.send(b.len());
     });
     let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 1_000_000));
@@ -218,7 +257,7 @@ fn the_records_of_a_pass_reach_the_log_when_it_ends() {
 #[test]
 fn a_cross_shard_batch_with_a_full_owner_answers_overloaded_and_survives() {
     let dir = tempfile::tempdir().unwrap();
-    let shared = shared_with(dir.path(), 3, 1024, |_| {});
+    let shared = shared_with(dir.path(), 3, 1024, |_, _| {});
     let key_on = |s: usize| Key { item: (1..).find(|i| shard_of(*i, 3) == s).unwrap(), fc: 1 };
     let (k0, k1, k2) = (key_on(0), key_on(1), key_on(2));
     // The owner of k2 has a full request queue.
@@ -284,7 +323,7 @@ async fn read_answer(s: &mut tokio::net::TcpStream) -> (u64, Response) {
 fn a_reserve_retried_while_its_hold_expires_answers_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     // Commits are never routed: the expiry's release stays in flight.
-    let shared = shared_with(dir.path(), 1, 1024, |_| {});
+    let shared = shared_with(dir.path(), 1, 1024, |_, _| {});
     let mut store = stocked(0, 1, KEY, 5);
     let hold =
         Mutation { op: Op::Reserve { id: 77, ttl_ms: 1 }, lines: vec![Line { key: KEY, qty: 2 }].into() };
@@ -322,7 +361,7 @@ fn pair(units: u32) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let (batch_tx, batches) = std_mpsc::channel();
     // The stocked rows are LSN 1.
-    let shared = shared_from(dir.path(), 2, 1024, 2, move |b| {
+    let shared = shared_from(dir.path(), 2, 1024, 2, move |b, _| {
         let _ = batch_tx.send(b);
     });
     let id = 1000;
