@@ -28,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -35,7 +36,7 @@ use std::task::{Poll, Waker};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{lookup_host, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 pub use stockd_protocol::{
     constant_time_eq, fmix64, prefetch, HelloInfo, Key, Line, Reply, Request, Response, Status,
@@ -165,6 +166,12 @@ struct ConnState {
     out: Vec<u8>,
     slots: Vec<Slot>,
     free: Vec<u16>,
+    /// Callers waiting for a slot (all were taken), first come first
+    /// served: each its ticket and who to wake.
+    queue: VecDeque<(u64, Option<Waker>)>,
+    /// Slots handed to callers of the queue that have not taken them yet.
+    granted: Vec<(u64, u16)>,
+    next_ticket: u64,
     generation: u64,
     /// Set once the connection is gone: what every later call fails with.
     closed: Option<Option<String>>,
@@ -173,9 +180,80 @@ struct ConnState {
 }
 
 impl ConnState {
+    fn new(slots: usize) -> ConnState {
+        ConnState {
+            out: Vec::with_capacity(64 << 10),
+            slots: (0..slots).map(|_| Slot::Free).collect(),
+            free: (0..slots as u16).rev().collect(),
+            queue: VecDeque::new(),
+            granted: Vec::new(),
+            next_ticket: 0,
+            generation: 0,
+            closed: None,
+            dropped: false,
+        }
+    }
+
+    /// A slot for a caller: a free one if no caller waits before it, else
+    /// its place in the queue (`ticket`, which it keeps until it is given
+    /// a slot). None: wait.
+    fn take_slot(&mut self, ticket: &mut Option<u64>, waker: &Waker) -> Option<usize> {
+        if let Some(t) = *ticket {
+            if let Some(at) = self.granted.iter().position(|(g, _)| *g == t) {
+                *ticket = None;
+                return Some(self.granted.swap_remove(at).1 as usize);
+            }
+            if let Some((_, w)) = self.queue.iter_mut().find(|(q, _)| *q == t) {
+                if !w.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                    *w = Some(waker.clone());
+                }
+            }
+            return None;
+        }
+        if self.queue.is_empty() {
+            if let Some(index) = self.free.pop() {
+                return Some(index as usize);
+            }
+        }
+        self.next_ticket += 1;
+        *ticket = Some(self.next_ticket);
+        self.queue.push_back((self.next_ticket, Some(waker.clone())));
+        None
+    }
+
+    /// Gives slot `index` back: to the first caller of the queue, if one
+    /// waits (returned, to be woken once the lock is released), else to
+    /// the free list.
+    fn give_back(&mut self, index: usize) -> Option<Waker> {
+        self.slots[index] = Slot::Free;
+        match self.queue.pop_front() {
+            Some((ticket, waker)) => {
+                self.granted.push((ticket, index as u16));
+                waker
+            }
+            None => {
+                self.free.push(index as u16);
+                None
+            }
+        }
+    }
+
+    /// A caller with `ticket` gave up: out of the queue, and a slot it was
+    /// given but had not taken goes to the next.
+    fn leave_queue(&mut self, ticket: u64) -> Option<Waker> {
+        if let Some(at) = self.queue.iter().position(|(q, _)| *q == ticket) {
+            self.queue.remove(at);
+            return None;
+        }
+        let at = self.granted.iter().position(|(g, _)| *g == ticket)?;
+        let (_, index) = self.granted.swap_remove(at);
+        self.give_back(index as usize)
+    }
+
     /// Fails every waiting caller and every later call.
     fn close(&mut self, protocol_error: Option<String>) -> Vec<Waker> {
         let mut wake = Vec::new();
+        wake.extend(self.queue.iter_mut().filter_map(|(_, w)| w.take()));
         for slot in self.slots.iter_mut() {
             if let Slot::Waiting { waker, .. } = slot {
                 wake.extend(waker.take());
@@ -206,8 +284,6 @@ struct ConnShared {
 /// reader's one lock per read.
 struct Conn {
     shared: Arc<ConnShared>,
-    /// One permit per slot: callers beyond the table wait here.
-    permits: Arc<Semaphore>,
 }
 
 impl Drop for Conn {
@@ -225,14 +301,7 @@ impl Conn {
         stream.set_nodelay(true)?;
         let (mut rd, mut wr) = stream.into_split();
         let shared = Arc::new(ConnShared {
-            state: Mutex::new(ConnState {
-                out: Vec::with_capacity(64 << 10),
-                slots: (0..MAX_IN_FLIGHT_PER_CONNECTION).map(|_| Slot::Free).collect(),
-                free: (0..MAX_IN_FLIGHT_PER_CONNECTION as u16).rev().collect(),
-                generation: 0,
-                closed: None,
-                dropped: false,
-            }),
+            state: Mutex::new(ConnState::new(MAX_IN_FLIGHT_PER_CONNECTION)),
             writer: Notify::new(),
         });
         // Writer: takes every frame that has collected and sends them in one write.
@@ -318,8 +387,7 @@ impl Conn {
             wake.into_iter().for_each(Waker::wake);
             sh.writer.notify_one();
         });
-        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
-        Ok(Conn { shared, permits })
+        Ok(Conn { shared })
     }
 
     async fn call(&self, req: &Request) -> Result<Response, Error> {
@@ -342,20 +410,22 @@ impl Conn {
 
     /// Sends the frame `encode` appends for a request id. One lock to send
     /// (taking a slot, encoding the frame, leaving the waker), one to take
-    /// the answer (freeing the slot).
+    /// the answer (freeing the slot). With every slot taken, the caller
+    /// waits in the connection's queue for the next one given back.
     async fn call_with(&self, encode: impl Fn(u64, &mut Vec<u8>)) -> Result<Response, Error> {
-        // Held until the answer came (or the call was dropped).
-        let _permit = self.permits.acquire().await.map_err(|_| Error::Disconnected)?;
-        // Gives the slot back if the caller gives up (a late answer then
-        // matches no slot); an answered call gives it back itself.
-        let mut slot = SlotGuard { shared: &self.shared, index: None };
+        // Gives the slot (or the place in the queue) back if the caller
+        // gives up (a late answer then matches no slot); an answered call
+        // gives it back itself.
+        let mut slot = SlotGuard { shared: &self.shared, index: None, ticket: None };
         std::future::poll_fn(|cx| {
             let mut st = self.shared.state.lock().unwrap();
             let Some(index) = slot.index else {
                 if let Some(e) = &st.closed {
                     return Poll::Ready(Err(closed_error(e)));
                 }
-                let index = st.free.pop().expect("a permit means a free slot") as usize;
+                let Some(index) = st.take_slot(&mut slot.ticket, cx.waker()) else {
+                    return Poll::Pending;
+                };
                 st.generation += 1;
                 let id = st.generation << SLOT_BITS | index as u64;
                 st.slots[index] = Slot::Waiting { id, waker: Some(cx.waker().clone()) };
@@ -379,8 +449,10 @@ impl Conn {
                     let Slot::Answered(answer) = std::mem::replace(&mut st.slots[index], Slot::Free) else {
                         unreachable!("matched above")
                     };
-                    st.free.push(index as u16);
+                    let next = st.give_back(index);
+                    drop(st);
                     slot.index = None;
+                    next.into_iter().for_each(Waker::wake);
                     Poll::Ready(answer)
                 }
                 Slot::Free => unreachable!("a slot is freed only by its own caller"),
@@ -390,19 +462,27 @@ impl Conn {
     }
 }
 
-/// A caller's slot, given back if the call is dropped before its answer.
+/// A caller's slot, or its place in the queue for one, given back if the
+/// call is dropped before its answer.
 struct SlotGuard<'a> {
     shared: &'a ConnShared,
     index: Option<usize>,
+    ticket: Option<u64>,
 }
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
-        if let Some(index) = self.index {
-            let mut st = self.shared.state.lock().unwrap();
-            st.slots[index] = Slot::Free;
-            st.free.push(index as u16);
+        if self.index.is_none() && self.ticket.is_none() {
+            return;
         }
+        let mut st = self.shared.state.lock().unwrap();
+        let next = match (self.index, self.ticket) {
+            (Some(index), _) => st.give_back(index),
+            (None, Some(ticket)) => st.leave_queue(ticket),
+            (None, None) => None,
+        };
+        drop(st);
+        next.into_iter().for_each(Waker::wake);
     }
 }
 
@@ -747,7 +827,9 @@ mod tests {
         drop(peer);
         let after = conn.call(&query(3)).await;
         assert!(matches!(after, Err(Error::Disconnected)), "{after:?}");
-        assert_eq!(conn.permits.available_permits(), MAX_IN_FLIGHT_PER_CONNECTION);
+        let st = conn.shared.state.lock().unwrap();
+        assert_eq!(st.free.len(), MAX_IN_FLIGHT_PER_CONNECTION);
+        assert!(st.queue.is_empty() && st.granted.is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -765,14 +847,63 @@ mod tests {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let in_flight = {
+        let (in_flight, queued) = {
             let st = conn.shared.state.lock().unwrap();
-            st.slots.iter().filter(|s| matches!(s, Slot::Waiting { .. })).count()
+            (st.slots.iter().filter(|s| matches!(s, Slot::Waiting { .. })).count(), st.queue.len())
         };
-        assert_eq!(in_flight, MAX_IN_FLIGHT_PER_CONNECTION, "the rest wait for a slot");
-        assert_eq!(conn.permits.available_permits(), 0);
+        assert_eq!(in_flight, MAX_IN_FLIGHT_PER_CONNECTION);
+        assert_eq!(queued, 3_000, "the rest wait for a slot");
         for c in callers {
             c.abort();
         }
+    }
+
+    /// Counts its wake-ups.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn counted() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count(0.into()));
+        (c.clone(), Waker::from(c))
+    }
+
+    #[test]
+    fn callers_beyond_the_table_get_slots_in_the_order_they_came_and_one_that_gives_up_passes_its_turn_on() {
+        let mut st = ConnState::new(2);
+        let (_, w) = counted();
+        let (mut a, mut b) = (None, None);
+        let (sa, sb) = (st.take_slot(&mut a, &w).unwrap(), st.take_slot(&mut b, &w).unwrap());
+        // Three more callers queue: c, d, e.
+        let ((cc, wc), (_, wd), (ce, we)) = (counted(), counted(), counted());
+        let (mut c, mut d, mut e) = (None, None, None);
+        assert_eq!(st.take_slot(&mut c, &wc), None);
+        assert_eq!(st.take_slot(&mut d, &wd), None);
+        assert_eq!(st.take_slot(&mut e, &we), None);
+        assert_eq!(st.queue.len(), 3);
+        // d gives up while it waits: out of the queue, nobody woken.
+        assert!(st.leave_queue(d.unwrap()).is_none());
+        // a's slot comes back: it goes to c, the first in line, not to the free list...
+        st.give_back(sa).unwrap().wake();
+        assert_eq!(cc.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(st.free.is_empty());
+        // ...and a newcomer does not take it from c.
+        let mut late = None;
+        assert_eq!(st.take_slot(&mut late, &w), None, "a newcomer queues behind e");
+        // c gives up before it takes the slot: it passes to e.
+        st.leave_queue(c.unwrap()).unwrap().wake();
+        assert_eq!(ce.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(st.take_slot(&mut e, &we), Some(sa));
+        assert_eq!(e, None, "a caller with a slot has no ticket");
+        // b's slot goes to the newcomer; then both come back to the free list.
+        st.give_back(sb).unwrap().wake();
+        assert_eq!(st.take_slot(&mut late, &w), Some(sb));
+        assert!(st.give_back(sa).is_none() && st.give_back(sb).is_none());
+        assert_eq!(st.free.len(), 2);
+        assert!(st.queue.is_empty() && st.granted.is_empty());
     }
 }
