@@ -453,6 +453,7 @@ impl<T> Default for Batch<T> {
 impl<T> Batch<T> {
     /// A batch of one record.
     fn one(payload: Vec<u8>, ts_ms: Option<u64>, token: T) -> Self {
+        assert_payload_fits(payload.len());
         Batch { records: vec![Pending { end: payload.len(), ts_ms, token }], bytes: payload }
     }
 
@@ -475,7 +476,9 @@ impl<T> Batch<T> {
     /// given (from the token, if that is where the record's contents are);
     /// `token` comes back with the record once it is durable.
     pub fn push(&mut self, token: T, encode: impl FnOnce(&T, &mut Vec<u8>)) {
+        let start = self.bytes.len();
         encode(&token, &mut self.bytes);
+        assert_payload_fits(self.bytes.len() - start);
         self.records.push(Pending { end: self.bytes.len(), ts_ms: None, token });
     }
 
@@ -489,6 +492,16 @@ impl<T> Batch<T> {
     fn log_bytes(&self) -> u64 {
         (self.bytes.len() + RECORD_HEADER * self.records.len()) as u64
     }
+}
+
+/// A payload over [`MAX_PAYLOAD`] would be written, acknowledged, and then
+/// read back as a torn write and cut: refuse it before it is logged. The
+/// server's records are far below it (256 lines at most: ~4 KiB).
+fn assert_payload_fits(len: usize) {
+    assert!(
+        len <= MAX_PAYLOAD,
+        "invariant: a log record's payload is at most {MAX_PAYLOAD} bytes, not {len}"
+    );
 }
 
 /// A durable record, handed to the commit callback with the bytes of its

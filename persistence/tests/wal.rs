@@ -424,3 +424,11 @@ fn prepared_segments_a_crash_left_are_deleted_at_start() {
     let (recs, end) = replay_all(dir.path(), 0);
     assert_eq!((recs.len(), end.torn_bytes), (3, 0));
 }
+
+/// A payload replay would take for a torn write is refused before it is logged.
+#[test]
+#[should_panic(expected = "at most 16777216 bytes")]
+fn a_payload_over_the_limit_is_refused_before_it_is_logged() {
+    let mut batch = wal::Batch::default();
+    batch.push((), |_, buf| buf.resize(wal::MAX_PAYLOAD + 1, 0));
+}
