@@ -151,7 +151,7 @@ fn stuck_log(dir: &std::path::Path, n: usize, capacity: usize, gate: std_mpsc::R
 }
 
 #[test]
-fn a_full_log_queue_answers_overloaded_and_reserves_nothing() {
+fn a_full_log_queue_answers_every_order_of_the_pass_it_refuses_overloaded_and_reserves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (gate_tx, gate_rx) = std_mpsc::channel::<()>();
     let shared = stuck_log(dir.path(), 1, 1, gate_rx);
@@ -171,39 +171,8 @@ fn a_full_log_queue_answers_overloaded_and_reserves_nothing() {
         logged += 1;
     };
     assert_log_saturated(refused);
-    // The refused order's reservation was dropped: all but the logged ones' units are free.
-    let rest = 100 - 10 * logged as u32;
-    assert!(shard
-        .store
-        .prepare(99, &Mutation { op: Op::Order { id: 99 }, lines: vec![Line { key: KEY, qty: rest }].into() })
-        .is_ok());
-    drop(gate_tx);
-}
-
-/// The records of a pass go to the log as one batch, and a full queue
-/// refuses it whole: every one of its orders is answered OVERLOADED and
-/// keeps nothing reserved.
-#[test]
-fn a_pass_the_full_log_refuses_answers_each_of_its_orders() {
-    let dir = tempfile::tempdir().unwrap();
-    let (gate_tx, gate_rx) = std_mpsc::channel::<()>();
-    let shared = stuck_log(dir.path(), 1, 1, gate_rx);
-    let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 100));
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    // One pass at a time until the log refuses one (as above).
-    let mut logged = 0;
-    let refused = loop {
-        assert!(logged < 8, "the log never filled");
-        shard.start(opcode::ORDER, logged, order(logged, KEY, 10), Some(tx.clone()));
-        shard.flush_log();
-        std::thread::sleep(Duration::from_millis(20));
-        if let Some(resp) = answer(&mut rx) {
-            break resp;
-        }
-        logged += 1;
-    };
-    assert_log_saturated(refused);
-    // A pass of three orders: one batch, refused whole.
+    // The records of a pass go to the log as one batch, refused whole:
+    // each of its orders is answered.
     for id in 100..103 {
         shard.start(opcode::ORDER, id, order(id, KEY, 10), Some(tx.clone()));
     }
@@ -213,9 +182,12 @@ fn a_pass_the_full_log_refuses_answers_each_of_its_orders() {
         assert_log_saturated(answer(&mut rx).expect("every order of the batch is answered"));
     }
     assert!(answer(&mut rx).is_none());
+    // The refused orders' reservations were dropped: all but the logged ones' units are free.
     let rest = 100 - 10 * logged as u32;
-    let all_free = Mutation { op: Op::Order { id: 99 }, lines: vec![Line { key: KEY, qty: rest }].into() };
-    assert!(shard.store.prepare(99, &all_free).is_ok(), "the refused orders reserved nothing");
+    assert!(shard
+        .store
+        .prepare(99, &Mutation { op: Op::Order { id: 99 }, lines: vec![Line { key: KEY, qty: rest }].into() })
+        .is_ok());
     drop(gate_tx);
 }
 
