@@ -612,7 +612,11 @@ impl<T: Send + 'static> Wal<T> {
 
     /// Queues a batch of records without blocking; refused whole, and
     /// given back, if the writer's queue is full or the writer has stopped.
+    /// An empty batch is taken at once (there is nothing to write).
     pub fn try_submit(&self, batch: Batch<T>) -> Result<(), (SubmitError, Batch<T>)> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         self.tx.try_send(batch).map_err(|e| match e {
             TrySendError::Full(b) => (SubmitError::Full, b),
             TrySendError::Disconnected(b) => (SubmitError::Closed, b),
