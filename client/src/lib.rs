@@ -906,4 +906,72 @@ mod tests {
         assert_eq!(st.free.len(), 2);
         assert!(st.queue.is_empty() && st.granted.is_empty());
     }
+
+    /// Random takes, give-backs and give-ups against a small table: every
+    /// slot is always in exactly one place (free, handed to a queued
+    /// caller, or held), no caller waits while a slot is free, and slots
+    /// are handed to the queue's callers in the order they came.
+    #[test]
+    fn the_slot_queue_keeps_its_books_under_random_callers() {
+        let (_, w) = counted();
+        let mut st = ConnState::new(4);
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rand = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        // Callers: (ticket, slot held). Tickets of waiting callers, in the order they queued.
+        let mut callers: Vec<(Option<u64>, Option<usize>)> = Vec::new();
+        let mut served_tickets: Vec<u64> = Vec::new();
+        for _ in 0..20_000 {
+            match rand(4) {
+                0 => {
+                    let mut ticket = None;
+                    let got = st.take_slot(&mut ticket, &w);
+                    callers.push((ticket, got));
+                }
+                1 if !callers.is_empty() => {
+                    // A waiting caller polls again (it may have been handed a slot).
+                    let i = rand(callers.len());
+                    if let (Some(t), None) = callers[i] {
+                        let mut ticket = Some(t);
+                        if let Some(slot) = st.take_slot(&mut ticket, &w) {
+                            served_tickets.push(t);
+                            callers[i] = (None, Some(slot));
+                        }
+                    }
+                }
+                2 if !callers.is_empty() => {
+                    // A caller with a slot is answered and gives it back.
+                    let i = rand(callers.len());
+                    if let (_, Some(slot)) = callers[i] {
+                        let _ = st.give_back(slot);
+                        callers.swap_remove(i);
+                    }
+                }
+                _ if !callers.is_empty() => {
+                    // A waiting caller gives up.
+                    let i = rand(callers.len());
+                    if let (Some(t), None) = callers[i] {
+                        let _ = st.leave_queue(t);
+                        callers.swap_remove(i);
+                    }
+                }
+                _ => {}
+            }
+            let held = callers.iter().filter(|(_, s)| s.is_some()).count();
+            assert_eq!(held + st.free.len() + st.granted.len(), 4, "every slot in one place");
+            assert!(st.free.is_empty() || st.queue.is_empty(), "nobody waits beside a free slot");
+            let waiting = callers.iter().filter(|(t, s)| t.is_some() && s.is_none()).count();
+            assert_eq!(waiting, st.queue.len() + st.granted.len());
+            let granted_last = st.granted.iter().map(|(t, _)| *t).max();
+            let queued_first = st.queue.front().map(|(t, _)| *t);
+            if let (Some(g), Some(q)) = (granted_last, queued_first) {
+                assert!(g < q, "a slot went to ticket {g} while {q}, who came earlier, still waits");
+            }
+        }
+        assert!(served_tickets.len() > 100, "the queue was used: {}", served_tickets.len());
+    }
 }
