@@ -141,3 +141,39 @@ fn identify(addr: SocketAddr) -> String {
         _ => "another program".into(),
     }
 }
+
+/// A free port on 127.0.0.1 (bound, then released) for a harness that
+/// kills a server and starts it again on the same port (the tests, the
+/// kill -9 harness): never the same one twice in this process, and below
+/// the kernel's ephemeral range. The kernel draws every `bind(0)` (the
+/// shard ports of another server) and every client socket's port from
+/// that range, so a port from it that a harness frees by killing its
+/// server can be taken by someone else before the server starts again on
+/// it (seen in CI: the new server found another test's shard on its
+/// port). Below the range only explicit binds take a port.
+pub fn restartable_port() -> u16 {
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if low <= 2_048 {
+        // No room below the range: any free port, as the kernel picks it.
+        let any = StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr());
+        return any.expect("a free port on 127.0.0.1").port();
+    }
+    let first = low - (low - 1_024).min(8_192);
+    let span = low - first;
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    // Start where this process's id says, so that processes run side by side start apart.
+    let mut port = next.unwrap_or(first + (std::process::id() % span as u32) as u16);
+    for _ in 0..span {
+        let candidate = port;
+        port = if port + 1 >= low { first } else { port + 1 };
+        if StdListener::bind(("127.0.0.1", candidate)).is_ok() {
+            *next = Some(port);
+            return candidate;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {first}..{low}");
+}

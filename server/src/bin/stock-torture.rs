@@ -249,7 +249,7 @@ async fn connect(port: u16) -> Client {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    stockd::listeners::restartable_port()
 }
 
 fn data_bytes(dir: &Path) -> u64 {

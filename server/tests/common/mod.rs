@@ -70,39 +70,11 @@ pub async fn client_at(port: u16) -> Client {
     }
 }
 
-/// A free TCP port on 127.0.0.1 for a server (bound, then released for
-/// it), never the same one twice in this process (tests run as threads of
-/// one process), and below the kernel's ephemeral range. The kernel draws
-/// every `bind(0)` (the shard ports of another test's server) and every
-/// client socket's port from that range, so a port from it that a test
-/// frees by killing its server can be taken by another test before the
-/// server starts again on it (seen in CI: the new server found another
-/// test's shard on its port). Below the range only explicit binds take a
-/// port.
+/// A free TCP port on 127.0.0.1 for a server, never the same one twice in
+/// this process (tests run as threads of one process): see
+/// [`stockd::listeners::restartable_port`].
 pub fn free_port() -> u16 {
-    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
-    if low <= 2_048 {
-        // No room below the range: any free port, as the kernel picks it.
-        return std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    }
-    let first = low - (low - 1_024).min(8_192);
-    let span = low - first;
-    let mut next = NEXT.lock().unwrap();
-    // Start where this process's id says, so that test binaries run side by side start apart.
-    let mut port = next.unwrap_or(first + (std::process::id() % span as u32) as u16);
-    for _ in 0..span {
-        let candidate = port;
-        port = if port + 1 >= low { first } else { port + 1 };
-        if std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
-            *next = Some(port);
-            return candidate;
-        }
-    }
-    panic!("no free port in {first}..{low}");
+    stockd::listeners::restartable_port()
 }
 
 /// The real `stockd` binary on 127.0.0.1:`port`, shard ports ephemeral
