@@ -4,7 +4,8 @@
 //! - [`shard`]: one shard's thread state, its mailbox, mutation coordination.
 //! - [`conn`]: one client connection.
 //! - [`event_loop`]: a shard thread's runtime: listeners, connections, mailbox, timers.
-//! - [`listeners`]: the shared and per-shard ports; a taken port is refused.
+//! - [`listeners`]: the shared and per-shard ports; a taken port is refused;
+//!   the port a harness restarts a server on.
 //! - [`metrics`]: the Prometheus endpoint (`--metrics-listen`).
 //! - [`recovery`]: the stores rebuilt from snapshots and the log.
 //! - [`server`]: startup, snapshots, shutdown.
