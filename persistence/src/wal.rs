@@ -452,9 +452,9 @@ impl<T> Default for Batch<T> {
 
 impl<T> Batch<T> {
     /// A batch of one record.
-    fn one(payload: Vec<u8>, ts_ms: Option<u64>, token: T) -> Self {
+    fn one(payload: Vec<u8>, token: T) -> Self {
         assert_payload_fits(payload.len());
-        Batch { records: vec![Pending { end: payload.len(), ts_ms, token }], bytes: payload }
+        Batch { records: vec![Pending { end: payload.len(), ts_ms: None, token }], bytes: payload }
     }
 
     /// Room for `records` more records of `bytes` more payload bytes in all.
@@ -480,6 +480,14 @@ impl<T> Batch<T> {
         encode(&token, &mut self.bytes);
         assert_payload_fits(self.bytes.len() - start);
         self.records.push(Pending { end: self.bytes.len(), ts_ms: None, token });
+    }
+
+    /// Appends a record copied from another server's log: its payload as
+    /// it was, and its timestamp (raised to the previous record's if lower).
+    pub fn push_copied(&mut self, token: T, ts_ms: u64, payload: &[u8]) {
+        assert_payload_fits(payload.len());
+        self.bytes.extend_from_slice(payload);
+        self.records.push(Pending { end: self.bytes.len(), ts_ms: Some(ts_ms), token });
     }
 
     /// The tokens of the records, in order: what a caller whose batch the
@@ -625,14 +633,17 @@ impl<T: Send + 'static> Wal<T> {
 
     /// Queues a payload, waiting while the queue is full (for tools and tests).
     pub fn submit(&self, payload: Vec<u8>, token: T) -> Result<(), SubmitError> {
-        self.tx.send(Batch::one(payload, None, token)).map_err(|_| SubmitError::Closed)
+        self.tx.send(Batch::one(payload, token)).map_err(|_| SubmitError::Closed)
     }
 
-    /// Queues a payload that keeps the timestamp it was given (at least the
-    /// previous record's), waiting while the queue is full: a standby logs
-    /// its primary's records as the primary logged them.
-    pub fn submit_at(&self, payload: Vec<u8>, ts_ms: u64, token: T) -> Result<(), SubmitError> {
-        self.tx.send(Batch::one(payload, Some(ts_ms), token)).map_err(|_| SubmitError::Closed)
+    /// Queues a batch, waiting while the queue is full: a standby logs the
+    /// records of each message from its primary as one batch
+    /// ([`Batch::push_copied`]).
+    pub fn submit_batch(&self, batch: Batch<T>) -> Result<(), SubmitError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(batch).map_err(|_| SubmitError::Closed)
     }
 }
 

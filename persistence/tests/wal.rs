@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::mpsc;
 
 use stockd_persistence::snapshot::{self, Manifest};
-use stockd_persistence::wal::{self, Wal, WalConfig};
+use stockd_persistence::wal::{self, Batch, Wal, WalConfig};
 use stockd_persistence::Error;
 
 /// Logs `n` payloads through a real writer thread, waiting for every commit.
@@ -301,7 +301,7 @@ fn a_refused_batch_gives_its_tokens_back() {
 }
 
 #[test]
-fn submit_at_keeps_the_given_timestamps_never_going_back() {
+fn copied_records_keep_their_timestamps_never_going_back() {
     let dir = tempfile::tempdir().unwrap();
     let (tx, rx) = mpsc::channel();
     let (w, handle) = Wal::start(WalConfig::new(dir.path()), 1, 0, move |batch, _| {
@@ -310,9 +310,16 @@ fn submit_at_keeps_the_given_timestamps_never_going_back() {
         }
     })
     .unwrap();
-    for ts in [1_000, 1_000, 2_000, 1_500] {
-        w.submit_at(b"copied".to_vec(), ts, ()).unwrap();
+    // Two messages from a primary: a batch of three, then one of one.
+    let mut first = Batch::default();
+    for ts in [1_000, 1_000, 2_000] {
+        first.push_copied((), ts, b"copied");
     }
+    w.submit_batch(first).unwrap();
+    let mut second = Batch::default();
+    second.push_copied((), 1_500, b"copied");
+    w.submit_batch(second).unwrap();
+    w.submit_batch(Batch::default()).unwrap();
     w.submit(b"own".to_vec(), ()).unwrap();
     drop(w);
     handle.join().unwrap();
@@ -324,8 +331,10 @@ fn submit_at_keeps_the_given_timestamps_never_going_back() {
     );
     assert!(got[4].1 > 1_000_000_000_000, "the writer's clock for its own records");
     let mut replayed = Vec::new();
-    wal::replay(dir.path(), 0, |r| replayed.push((r.lsn, r.ts_ms))).unwrap();
-    assert_eq!(replayed, got);
+    wal::replay(dir.path(), 0, |r| replayed.push((r.lsn, r.ts_ms, r.payload.to_vec()))).unwrap();
+    assert_eq!(replayed.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(), got);
+    assert!(replayed[..4].iter().all(|r| r.2 == b"copied"), "payloads as they were");
+    assert_eq!(replayed[4].2, b"own");
 }
 
 /// The commit callback runs on a thread of its own: while it works on one

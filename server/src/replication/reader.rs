@@ -222,9 +222,7 @@ impl Reader {
             Step::Apply { from } => {
                 self.last_alive = Instant::now();
                 if self.p.replica.role() == Role::Standby {
-                    for (i, record) in records.iter().enumerate().skip(from) {
-                        self.log_replicated(e.lsn + i as u64, e.ts_ms, record);
-                    }
+                    self.log_replicated(e.lsn + from as u64, e.ts_ms, &records[from..]);
                 }
             }
             Step::Promoted => {
@@ -278,30 +276,37 @@ impl Reader {
         }
     }
 
-    /// A standby logs the history's next record at its own LSN, with the
-    /// primary's timestamp (ids age by it).
-    fn log_replicated(&mut self, lsn: u64, ts_ms: u64, record: &[u8]) {
-        if lsn != self.submitted + 1 {
+    /// A standby logs the history's next records, the run of one message
+    /// (`first` is the first one's LSN), at their own LSNs, with the
+    /// primary's timestamp (ids age by it): one batch for the log writer.
+    fn log_replicated(&mut self, first: u64, ts_ms: u64, records: &[&[u8]]) {
+        if first != self.submitted + 1 {
             fatal(format!(
-                "record {lsn} of the topic follows local record {}: the local log does not fit the topic",
+                "record {first} of the topic follows local record {}: the local log does not fit the topic",
                 self.submitted
             ));
         }
-        let token = match LogRecord::decode(record) {
-            Ok(LogRecord::Mutation(m)) => WalToken::Replicated(Some(Arc::new(m))),
-            Ok(LogRecord::Layout { shards }) if shards as usize == self.p.shards => {
-                WalToken::Replicated(None)
-            }
-            Ok(LogRecord::Layout { shards }) => fatal(format!(
-                "the primary runs {shards} shards and this standby {}: restart it with --shards {shards}",
-                self.p.shards
-            )),
-            Err(why) => fatal(format!("record {lsn} of the topic cannot be read: {why}")),
-        };
-        if self.p.wal.submit_at(record.to_vec(), ts_ms, token).is_err() {
+        let mut batch = wal::Batch::default();
+        batch.reserve(records.len(), records.iter().map(|r| r.len()).sum());
+        for (i, record) in records.iter().enumerate() {
+            let lsn = first + i as u64;
+            let token = match LogRecord::decode(record) {
+                Ok(LogRecord::Mutation(m)) => WalToken::Replicated(Some(Arc::new(m))),
+                Ok(LogRecord::Layout { shards }) if shards as usize == self.p.shards => {
+                    WalToken::Replicated(None)
+                }
+                Ok(LogRecord::Layout { shards }) => fatal(format!(
+                    "the primary runs {shards} shards and this standby {}: restart it with --shards {shards}",
+                    self.p.shards
+                )),
+                Err(why) => fatal(format!("record {lsn} of the topic cannot be read: {why}")),
+            };
+            batch.push_copied(token, ts_ms, record);
+        }
+        if self.p.wal.submit_batch(batch).is_err() {
             return; // the writer stopped: shutting down
         }
-        self.submitted = lsn;
+        self.submitted += records.len() as u64;
     }
 
     /// This node's promotion won: once every record before it is applied
