@@ -45,7 +45,8 @@ struct PendingBatch {
     failed: bool,
 }
 
-/// Frames decoded ahead of being served, their lookups prefetched together.
+/// Frames decoded ahead of being served, their lookups prefetched together;
+/// fewer when their rows reach `PREFETCH_KEYS` first (multi-line orders).
 const DECODE_AHEAD: usize = PREFETCH_KEYS;
 
 /// A frame decoded ahead of being served.
@@ -96,10 +97,11 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
                 // and ids they will look up, all at once; then serve them.
                 let mut at = consumed;
                 let mut broken = None;
-                while ahead.len() < DECODE_AHEAD {
+                while ahead.len() < DECODE_AHEAD && conn.keys.len() < PREFETCH_KEYS {
                     match parse_frame(&rbuf[at..]) {
                         Ok(Some((h, body))) => {
                             let req = Request::decode(h.opcode, body);
+                            conn.note_lookups(&req);
                             ahead.push(Ahead {
                                 op: h.opcode,
                                 rid: h.request_id,
@@ -115,10 +117,8 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
                         }
                     }
                 }
-                let more = ahead.len() == DECODE_AHEAD;
-                if conn.authed {
-                    conn.prefetch(&sh, &ahead);
-                }
+                let more = ahead.len() == DECODE_AHEAD || conn.keys.len() >= PREFETCH_KEYS;
+                conn.prefetch(&sh);
                 for a in ahead.drain(..) {
                     if conn.inflight >= MAX_INFLIGHT {
                         // The rest stay in the buffer, decoded again later.
@@ -231,29 +231,35 @@ impl Conn {
     /// Asks memory for the rows and ids of this shard that the decoded
     /// requests will look up, so that their cache misses overlap (see
     /// `Store::prefetch_lookups`). Changes nothing.
-    fn prefetch(&mut self, sh: &Shard, ahead: &[Ahead]) {
+    /// Notes the rows and ids a request decoded ahead will look up.
+    fn note_lookups(&mut self, req: &Result<Request, DecodeError>) {
+        match req {
+            Ok(Request::Query { key }) => self.keys.push(*key),
+            Ok(Request::Order { id, lines } | Request::Reserve { id, lines, .. }) => {
+                self.ids.push(IdKey::OrderOrHold(*id));
+                self.keys.extend(lines.iter().map(|l| l.key));
+            }
+            Ok(Request::Inbound { id, lines }) => {
+                self.ids.push(IdKey::Receipt(*id));
+                self.keys.extend(lines.iter().map(|l| l.key));
+            }
+            Ok(Request::Cancel { id } | Request::Confirm { id } | Request::Release { id }) => {
+                self.ids.push(IdKey::OrderOrHold(*id))
+            }
+            _ => {}
+        }
+    }
+
+    /// Asks memory for what the requests decoded ahead will look up, all
+    /// at once (for an authenticated connection), and forgets the list.
+    fn prefetch(&mut self, sh: &Shard) {
+        if self.authed {
+            // Beyond this, the first lines would leave L1 before they are read.
+            self.keys.truncate(PREFETCH_KEYS);
+            sh.prefetch_lookups(&self.keys, &self.ids);
+        }
         self.keys.clear();
         self.ids.clear();
-        for a in ahead {
-            match &a.req {
-                Ok(Request::Query { key }) => self.keys.push(*key),
-                Ok(Request::Order { id, lines } | Request::Reserve { id, lines, .. }) => {
-                    self.ids.push(IdKey::OrderOrHold(*id));
-                    self.keys.extend(lines.iter().map(|l| l.key));
-                }
-                Ok(Request::Inbound { id, lines }) => {
-                    self.ids.push(IdKey::Receipt(*id));
-                    self.keys.extend(lines.iter().map(|l| l.key));
-                }
-                Ok(Request::Cancel { id } | Request::Confirm { id } | Request::Release { id }) => {
-                    self.ids.push(IdKey::OrderOrHold(*id))
-                }
-                _ => {}
-            }
-        }
-        // Beyond this, the first lines would leave L1 before they are read.
-        self.keys.truncate(PREFETCH_KEYS);
-        sh.prefetch_lookups(&self.keys, &self.ids);
     }
 
     fn handle(&mut self, sh: &mut Shard, ctx: &ConnCtx, op: u8, rid: u64, req: Result<Request, DecodeError>) {
