@@ -222,6 +222,10 @@ impl Store {
     /// reserve room for them under `txn`. All or nothing on this shard.
     pub fn prepare(&mut self, txn: u64, m: &Mutation) -> Result<(), Refusal> {
         let mut taken = Reserved::new();
+        if m.lines.len() > 1 {
+            // One allocation of the right size, not one and a regrowth.
+            taken.reserve_exact(m.lines.iter().filter(|l| self.owns_item(l.key.item)).count());
+        }
         let mut result = Ok(());
         for (i, d) in m.deltas().enumerate() {
             if !self.owns_item(d.key.item) {
