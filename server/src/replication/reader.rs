@@ -286,7 +286,7 @@ impl Reader {
                 self.submitted
             ));
         }
-        let mut batch = wal::Batch::default();
+        let mut batch = self.p.wal.batch();
         batch.reserve(records.len(), records.iter().map(|r| r.len()).sum());
         for (i, record) in records.iter().enumerate() {
             let lsn = first + i as u64;

@@ -167,6 +167,8 @@ impl Shard {
     pub(super) fn log(&mut self, txn: u64, coord: usize, participants: u64, m: Arc<Mutation>) {
         if self.to_log.is_empty() {
             self.log_wake.notify_one();
+            // A batch the writer is done with, its room kept (or a new one).
+            self.to_log = self.shared.wal.batch();
             self.to_log.reserve(LOG_PASS_MAX, LOG_PASS_MAX * 32);
         }
         self.to_log.push(WalToken::Own { txn, coord, participants, m }, |token, payload| {
