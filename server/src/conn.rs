@@ -7,9 +7,10 @@
 //! log; beyond that the connection stops reading (backpressure, not memory).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use stockd_protocol::{
@@ -18,9 +19,8 @@ use stockd_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
-use crate::shard::{Forwarded, Out, Shard};
+use crate::shard::{Forwarded, Out, Outbox, Shard};
 use crate::state::{Command, IdKey, PREFETCH_KEYS};
 
 /// Requests of one connection that may wait for another shard or the log.
@@ -59,7 +59,8 @@ struct Ahead {
 }
 
 struct Conn {
-    tx: mpsc::UnboundedSender<Out>,
+    /// Where shards leave this connection's answers.
+    outbox: Arc<Outbox>,
     /// Lookups of the frames decoded ahead (buffers kept between reads).
     keys: Vec<Key>,
     ids: Vec<IdKey>,
@@ -73,9 +74,11 @@ struct Conn {
 /// A peer that half-closes (shuts down its sending side) still gets an
 /// answer to every request it sent before; then the connection closes.
 pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<ConnCtx>) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let outbox = Arc::new(Outbox::default());
+    // The answers taken from the outbox, and its other queue.
+    let mut answers = VecDeque::new();
     let mut conn = Conn {
-        tx,
+        outbox: outbox.clone(),
         keys: Vec::with_capacity(DECODE_AHEAD),
         ids: Vec::with_capacity(DECODE_AHEAD),
         inflight: 0,
@@ -143,7 +146,8 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
         // Parsing stopped at the in-flight bound: frames may still wait in
         // the buffer, and no new bytes need arrive to make them readable.
         let paused = conn.inflight >= MAX_INFLIGHT;
-        while let Ok(out) = rx.try_recv() {
+        outbox.take_all(&mut answers);
+        for out in answers.drain(..) {
             conn.deliver(out);
         }
         if !conn.wbuf.is_empty() {
@@ -170,7 +174,7 @@ pub async fn serve(mut stream: TcpStream, shard: Rc<RefCell<Shard>>, ctx: Rc<Con
         let partial = can_read && !rbuf.is_empty();
         tokio::select! {
             biased;
-            Some(out) = rx.recv() => conn.deliver(out),
+            () = outbox.ready() => {} // delivered at the top of the loop
             r = stream.read_buf(&mut rbuf), if can_read => match r {
                 Ok(0) => peer_done = true,
                 Err(_) => break,
@@ -387,7 +391,8 @@ impl Conn {
             if keys.is_empty() {
                 continue;
             }
-            let f = Forwarded::QueryBatch { request_id: rid, positions, keys, reply: Some(self.tx.clone()) };
+            let f =
+                Forwarded::QueryBatch { request_id: rid, positions, keys, reply: Some(self.outbox.clone()) };
             if sh.forward(owner, f).is_err() {
                 batch.failed = true;
                 break;
@@ -407,7 +412,7 @@ impl Conn {
         let coord = shard_of(cmd.owner_id(), sh.shards());
         if coord == sh.index() {
             self.inflight += 1;
-            sh.start(op, rid, cmd, Some(self.tx.clone()));
+            sh.start(op, rid, cmd, Some(self.outbox.clone()));
         } else {
             self.forward(sh, coord, op, rid, Forwarded::Command { op, request_id: rid, cmd, reply: None });
         }
@@ -415,7 +420,7 @@ impl Conn {
 
     /// Hands a request to its owner shard, with this connection as the reply address.
     fn forward(&mut self, sh: &mut Shard, owner: usize, op: u8, rid: u64, f: Forwarded) {
-        if sh.forward(owner, f.reply_to(self.tx.clone())).is_err() {
+        if sh.forward(owner, f.reply_to(self.outbox.clone())).is_err() {
             return self.error(op, rid, Status::Overloaded, "shard queue full; retry");
         }
         self.inflight += 1;

@@ -30,7 +30,7 @@ pub mod mailbox;
 pub mod shared;
 
 pub use coordinator::{CONTENDED_RETRY_FOR, MAX_TXNS};
-pub use mailbox::{Forwarded, Internal, Mailbox, Out, ReplyTo, FORWARD_CAPACITY};
+pub use mailbox::{Forwarded, Internal, Mailbox, Out, Outbox, ReplyTo, FORWARD_CAPACITY};
 pub use shared::{ShardStats, Shared, SnapshotPart, SnapshotQueue, SNAPSHOT_QUEUED_BYTES};
 
 use crate::state::{IdHashBuilder, IdKey, IdMap, SnapshotPiece, Store, PREFETCH_KEYS};
@@ -70,9 +70,9 @@ pub fn now_ms() -> u64 {
 }
 
 fn send(reply: &ReplyTo, out: Out) {
-    if let Some(tx) = reply {
+    if let Some(outbox) = reply {
         // The connection may be gone; its client will retry by id.
-        let _ = tx.send(out);
+        outbox.send(out);
     }
 }
 

@@ -5,12 +5,13 @@
 //! votes, aborts, commits and snapshot marks; its length is bounded by the
 //! transaction cap of every shard, not by the queue).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use crossbeam::queue::{ArrayQueue, SegQueue};
 use stockd_persistence::wal::SubmitError;
 use stockd_protocol::{Key, Response};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::state::{Command, Mutation, Refusal};
 
@@ -25,8 +26,41 @@ pub enum Out {
     BatchPart { request_id: u64, positions: Vec<u16>, values: Vec<u64> },
 }
 
-/// Where an answer goes: a connection's channel (None for internal work such as hold expiry).
-pub type ReplyTo = Option<mpsc::UnboundedSender<Out>>;
+/// A connection's answers from shards, its own and others, waiting for it
+/// to write them. Two queues take turns (`take_all` swaps the caller's
+/// empty one in), so answers cost no allocation once both have grown: a
+/// channel of linked blocks allocated a block of 32 answers per pass, and
+/// glibc merges its small free chunks before every allocation of 1 KiB or
+/// more, after which it hands them out oldest first, out of cache.
+#[derive(Default)]
+pub struct Outbox {
+    queue: Mutex<VecDeque<Out>>,
+    ready: Notify,
+}
+
+impl Outbox {
+    /// Queues an answer and wakes the connection. One whose connection is
+    /// gone is dropped with the outbox, once nothing refers to it.
+    pub fn send(&self, out: Out) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(out);
+        self.ready.notify_one();
+    }
+
+    /// Moves every queued answer into `into`, which must be empty.
+    pub fn take_all(&self, into: &mut VecDeque<Out>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()), into);
+    }
+
+    /// Completes once an answer was queued after the last call completed
+    /// (at once if one was queued in between).
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+}
+
+/// Where an answer goes: a connection's outbox (None for internal work such as hold expiry).
+pub type ReplyTo = Option<Arc<Outbox>>;
 
 /// A client request handed to the shard that owns it.
 pub enum Forwarded {
@@ -38,7 +72,7 @@ pub enum Forwarded {
 
 impl Forwarded {
     /// Sets where the answer goes.
-    pub fn reply_to(mut self, to: mpsc::UnboundedSender<Out>) -> Forwarded {
+    pub fn reply_to(mut self, to: Arc<Outbox>) -> Forwarded {
         match &mut self {
             Forwarded::Query { reply, .. }
             | Forwarded::QueryItem { reply, .. }
@@ -152,5 +186,60 @@ impl Mailbox {
 impl Default for Mailbox {
     fn default() -> Self {
         Mailbox::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use stockd_protocol::{opcode, Reply};
+
+    use super::*;
+
+    fn pong(request_id: u64) -> Out {
+        Out::Response { op: opcode::PING, request_id, resp: Response::Ok(Reply::Pong) }
+    }
+
+    fn ids(taken: &mut VecDeque<Out>) -> Vec<u64> {
+        taken
+            .drain(..)
+            .map(|o| match o {
+                Out::Response { request_id, .. } => request_id,
+                Out::BatchPart { .. } => unreachable!(),
+            })
+            .collect()
+    }
+
+    /// Answers come out in the order they were sent, a wait ends for an
+    /// answer sent before it began or while it lasts (from another thread),
+    /// and the two queues take turns without losing one.
+    #[test]
+    fn an_outbox_keeps_the_order_and_wakes_its_connection() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let outbox = Arc::new(Outbox::default());
+        let mut taken = VecDeque::new();
+        let wait = |o: &Arc<Outbox>| {
+            let o = o.clone();
+            rt.block_on(async move { tokio::time::timeout(Duration::from_secs(10), o.ready()).await })
+        };
+        outbox.send(pong(1));
+        outbox.send(pong(2));
+        wait(&outbox).expect("an answer sent before the wait ends it");
+        outbox.take_all(&mut taken);
+        assert_eq!(ids(&mut taken), [1, 2]);
+        let sender = outbox.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            for id in 3..=5 {
+                sender.send(pong(id));
+            }
+        });
+        wait(&outbox).expect("an answer from another thread ends the wait");
+        t.join().unwrap();
+        outbox.take_all(&mut taken);
+        assert_eq!(ids(&mut taken), [3, 4, 5]);
+        outbox.take_all(&mut taken);
+        assert!(taken.is_empty(), "nothing is handed out twice");
     }
 }

@@ -3,6 +3,7 @@
 //! calling them directly, as their event loops would.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc as std_mpsc, Arc};
@@ -13,7 +14,6 @@ use stockd_protocol::{
     opcode, parse_frame, shard_of, HelloInfo, Key, Line, Request, Response, Status, HEADER_LEN,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use super::*;
 use crate::conn::{serve, ConnCtx};
@@ -70,9 +70,23 @@ fn order(id: u64, key: Key, qty: u32) -> Command {
     Command::Order { id, lines: vec![Line { key, qty }].into() }
 }
 
-/// The answer a shard sent to `rx`, decoded.
-fn answer(rx: &mut mpsc::UnboundedReceiver<Out>) -> Option<Response> {
-    match rx.try_recv().ok()? {
+/// A connection's outbox, and what the test has taken out of it.
+fn outbox() -> (Arc<Outbox>, Inbox) {
+    let outbox = Arc::new(Outbox::default());
+    (outbox.clone(), Inbox { outbox, taken: VecDeque::new() })
+}
+
+struct Inbox {
+    outbox: Arc<Outbox>,
+    taken: VecDeque<Out>,
+}
+
+/// The next answer a shard left in the outbox, decoded.
+fn answer(rx: &mut Inbox) -> Option<Response> {
+    if rx.taken.is_empty() {
+        rx.outbox.take_all(&mut rx.taken);
+    }
+    match rx.taken.pop_front()? {
         Out::Response { op, request_id, resp } => {
             // What the connection would write, read back as a client would.
             let mut f = Vec::new();
@@ -92,7 +106,7 @@ fn a_contended_refusal_is_retried_until_its_time_runs_out() {
     // Commits are never routed: the first order stays undecided for good.
     let shared = shared_with(dir.path(), 1, 1024, |_, _| {});
     let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 5));
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = outbox();
     shard.start(opcode::ORDER, 1, order(10, KEY, 5), Some(tx.clone()));
     shard.start(opcode::ORDER, 2, order(11, KEY, 1), Some(tx));
     // The units exist but an undecided order reserved them: no answer yet, a retry instead.
@@ -117,7 +131,7 @@ fn beyond_max_txns_a_shard_answers_overloaded() {
     let dir = tempfile::tempdir().unwrap();
     let shared = shared_with(dir.path(), 1, MAX_TXNS * 2, |_, _| {});
     let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 1_000_000));
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = outbox();
     for id in 0..MAX_TXNS as u64 {
         shard.start(opcode::ORDER, id, order(id, KEY, 1), Some(tx.clone()));
     }
@@ -156,7 +170,7 @@ fn a_full_log_queue_answers_every_order_of_the_pass_it_refuses_overloaded_and_re
     let (gate_tx, gate_rx) = std_mpsc::channel::<()>();
     let shared = stuck_log(dir.path(), 1, 1, gate_rx);
     let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 100));
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = outbox();
     // Orders of 10 units until the log refuses one: the writer takes a few
     // (one to the waiting callback, one it waits to hand over), the queue one more.
     let mut logged = 0;
@@ -201,7 +215,7 @@ fn the_records_of_a_pass_reach_the_log_when_it_ends() {
         let _ = batch_tx.send(b.len());
     });
     let mut shard = Shard::new(0, shared, stocked(0, 1, KEY, 1_000_000));
-    let (tx, _rx) = mpsc::unbounded_channel();
+    let (tx, _rx) = outbox();
     let logged = |n: usize| {
         let mut got = 0;
         while got < n {
@@ -233,7 +247,7 @@ fn a_cross_shard_batch_with_a_full_owner_answers_overloaded_and_survives() {
     let key_on = |s: usize| Key { item: (1..).find(|i| shard_of(*i, 3) == s).unwrap(), fc: 1 };
     let (k0, k1, k2) = (key_on(0), key_on(1), key_on(2));
     // The owner of k2 has a full request queue.
-    let (dead_tx, _dead_rx) = mpsc::unbounded_channel();
+    let (dead_tx, _dead_rx) = outbox();
     for _ in 0..FORWARD_CAPACITY {
         let f = Forwarded::Query { request_id: 0, key: k2, reply: Some(dead_tx.clone()) };
         assert!(shared.mailboxes[2].push_request(f).is_ok());
@@ -303,7 +317,7 @@ fn a_reserve_retried_while_its_hold_expires_answers_duplicate() {
     let mut shard = Shard::new(0, shared, store);
     shard.expire_holds(); // its deadline (ts 1,001) is long past: a release starts
     assert!(shard.busy_ids.contains(&IdKey::OrderOrHold(77)), "the expiry is in flight");
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = outbox();
     let retry = Command::Reserve { id: 77, ttl_ms: 60_000, lines: vec![Line { key: KEY, qty: 2 }].into() };
     shard.start(opcode::RESERVE, 5, retry, Some(tx.clone()));
     assert_eq!(answer(&mut rx), Some(Response::Duplicate { lsn: 2 }));
@@ -353,7 +367,7 @@ impl Pair {
 #[test]
 fn the_one_other_participant_logs_the_record_itself_and_the_coordinator_answers_once_durable() {
     let mut p = pair(10);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = outbox();
     p.coord.start(opcode::ORDER, 1, order(p.id, p.key, 3), Some(tx));
     // The owner of the row prepares and logs; it sends no vote.
     assert_eq!(p.shared.mailboxes[p.rows.index()].depths().1, 1, "one prepare");
@@ -373,7 +387,7 @@ fn the_one_other_participant_logs_the_record_itself_and_the_coordinator_answers_
 #[test]
 fn the_one_other_participant_that_refuses_votes_and_nothing_is_logged() {
     let mut p = pair(2);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = outbox();
     p.coord.start(opcode::ORDER, 1, order(p.id, p.key, 3), Some(tx));
     p.rows.drain();
     assert!(answer(&mut rx).is_none());
@@ -388,7 +402,7 @@ fn the_one_other_participant_that_refuses_votes_and_nothing_is_logged() {
 #[test]
 fn a_record_logged_by_the_other_participant_and_then_fenced_releases_its_units() {
     let mut p = pair(10);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = outbox();
     p.coord.start(opcode::ORDER, 1, order(p.id, p.key, 10), Some(tx));
     p.rows.drain();
     p.rows.flush_log();
@@ -414,7 +428,7 @@ fn the_one_other_participant_that_finds_the_log_full_drops_its_reservation_and_t
     let mut coord = Shard::new(c, shared.clone(), Store::new(c, 2, IdLimits::default()));
     let mut rows = Shard::new(1 - c, shared.clone(), stocked(1 - c, 2, key, 100));
     let ids: Vec<u64> = (1000..).filter(|i| shard_of(*i, 2) == c).take(8).collect();
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = outbox();
     let mut logged = 0;
     let refused = loop {
         assert!(logged < ids.len(), "the log never filled");
