@@ -285,7 +285,22 @@ impl Shard {
             Internal::NotLogged { txn, error } => self.not_logged(txn, error),
             Internal::Abort { txn } => self.store.abort(txn),
             Internal::Committed(list) => {
-                for chunk in list.chunks(PREFETCH_KEYS) {
+                let mut rest = &list[..];
+                while !rest.is_empty() {
+                    // A run whose rows fit one prefetch (three-line orders
+                    // come 10 at a time), at least one record.
+                    let mut rows = 0;
+                    let n = rest
+                        .iter()
+                        .take(PREFETCH_KEYS)
+                        .take_while(|c| {
+                            rows += c.m.lines.len();
+                            rows <= PREFETCH_KEYS
+                        })
+                        .count()
+                        .max(1);
+                    let (chunk, tail) = rest.split_at(n);
+                    rest = tail;
                     self.store.prefetch_rows(chunk.iter().map(|c| &*c.m));
                     self.store.prefetch_ids(chunk.iter().map(|c| &*c.m));
                     for c in chunk {
