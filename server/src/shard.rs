@@ -283,7 +283,7 @@ impl Shard {
             }
             Internal::Vote { txn, from, result } => self.vote(txn, from, result),
             Internal::NotLogged { txn, error } => self.not_logged(txn, error),
-            Internal::Abort { txn } => self.store.abort(txn),
+            Internal::Abort { txn, m } => self.store.abort(txn, &m),
             Internal::Committed(list) => {
                 let mut rest = &list[..];
                 while !rest.is_empty() {

@@ -47,13 +47,8 @@ pub use ids::{IdEntry, IdLimits, IdLines, IdState, LogStamp};
 pub use plan::{Command, IdKey};
 pub use rows::Row;
 use rows::{Pending, PendingRows, RowKey, Rows};
-use smallvec::SmallVec;
 use snapshot::Capture;
 pub use snapshot::SnapshotPiece;
-
-/// The deltas one prepared mutation reserved on a shard: a one-line order's
-/// stays inline, so preparing allocates nothing.
-type Reserved = SmallVec<[Delta; 1]>;
 
 /// Keys whose lookups are started together (see `Rows::prefetch`): enough
 /// to keep the memory system busy, few enough that their lines stay in L1.
@@ -83,8 +78,11 @@ pub struct Store {
     fifo: ChunkedQueue<AgingId>,
     /// Holds not yet confirmed or released: (deadline_ms, id).
     deadlines: BTreeSet<(u64, u64)>,
-    /// Prepared, undecided mutations: txn -> the deltas reserved for it here.
-    pending: IdMap<Reserved>,
+    /// Prepared, undecided mutations that reserved room here. What they
+    /// reserved are the deltas of their lines this shard owns, which
+    /// settling or aborting one gives back (from the mutation): nothing is
+    /// stored per line, so preparing allocates nothing, however many lines.
+    pending: IdMap<()>,
     /// LSN of the last record applied.
     pub applied_lsn: u64,
     /// A snapshot being written part by part.
@@ -221,11 +219,9 @@ impl Store {
     /// Step 2, on every shard owning a row of `m`: check this shard's lines and
     /// reserve room for them under `txn`. All or nothing on this shard.
     pub fn prepare(&mut self, txn: u64, m: &Mutation) -> Result<(), Refusal> {
-        let mut taken = Reserved::new();
-        if m.lines.len() > 1 {
-            // One allocation of the right size, not one and a regrowth.
-            taken.reserve_exact(m.lines.iter().filter(|l| self.owns_item(l.key.item)).count());
-        }
+        // Lines before this one are reserved (those this shard owns).
+        let mut reserved_upto = 0;
+        let mut owns_a_row = false;
         let mut result = Ok(());
         for (i, d) in m.deltas().enumerate() {
             if !self.owns_item(d.key.item) {
@@ -233,7 +229,8 @@ impl Store {
             }
             let existing = self.row(d.key).copied();
             let row = existing.unwrap_or_default();
-            if let Err(r) = check_line(i as u16, &row, &self.pending_on(d.key), d, &m.op, &taken) {
+            let earlier = m.deltas().take(reserved_upto);
+            if let Err(r) = check_line(i as u16, &row, &self.pending_on(d.key), d, &m.op, earlier) {
                 result = Err(r);
                 break;
             }
@@ -242,17 +239,26 @@ impl Store {
                 break;
             }
             self.reserve(d, Reservation::Take);
-            taken.push(d);
+            reserved_upto = i + 1;
+            owns_a_row = true;
         }
         if result.is_err() {
-            for d in taken {
-                self.reserve(d, Reservation::Return);
-            }
-        } else if !taken.is_empty() {
-            let fresh = self.pending.insert(txn, taken).is_none();
+            self.give_back(m, reserved_upto);
+        } else if owns_a_row {
+            let fresh = self.pending.insert(txn, ()).is_none();
             assert!(fresh, "invariant: a transaction is prepared once per shard ({txn})");
         }
         result
+    }
+
+    /// Returns the room the first `lines` lines of `m` reserved here (the
+    /// ones this shard owns).
+    fn give_back(&mut self, m: &Mutation, lines: usize) {
+        for d in m.deltas().take(lines) {
+            if self.owns_item(d.key.item) {
+                self.reserve(d, Reservation::Return);
+            }
+        }
     }
 
     fn reserve(&mut self, d: Delta, how: Reservation) {
@@ -310,10 +316,11 @@ impl Store {
         }
     }
 
-    /// Drops what `prepare` reserved for `txn` (the mutation was refused elsewhere).
-    pub fn abort(&mut self, txn: u64) {
-        for d in self.pending.remove(&txn).unwrap_or_default() {
-            self.reserve(d, Reservation::Return);
+    /// Drops what `prepare` reserved for `txn`, whose mutation is `m` (it
+    /// was refused elsewhere). Nothing if it reserved nothing here.
+    pub fn abort(&mut self, txn: u64, m: &Mutation) {
+        if self.pending.remove(&txn).is_some() {
+            self.give_back(m, m.lines.len());
         }
     }
 
@@ -385,9 +392,9 @@ impl Store {
         );
         self.applied_lsn = lsn;
         // The reservation goes first: then the rows change by the record itself.
-        let reserved = txn.map(|txn| (txn, self.pending.remove(&txn)));
-        for d in reserved.iter().flat_map(|(_, r)| r.iter().flatten()) {
-            self.reserve(*d, Reservation::Return);
+        let settled = txn.map(|txn| (txn, self.pending.remove(&txn).is_some()));
+        if settled.is_some_and(|(_, settled)| settled) {
+            self.give_back(m, m.lines.len());
         }
         let mut owns_a_row = false;
         for d in m.deltas() {
@@ -396,8 +403,7 @@ impl Store {
                 self.apply_delta(d, m);
             }
         }
-        if let Some((txn, reserved)) = reserved {
-            let settled = reserved.is_some();
+        if let Some((txn, settled)) = settled {
             assert_eq!(settled, owns_a_row, "invariant: a commit settles its reservation once ({txn})");
         }
     }
@@ -464,7 +470,7 @@ fn check_line(
     pend: &Pending,
     d: Delta,
     op: &Op,
-    taken: &[Delta],
+    earlier: impl Iterator<Item = Delta>,
 ) -> Result<(), Refusal> {
     if let Op::Adjust { before, after, .. } = *op {
         if pend.n > 0 || row.on_hand != before {
@@ -479,7 +485,7 @@ fn check_line(
     let room = row.available().saturating_sub(pend.take);
     if take > room {
         // Units earlier lines of this same mutation reserved are not contention.
-        let own: u64 = taken.iter().filter(|t| t.key == d.key).map(|t| units_taken(*t)).sum();
+        let own: u64 = earlier.filter(|t| t.key == d.key).map(units_taken).sum();
         let contended = take + own <= row.available();
         return Err(Refusal::Insufficient { line, available: room, contended });
     }

@@ -93,7 +93,7 @@ impl Cluster {
             }
         }
         if let Some(r) = refusal {
-            self.stores.iter_mut().for_each(|s| s.abort(txn));
+            self.stores.iter_mut().for_each(|s| s.abort(txn, &m));
             return refusal_response(&r);
         }
         self.lsn += 1;

@@ -193,14 +193,14 @@ impl Shard {
         let batch = std::mem::take(&mut self.to_log);
         let Err((error, batch)) = self.shared.wal.try_submit(batch) else { return };
         for token in batch.into_tokens() {
-            let WalToken::Own { txn, coord, .. } = token else {
+            let WalToken::Own { txn, coord, m, .. } = token else {
                 unreachable!("a shard logs only its own mutations")
             };
             if coord == self.index {
                 self.abort_everywhere(txn);
                 self.finish(txn, log_refused(error));
             } else {
-                self.store.abort(txn);
+                self.store.abort(txn, &m);
                 self.mailbox(coord).push_internal(Internal::NotLogged { txn, error });
             }
         }
@@ -262,13 +262,14 @@ impl Shard {
     }
 
     fn abort_everywhere(&mut self, txn: u64) {
-        let prepared = self.txns[&txn].prepared;
+        let t = &self.txns[&txn];
+        let (prepared, m) = (t.prepared, t.m.clone());
         for i in 0..self.shared.shards() {
             if prepared & (1 << i) != 0 {
                 if i == self.index {
-                    self.store.abort(txn);
+                    self.store.abort(txn, &m);
                 } else {
-                    self.mailbox(i).push_internal(Internal::Abort { txn });
+                    self.mailbox(i).push_internal(Internal::Abort { txn, m: m.clone() });
                 }
             }
         }

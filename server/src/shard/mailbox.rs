@@ -96,8 +96,9 @@ pub enum Internal {
     /// A participant that was to log `txn` found the log writer full or
     /// stopped; it dropped its reservation.
     NotLogged { txn: u64, error: SubmitError },
-    /// Drop what `Prepare` reserved.
-    Abort { txn: u64 },
+    /// Drop what `Prepare` reserved for `txn`, whose mutation is `m` (the
+    /// room its lines here reserved).
+    Abort { txn: u64, m: Arc<Mutation> },
     /// Durable records this shard takes part in, in LSN order: apply them.
     Committed(Vec<Commit>),
     /// Durable records this shard coordinated, already queued on every

@@ -217,7 +217,7 @@ fn execute(stores: &mut [Store], cmd: Command, txn: u64, lsn: &mut u64, now: u64
     }
     if let Some(r) = first_refusal {
         for i in prepared {
-            stores[i].abort(txn);
+            stores[i].abort(txn, &m);
         }
         return (Got::Refused(r), None);
     }
@@ -361,7 +361,7 @@ proptest! {
                 open.push((id, m));
             } else {
                 for s in stores.iter_mut() {
-                    s.abort(id);
+                    s.abort(id, &m);
                 }
             }
             if !open.is_empty() && action > 0 {
@@ -374,7 +374,7 @@ proptest! {
                     log.push((lsn, m));
                 } else {
                     for s in stores.iter_mut() {
-                        s.abort(txn);
+                        s.abort(txn, &m);
                     }
                 }
             }
@@ -452,7 +452,7 @@ fn adjust_refuses_below_held_and_with_changes_in_flight() {
     let order = Mutation { op: Op::Order { id: 3 }, lines: vec![Line { key, qty: 1 }].into() };
     s.prepare(77, &order).unwrap();
     assert_eq!(s.prepare(78, &adj(&s, 8)), Err(Refusal::Busy { line: 0 }));
-    s.abort(77);
+    s.abort(77, &order);
     let m = adj(&s, 8);
     s.prepare(79, &m).unwrap();
     s.apply(Some(79), 3, 0, &m);
@@ -493,7 +493,7 @@ fn the_reserved_rows_table_shrinks_after_a_burst_and_reservations_stay_exact() {
             lsn += 1;
             s.apply(Some(txn as u64), lsn, 0, m);
         } else {
-            s.abort(txn as u64);
+            s.abort(txn as u64, m);
         }
     }
     assert_eq!(s.pend.len(), keep as usize);
