@@ -232,9 +232,6 @@ impl Conn {
         }
     }
 
-    /// Asks memory for the rows and ids of this shard that the decoded
-    /// requests will look up, so that their cache misses overlap (see
-    /// `Store::prefetch_lookups`). Changes nothing.
     /// Notes the rows and ids a request decoded ahead will look up.
     fn note_lookups(&mut self, req: &Result<Request, DecodeError>) {
         match req {
@@ -254,8 +251,10 @@ impl Conn {
         }
     }
 
-    /// Asks memory for what the requests decoded ahead will look up, all
-    /// at once (for an authenticated connection), and forgets the list.
+    /// Asks memory for the rows and ids of this shard that the requests
+    /// decoded ahead will look up (for an authenticated connection), so
+    /// that their cache misses overlap (see `Store::prefetch_lookups`), and
+    /// forgets the list. Changes no state.
     fn prefetch(&mut self, sh: &Shard) {
         if self.authed {
             // Beyond this, the first lines would leave L1 before they are read.
