@@ -544,6 +544,9 @@ pub enum SubmitError {
 /// allocation of a few KiB each pass (glibc merges its small free chunks
 /// on every such allocation, which then cost cache misses to reuse).
 const SPARE_BATCHES: usize = 64;
+/// A batch whose payload buffer grew past this is freed, not kept (a
+/// shard's pass holds a few KiB; the pool stays under ~5 MiB).
+const SPARE_BATCH_BYTES: usize = 64 << 10;
 
 /// The submitting side of the log; cheap to clone.
 pub struct Wal<T> {
@@ -740,8 +743,10 @@ impl Writer {
                     done.push(Committed { lsn, ts_ms, token: p.token, at, len: p.end - start });
                     start = p.end;
                 }
-                b.bytes.clear();
-                let _ = spare_batches.try_send(b);
+                if b.bytes.capacity() <= SPARE_BATCH_BYTES && b.records.capacity() <= self.cfg.max_batch {
+                    b.bytes.clear();
+                    let _ = spare_batches.try_send(b);
+                }
             }
             let t = Instant::now();
             if let Err(e) = self.file.write_all_at(&buf, self.written).and_then(|_| self.file.sync_data()) {
@@ -839,10 +844,17 @@ mod tests {
         again.push(3, |_, out| out.extend_from_slice(b"third"));
         w.try_submit(again).map_err(|(e, _)| e).unwrap();
         assert_eq!(done.recv().unwrap(), (3, b"third".to_vec(), 3));
+        // One grown past the bound is freed, not kept.
+        let mut big = w.batch();
+        big.push(4, |_, out| out.resize(SPARE_BATCH_BYTES + 1, 7));
+        w.try_submit(big).map_err(|(e, _)| e).unwrap();
+        assert_eq!(done.recv().unwrap().0, 4);
+        assert_eq!(w.batch().bytes.capacity(), 0, "a new batch, not the big one");
         drop(w);
         handle.join().unwrap();
         let mut replayed = Vec::new();
         replay(dir.path(), 0, |r| replayed.push(r.payload.to_vec())).unwrap();
-        assert_eq!(replayed, vec![b"first, long payload".to_vec(), b"second".to_vec(), b"third".to_vec()]);
+        assert_eq!(replayed[..3], [b"first, long payload".to_vec(), b"second".to_vec(), b"third".to_vec()]);
+        assert_eq!(replayed[3].len(), SPARE_BATCH_BYTES + 1);
     }
 }
