@@ -391,15 +391,17 @@ impl Store {
             self.applied_lsn
         );
         self.applied_lsn = lsn;
-        // The reservation goes first: then the rows change by the record itself.
         let settled = txn.map(|txn| (txn, self.pending.remove(&txn).is_some()));
-        if settled.is_some_and(|(_, settled)| settled) {
-            self.give_back(m, m.lines.len());
-        }
+        let give_back = settled.is_some_and(|(_, settled)| settled);
         let mut owns_a_row = false;
         for d in m.deltas() {
             if self.owns_item(d.key.item) {
                 owns_a_row = true;
+                // Each line's reservation goes first: then its row changes
+                // by the line itself.
+                if give_back {
+                    self.reserve(d, Reservation::Return);
+                }
                 self.apply_delta(d, m);
             }
         }
