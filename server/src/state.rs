@@ -46,7 +46,7 @@ use ids::AgingId;
 pub use ids::{IdEntry, IdLimits, IdLines, IdState, LogStamp};
 pub use plan::{Command, IdKey};
 pub use rows::Row;
-use rows::{Pending, PendingRows, RowKey, Rows};
+use rows::{Found, Pending, PendingRows, RowKey, Rows};
 use snapshot::Capture;
 pub use snapshot::SnapshotPiece;
 
@@ -148,12 +148,19 @@ impl Store {
     }
 
     /// Durable available units of many rows, in order, each handed to
-    /// `each`; their lookups' cache misses overlapped (see `Rows::prefetch`).
+    /// `each`; their lookups' cache misses overlapped, each key looked up once
+    /// (see `Rows::locate`).
     pub fn available_each(&self, keys: &[Key], mut each: impl FnMut(u64)) {
+        let mut found = [Found::Ask; PREFETCH_KEYS];
         for chunk in keys.chunks(PREFETCH_KEYS) {
-            self.rows.prefetch(chunk.iter().copied());
-            for k in chunk {
-                each(self.available(*k));
+            let found = &mut found[..chunk.len()];
+            self.rows.locate(chunk, found);
+            for (k, f) in chunk.iter().zip(found.iter()) {
+                each(match *f {
+                    Found::At(slot) => self.rows.at(slot).available(),
+                    Found::Absent => 0,
+                    Found::Ask => self.available(*k),
+                });
             }
         }
     }

@@ -38,11 +38,22 @@ impl Row {
     }
 }
 
+/// Where [`Rows::locate`] found a key's row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// In this slot ([`Rows::at`]).
+    At(u32),
+    /// Nowhere: the store has no such row.
+    Absent,
+    /// Not known from the walk: look the key up.
+    Ask,
+}
+
 /// The end of a chain.
 const END: u32 = u32::MAX;
 /// Set in an item's head entry when its rows are in `Rows::indexed` too.
 const INDEXED: u32 = 1 << 31;
-/// Rows of a chain [`Rows::prefetch`] asks for ahead at most (an item's
+/// Rows of a chain [`Rows::prefetch`] reads at most (an item's
 /// centers are a handful, typically).
 const PREFETCH_CHAIN_STEPS: usize = 4;
 /// Most rows an item has before its rows are indexed.
@@ -98,28 +109,69 @@ impl Rows {
     /// Lookups that follow find their lines in the cache instead of waiting
     /// for one miss after another. Changes nothing.
     pub fn prefetch(&self, keys: impl Iterator<Item = Key> + Clone) {
+        // The last row asked for is left to arrive while the caller works.
+        self.walk(keys, PREFETCH_CHAIN_STEPS - 1, |_, _| {});
+    }
+
+    /// Finds the rows of `keys` together, their cache misses overlapped as
+    /// in [`Rows::prefetch`]: `found[i]` says where the row of `keys[i]` is,
+    /// [`Found::Ask`] where the walk stopped before it knew. A caller that
+    /// reads the rows then looks up nothing twice (a read of 64 keys looked
+    /// each up once to prefetch and once to read).
+    pub fn locate(&self, keys: &[Key], found: &mut [Found]) {
+        found.fill(Found::Ask);
+        self.walk(keys.iter().copied(), PREFETCH_CHAIN_STEPS, |i, f| found[i] = f);
+    }
+
+    /// The row in `slot`, as [`Rows::locate`] found it.
+    pub fn at(&self, slot: u32) -> &Row {
+        &self.slots[slot as usize].row
+    }
+
+    /// The walk of [`Rows::prefetch`] and [`Rows::locate`]: asks for up to
+    /// [`PREFETCH_CHAIN_STEPS`] rows of each chain, reads up to `reads` of
+    /// them, and tells `found` where the `i`th key's row is once its walk
+    /// knows (never for an item whose rows are indexed).
+    fn walk(
+        &self,
+        keys: impl Iterator<Item = Key> + Clone,
+        reads: usize,
+        mut found: impl FnMut(usize, Found),
+    ) {
         for k in keys.clone() {
             self.heads.prefetch(k.item);
         }
-        // Inline for the runs callers make (`PREFETCH_KEYS`): the walks of
-        // a 64-key batch's part or a run of queries cost no allocation
-        // (a collected `Vec` was a malloc, a realloc or two and a free per run).
-        let mut walks: SmallVec<[(u32, u32); PREFETCH_KEYS]> = keys
-            .filter_map(|k| {
-                let head = self.heads.get(k.item).filter(|h| h & INDEXED == 0)?;
-                prefetch(&self.slots[head as usize]);
-                Some((head, k.fc))
-            })
-            .collect();
-        for _ in 1..PREFETCH_CHAIN_STEPS {
-            walks.retain_mut(|(at, fc)| {
+        // (slot, center, key's place). Inline for the runs callers make
+        // (`PREFETCH_KEYS`): the walks of a 64-key batch's part or a run of
+        // queries cost no allocation (a collected `Vec` was a malloc, a
+        // realloc or two and a free per run).
+        let mut walks: SmallVec<[(u32, u32, u32); PREFETCH_KEYS]> = SmallVec::new();
+        for (i, k) in keys.enumerate() {
+            match self.heads.get(k.item) {
+                None => found(i, Found::Absent),
+                Some(head) if head & INDEXED != 0 => {}
+                Some(head) => {
+                    prefetch(&self.slots[head as usize]);
+                    walks.push((head, k.fc, i as u32));
+                }
+            }
+        }
+        for step in 1..=reads {
+            walks.retain_mut(|(at, fc, i)| {
                 let slot = &self.slots[*at as usize];
-                if slot.fc == *fc || slot.next == END {
+                if slot.fc == *fc {
+                    found(*i as usize, Found::At(*at));
+                    return false;
+                }
+                if slot.next == END {
+                    found(*i as usize, Found::Absent);
                     return false;
                 }
                 *at = slot.next;
-                prefetch(&self.slots[*at as usize]);
-                true
+                if step < PREFETCH_CHAIN_STEPS {
+                    prefetch(&self.slots[*at as usize]);
+                }
+                step < reads
             });
         }
     }
@@ -291,6 +343,45 @@ mod tests {
         rows.get_or_insert(key(7, 0)).held = 1;
         assert_eq!(rows.len(), many as usize + 4);
         assert_eq!(rows.get(key(7, 0)), Some(&Row { on_hand: 1, held: 1 }));
+    }
+
+    #[test]
+    fn locate_finds_what_get_finds() {
+        let mut rows = Rows::default();
+        // Chains of 1 to 9 rows (past the walk's steps), and one indexed item.
+        for item in 1..=9u64 {
+            for fc in 0..item as u32 {
+                rows.get_or_insert(key(item, fc * 3)).on_hand = item * 100 + fc as u64;
+            }
+        }
+        for fc in 0..=CHAIN_MAX as u32 {
+            rows.get_or_insert(key(50, fc)).on_hand = 5_000 + fc as u64;
+        }
+        assert!(rows.heads.get(50).unwrap() & INDEXED != 0);
+        let mut keys = Vec::new();
+        for item in [1, 2, 4, 5, 8, 9, 50, 51] {
+            for fc in [0, 1, 3, 12, 24, 16] {
+                keys.push(key(item, fc));
+            }
+        }
+        let mut asked = 0;
+        for run in keys.chunks(PREFETCH_KEYS) {
+            let mut found = vec![Found::At(u32::MAX); run.len()];
+            rows.locate(run, &mut found);
+            for (k, f) in run.iter().zip(&found) {
+                let row = match *f {
+                    Found::At(slot) => Some(rows.at(slot)),
+                    Found::Absent => None,
+                    Found::Ask => {
+                        asked += 1;
+                        rows.get(*k)
+                    }
+                };
+                assert_eq!(row, rows.get(*k), "{k:?}: {f:?}");
+            }
+        }
+        // Only the rows past the walk's steps, and the indexed item's, are left to ask.
+        assert!(asked > 0 && asked < keys.len() / 2, "{asked} of {}", keys.len());
     }
 
     #[test]
