@@ -119,6 +119,7 @@ impl Rows {
     /// reads the rows then looks up nothing twice (a read of 64 keys looked
     /// each up once to prefetch and once to read).
     pub fn locate(&self, keys: &[Key], found: &mut [Found]) {
+        assert_eq!(found.len(), keys.len(), "invariant: a place for every key");
         found.fill(Found::Ask);
         self.walk(keys.iter().copied(), PREFETCH_CHAIN_STEPS, |i, f| found[i] = f);
     }
