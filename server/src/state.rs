@@ -24,7 +24,7 @@
 //! (their storage, grown without copies), [`rows`] (the rows), [`index`]
 //! (the u64 -> u32 table both build on).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use stockd_protocol::{shard_of, Key, MAX_CENTERS_PER_ITEM, STOCK_MAX};
 pub use stockd_record::{Delta, LogRecord, Mutation, Op};
@@ -82,7 +82,7 @@ pub struct Store {
     /// reserved are the deltas of their lines this shard owns, which
     /// settling or aborting one gives back (from the mutation): nothing is
     /// stored per line, so preparing allocates nothing, however many lines.
-    pending: IdMap<()>,
+    pending: HashSet<u64, IdHashBuilder>,
     /// LSN of the last record applied.
     pub applied_lsn: u64,
     /// A snapshot being written part by part.
@@ -108,7 +108,7 @@ impl Store {
             receipts: SplitMap::default(),
             fifo: ChunkedQueue::default(),
             deadlines: BTreeSet::new(),
-            pending: IdMap::default(),
+            pending: HashSet::default(),
             applied_lsn: 0,
             capture: None,
             snapshot_step_slots: snapshot::SNAPSHOT_STEP_SLOTS,
@@ -252,7 +252,7 @@ impl Store {
         if result.is_err() {
             self.give_back(m, reserved_upto);
         } else if owns_a_row {
-            let fresh = self.pending.insert(txn, ()).is_none();
+            let fresh = self.pending.insert(txn);
             assert!(fresh, "invariant: a transaction is prepared once per shard ({txn})");
         }
         result
@@ -326,7 +326,7 @@ impl Store {
     /// Drops what `prepare` reserved for `txn`, whose mutation is `m` (it
     /// was refused elsewhere). Nothing if it reserved nothing here.
     pub fn abort(&mut self, txn: u64, m: &Mutation) {
-        if self.pending.remove(&txn).is_some() {
+        if self.pending.remove(&txn) {
             self.give_back(m, m.lines.len());
         }
     }
@@ -398,7 +398,7 @@ impl Store {
             self.applied_lsn
         );
         self.applied_lsn = lsn;
-        let settled = txn.map(|txn| (txn, self.pending.remove(&txn).is_some()));
+        let settled = txn.map(|txn| (txn, self.pending.remove(&txn)));
         let give_back = settled.is_some_and(|(_, settled)| settled);
         let mut owns_a_row = false;
         for d in m.deltas() {
