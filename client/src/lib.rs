@@ -31,6 +31,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 
@@ -143,6 +144,13 @@ pub struct Options {
 /// reading a connection at 1,024, and the rest wait in the socket.
 pub const MAX_IN_FLIGHT_PER_CONNECTION: usize = 4096;
 
+/// Frames in one write that make it worth its syscall: a writer with fewer
+/// waits for the callers that answers woke before it writes (see
+/// [`Unclaimed`]); one with more writes at once, as waiting would only
+/// delay them (1-line orders on one shard: ~250 frames a write, and 0.93x
+/// the orders when they waited, docs/benchmarks.md).
+const DEEP_WRITE: usize = 64;
+
 /// Request ids are (generation << 16) | slot: an answer finds its caller's
 /// slot without a lookup, and a late answer for a slot that has been given
 /// to another request since (its caller gave up) does not match it.
@@ -164,6 +172,8 @@ enum Slot {
 struct ConnState {
     /// Frames encoded by callers, not yet taken by the writer.
     out: Vec<u8>,
+    /// How many frames `out` holds.
+    frames: usize,
     slots: Vec<Slot>,
     free: Vec<u16>,
     /// Callers waiting for a slot (all were taken), first come first
@@ -183,6 +193,7 @@ impl ConnState {
     fn new(slots: usize) -> ConnState {
         ConnState {
             out: Vec::with_capacity(64 << 10),
+            frames: 0,
             slots: (0..slots).map(|_| Slot::Free).collect(),
             free: (0..slots as u16).rev().collect(),
             queue: VecDeque::new(),
@@ -250,18 +261,21 @@ impl ConnState {
         self.give_back(index as usize)
     }
 
-    /// Fails every waiting caller and every later call.
-    fn close(&mut self, protocol_error: Option<String>) -> Vec<Waker> {
+    /// Fails every waiting caller and every later call; how many callers
+    /// it answered (with the error), and who to wake.
+    fn close(&mut self, protocol_error: Option<String>) -> (usize, Vec<Waker>) {
         let mut wake = Vec::new();
         wake.extend(self.queue.iter_mut().filter_map(|(_, w)| w.take()));
+        let mut answered = 0;
         for slot in self.slots.iter_mut() {
             if let Slot::Waiting { waker, .. } = slot {
                 wake.extend(waker.take());
                 *slot = Slot::Answered(Err(closed_error(&protocol_error)));
+                answered += 1;
             }
         }
         self.closed.get_or_insert(protocol_error);
-        wake
+        (answered, wake)
     }
 }
 
@@ -273,6 +287,70 @@ struct ConnShared {
     state: Mutex<ConnState>,
     /// Wakes the writer: frames are waiting in `out`, or the `Conn` was dropped.
     writer: Notify,
+    /// Answers of this connection's set (see [`Unclaimed`]) that no caller
+    /// has taken yet.
+    unclaimed: Arc<Unclaimed>,
+}
+
+impl ConnShared {
+    /// Fails every waiting caller and every later call.
+    fn close(&self, protocol_error: Option<String>) {
+        let mut st = self.state.lock().unwrap();
+        let (answered, wake) = st.close(protocol_error);
+        // Counted before a caller can take one of them (under the lock).
+        self.unclaimed.add(answered);
+        drop(st);
+        wake.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// How many answers the callers of a set of connections have not taken
+/// yet: callers a reader woke that have not run. A writer lets them run
+/// before it writes, so that the requests they send next go out in the
+/// same write (a socket per shard carries a shard's share of a thread's
+/// requests; without the wait, a writer that ran before the callers its
+/// neighbours' readers woke sent a few frames at a time).
+#[derive(Default)]
+struct Unclaimed(AtomicUsize);
+
+impl Unclaimed {
+    fn add(&self, n: usize) {
+        if n > 0 {
+            self.0.fetch_add(n, Relaxed);
+        }
+    }
+
+    fn take_one(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+
+    /// Returns once no answer waits for its caller, or a turn of the
+    /// runtime's queue has passed with none taken (a caller that woke on
+    /// another thread, or whose task is busy elsewhere, is not waited
+    /// for), and after at most `MAX_TURNS` turns.
+    async fn drained(&self) {
+        const MAX_TURNS: usize = 4;
+        let mut before = usize::MAX;
+        for _ in 0..MAX_TURNS {
+            let now = self.0.load(Relaxed);
+            if now == 0 || now >= before {
+                return;
+            }
+            before = now;
+            // To the back of the run queue, behind the callers already woken
+            // (tokio's `yield_now` would run before them).
+            let mut queued = false;
+            std::future::poll_fn(|cx| {
+                if queued {
+                    return Poll::Ready(());
+                }
+                queued = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            })
+            .await;
+        }
+    }
 }
 
 /// One pipelined connection. A caller encodes its frame straight into the
@@ -280,8 +358,8 @@ struct ConnShared {
 /// writer task sends whatever frames have collected in one write, one
 /// reader task decodes the answers of a whole read and wakes their callers.
 /// Per request: no allocation (but for answers that carry vectors), no
-/// channel and no hashing; two locks by the caller and a share of the
-/// reader's one lock per read.
+/// channel and no hashing; two locks by the caller, a share of the
+/// reader's one lock per read, and one count of [`Unclaimed`] answers.
 struct Conn {
     shared: Arc<ConnShared>,
 }
@@ -294,7 +372,7 @@ impl Drop for Conn {
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr) -> Result<Conn, Error> {
+    async fn open(addr: SocketAddr, unclaimed: Arc<Unclaimed>) -> Result<Conn, Error> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot connect to {addr}: {e}")))?;
@@ -303,6 +381,7 @@ impl Conn {
         let shared = Arc::new(ConnShared {
             state: Mutex::new(ConnState::new(MAX_IN_FLIGHT_PER_CONNECTION)),
             writer: Notify::new(),
+            unclaimed,
         });
         // Writer: takes every frame that has collected and sends them in one write.
         let sh = shared.clone();
@@ -315,17 +394,23 @@ impl Conn {
                         break;
                     }
                     std::mem::swap(&mut st.out, &mut sending);
+                    st.frames = 0;
                 }
                 if sending.is_empty() {
                     sh.writer.notified().await;
                     // Let the other tasks of this runtime add their frames too,
-                    // so that one write carries many (fewer syscalls on both ends).
+                    // so that one write carries many (fewer syscalls on both
+                    // ends); and if that leaves the socket shallow, the callers
+                    // that answers woke too (they run after the readers that
+                    // `yield_now` waits for).
                     tokio::task::yield_now().await;
+                    if sh.state.lock().unwrap().frames < DEEP_WRITE {
+                        sh.unclaimed.drained().await;
+                    }
                     continue;
                 }
                 if wr.write_all(&sending).await.is_err() {
-                    let wake = sh.state.lock().unwrap().close(None);
-                    wake.into_iter().for_each(Waker::wake);
+                    sh.close(None);
                     break;
                 }
                 sending.clear();
@@ -362,15 +447,18 @@ impl Conn {
                 }
                 if !answers.is_empty() {
                     let mut st = sh.state.lock().unwrap();
+                    let mut answered = 0;
                     for (id, answer) in answers.drain(..) {
                         let slot = &mut st.slots[(id & ((1 << SLOT_BITS) - 1)) as usize];
                         if let Slot::Waiting { id: waiting, waker } = slot {
                             if *waiting == id {
                                 wake.extend(waker.take());
                                 *slot = Slot::Answered(answer);
+                                answered += 1;
                             }
                         }
                     }
+                    sh.unclaimed.add(answered);
                 }
                 wake.drain(..).for_each(Waker::wake);
                 buf.drain(..used);
@@ -383,8 +471,7 @@ impl Conn {
                     Ok(_) => {}
                 }
             };
-            let wake = sh.state.lock().unwrap().close(protocol_error);
-            wake.into_iter().for_each(Waker::wake);
+            sh.close(protocol_error);
             sh.writer.notify_one();
         });
         Ok(Conn { shared })
@@ -431,6 +518,7 @@ impl Conn {
                 st.slots[index] = Slot::Waiting { id, waker: Some(cx.waker().clone()) };
                 let first = st.out.is_empty();
                 encode(id, &mut st.out);
+                st.frames += 1;
                 drop(st);
                 slot.index = Some(index);
                 if first {
@@ -451,6 +539,7 @@ impl Conn {
                     };
                     let next = st.give_back(index);
                     drop(st);
+                    self.shared.unclaimed.take_one();
                     slot.index = None;
                     next.into_iter().for_each(Waker::wake);
                     Poll::Ready(answer)
@@ -477,7 +566,12 @@ impl Drop for SlotGuard<'_> {
         }
         let mut st = self.shared.state.lock().unwrap();
         let next = match (self.index, self.ticket) {
-            (Some(index), _) => st.give_back(index),
+            (Some(index), _) => {
+                if matches!(st.slots[index], Slot::Answered(_)) {
+                    self.shared.unclaimed.take_one();
+                }
+                st.give_back(index)
+            }
             (None, Some(ticket)) => st.leave_queue(ticket),
             (None, None) => None,
         };
@@ -497,7 +591,8 @@ impl Inner {
     /// Says `HELLO` at `addr`, then opens a connection per shard (and says
     /// `HELLO` on each), unless `opts` asks for the one connection.
     async fn open(addr: SocketAddr, opts: &Options) -> Result<Inner, Error> {
-        let first = Conn::open(addr).await?;
+        let unclaimed = Arc::new(Unclaimed::default());
+        let first = Conn::open(addr, unclaimed.clone()).await?;
         let hello = first.hello(&opts.token).await?;
         if hello.hash_id != HASH_FMIX64_MOD {
             return Err(Error::Protocol(format!("unknown shard hash {}", hello.hash_id)));
@@ -507,7 +602,7 @@ impl Inner {
             conns.push(first);
         } else {
             for port in &hello.shard_ports {
-                let c = Conn::open(SocketAddr::new(addr.ip(), *port)).await?;
+                let c = Conn::open(SocketAddr::new(addr.ip(), *port), unclaimed.clone()).await?;
                 c.hello(&opts.token).await?;
                 conns.push(c);
             }
@@ -780,29 +875,37 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Reads frames until it has seen `n` request ids (all of them, in order).
+    async fn ids(peer: &mut TcpStream, seen: &mut Vec<u8>, n: usize) -> Vec<u64> {
+        loop {
+            let mut out = Vec::new();
+            let mut at = 0;
+            while let Ok(Some((h, _))) = parse_frame(&seen[at..]) {
+                out.push(h.request_id);
+                at += HEADER_LEN + h.body_len;
+            }
+            if out.len() >= n {
+                return out;
+            }
+            assert!(peer.read_buf(seen).await.unwrap() > 0, "the client closed the connection");
+        }
+    }
+
+    fn query(item: u64) -> Request {
+        Request::Query { key: Key { item, fc: 1 } }
+    }
+
+    fn unclaimed(conn: &Conn) -> usize {
+        conn.shared.unclaimed.0.load(Relaxed)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_late_answer_for_a_caller_that_gave_up_never_reaches_the_next_caller_of_its_slot() {
         use stockd_protocol::opcode;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let conn = Arc::new(Conn::open(listener.local_addr().unwrap()).await.unwrap());
+        let conn = Arc::new(Conn::open(listener.local_addr().unwrap(), Arc::default()).await.unwrap());
         let (mut peer, _) = listener.accept().await.unwrap();
-        // Reads frames until it has `n` request ids.
         let mut seen: Vec<u8> = Vec::new();
-        async fn ids(peer: &mut TcpStream, seen: &mut Vec<u8>, n: usize) -> Vec<u64> {
-            loop {
-                let mut out = Vec::new();
-                let mut at = 0;
-                while let Ok(Some((h, _))) = parse_frame(&seen[at..]) {
-                    out.push(h.request_id);
-                    at += HEADER_LEN + h.body_len;
-                }
-                if out.len() >= n {
-                    return out;
-                }
-                peer.read_buf(seen).await.unwrap();
-            }
-        }
-        let query = |item| Request::Query { key: Key { item, fc: 1 } };
         // The first caller gives up before its answer comes.
         let gave_up = tokio::time::timeout(Duration::from_millis(100), conn.call(&query(1))).await;
         assert!(gave_up.is_err());
@@ -830,13 +933,62 @@ mod tests {
         let st = conn.shared.state.lock().unwrap();
         assert_eq!(st.free.len(), MAX_IN_FLIGHT_PER_CONNECTION);
         assert!(st.queue.is_empty() && st.granted.is_empty());
+        drop(st);
+        assert_eq!(unclaimed(&conn), 0, "every answer stored was taken");
+    }
+
+    /// The writer lets the callers that answers woke send first, but an
+    /// answer whose caller never comes for it does not hold the writer up,
+    /// and a caller that gives up after its answer came takes it off the count.
+    #[tokio::test]
+    async fn a_writer_does_not_wait_for_an_answer_nobody_takes() {
+        use std::future::Future;
+        use stockd_protocol::opcode;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let conn = Conn::open(listener.local_addr().unwrap(), Arc::default()).await.unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let mut seen: Vec<u8> = Vec::new();
+        // A caller sends (one poll) and is answered, but is not polled again.
+        let (first, second) = (query(1), query(2));
+        let mut held = Box::pin(conn.call(&first));
+        std::future::poll_fn(|cx| {
+            assert!(held.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        let sent = ids(&mut peer, &mut seen, 1).await;
+        let mut answer = Vec::new();
+        Response::Ok(Reply::Available(111)).encode(opcode::QUERY, sent[0], &mut answer);
+        peer.write_all(&answer).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while unclaimed(&conn) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the answer is stored for its caller");
+        // Another caller's request still goes out, and its answer comes back.
+        let serve = async {
+            let sent = ids(&mut peer, &mut seen, 2).await;
+            let mut answer = Vec::new();
+            Response::Ok(Reply::Available(222)).encode(opcode::QUERY, sent[1], &mut answer);
+            peer.write_all(&answer).await.unwrap();
+        };
+        let (next, ()) =
+            tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(conn.call(&second), serve) })
+                .await
+                .expect("the second request was written");
+        assert!(matches!(next, Ok(Response::Ok(Reply::Available(222)))), "{next:?}");
+        assert_eq!(unclaimed(&conn), 1, "the first answer still waits for its caller");
+        drop(held);
+        assert_eq!(unclaimed(&conn), 0, "a caller that gave up after its answer came takes it off the count");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_server_that_stops_reading_makes_callers_wait_instead_of_queues_grow() {
         // A peer that accepts and never reads nor answers.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let conn = Arc::new(Conn::open(listener.local_addr().unwrap()).await.unwrap());
+        let conn = Arc::new(Conn::open(listener.local_addr().unwrap(), Arc::default()).await.unwrap());
         let (_silent_peer, _) = listener.accept().await.unwrap();
         let callers: Vec<_> = (0..MAX_IN_FLIGHT_PER_CONNECTION + 3_000)
             .map(|i| {
