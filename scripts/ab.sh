@@ -45,6 +45,16 @@ fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rows=$(mktemp)
+pid="" dir=""
+# Stops the server of the run in progress, should a run fail (a load
+# generator that refuses its arguments, say) or the script be interrupted.
+cleanup() {
+    if [ -n "$pid" ]; then kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; fi
+    if [ -n "$dir" ]; then rm -rf "$dir"; fi
+    rm -f "$rows"
+    true
+}
+trap cleanup EXIT
 for round in $(seq "$ROUNDS"); do
     for i in "${!builds[@]}"; do
         who=${labels[$i]} bin=${builds[$i]}
@@ -68,7 +78,9 @@ server_us = (int(sys.argv[5]) - int(sys.argv[4])) / int(sys.argv[6]) * 1e6 / max
 print(sys.argv[2], sys.argv[3], int(d["throughput_ops_s"]), l["p50"], l["p99"], l["p999"], round(server_us, 2))
 EOF
         kill "$pid"; wait "$pid" 2>/dev/null || true
+        pid=""
         rm -rf "$dir"
+        dir=""
         sleep "$PAUSE"
     done
 done
@@ -86,4 +98,3 @@ for w, m in med.items():
     if w != first:
         print(f"{w}/{first}: {m[0] / med[first][0]:.2f}x ops/s, {m[4] / med[first][4]:.2f}x server CPU per op")
 EOF
-rm -f "$rows"
