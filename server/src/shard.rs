@@ -11,7 +11,8 @@
 //! Files: this one (the shard, its mailbox loop and reads), [`mailbox`]
 //! (queues and messages), [`shared`] (state all shards share, STATS),
 //! [`coordinator`] (two-phase commit), [`commits`] (routing durable records,
-//! snapshot policy), [`answers`] (domain answers as wire responses).
+//! snapshot policy), [`answers`] (domain answers as wire responses),
+//! [`passed`] (a mutation as it passes between threads).
 
 use std::collections::HashSet;
 use std::rc::Rc;
@@ -27,6 +28,7 @@ pub mod answers;
 pub mod commits;
 pub mod coordinator;
 pub mod mailbox;
+pub mod passed;
 pub mod shared;
 
 pub use coordinator::{CONTENDED_RETRY_FOR, MAX_TXNS};

@@ -34,6 +34,7 @@ use super::{Cursor, Replica, ReplicationConfig, Role};
 use crate::shard::commits::{fence_commits, Router};
 use crate::shard::mailbox::WalToken;
 use crate::shard::now_ms;
+use crate::shard::passed::Passed;
 
 /// How often the reader's place is saved (`REPLICATION` in the data directory).
 const CURSOR_EVERY: Duration = Duration::from_millis(500);
@@ -291,7 +292,7 @@ impl Reader {
         for (i, record) in records.iter().enumerate() {
             let lsn = first + i as u64;
             let token = match LogRecord::decode(record) {
-                Ok(LogRecord::Mutation(m)) => WalToken::Replicated(Some(Arc::new(m))),
+                Ok(LogRecord::Mutation(m)) => WalToken::Replicated(Some(Passed::new(m))),
                 Ok(LogRecord::Layout { shards }) if shards as usize == self.p.shards => {
                     WalToken::Replicated(None)
                 }

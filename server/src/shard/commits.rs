@@ -40,11 +40,15 @@ pub fn route_commits(
             }
             WalToken::Replicated(None) => continue,
         };
-        for (i, list) in applies.iter_mut().enumerate() {
+        // A copy for each involved shard but the last, which takes the original.
+        let last = (u64::BITS - 1 - involved.leading_zeros()) as usize;
+        let commit = |m| Commit { txn, lsn: c.lsn, ts_ms: c.ts_ms, m };
+        for (i, list) in applies.iter_mut().enumerate().take(last) {
             if involved & (1 << i) != 0 {
-                list.push(Commit { txn, lsn: c.lsn, ts_ms: c.ts_ms, m: m.clone() });
+                list.push(commit(m.clone()));
             }
         }
+        applies[last].push(commit(m));
     }
     for (mb, list) in mailboxes.iter().zip(applies) {
         if !list.is_empty() {

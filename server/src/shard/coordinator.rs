@@ -5,7 +5,6 @@
 //! release of expired holds, which start mutations of their own.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stockd_persistence::wal::SubmitError;
@@ -13,8 +12,9 @@ use stockd_protocol::{opcode, shard_of, Reply, Response, Status};
 
 use super::answers::{answer_response, refusal_response, respond, respond_error};
 use super::mailbox::{Internal, ReplyTo, WalToken};
+use super::passed::Passed;
 use super::{now_ms, send, Shard};
-use crate::state::{Command, IdKey, Mutation, Refusal};
+use crate::state::{Command, IdKey, Refusal};
 
 /// Most mutations one shard coordinates at once; beyond it, OVERLOADED.
 pub const MAX_TXNS: usize = 16_384;
@@ -38,7 +38,7 @@ pub(super) struct Txn {
     request_id: u64,
     reply: ReplyTo,
     id_key: Option<IdKey>,
-    m: Arc<Mutation>,
+    m: Passed,
     participants: u64,
     waiting: u32,
     prepared: u64,
@@ -79,7 +79,7 @@ impl Shard {
             return send(&reply, respond_error(op, request_id, Status::Conflict, &msg));
         }
         let m = match self.store.plan(cmd, now_ms) {
-            Ok(m) => Arc::new(m),
+            Ok(m) => Passed::new(m),
             Err(answer) => {
                 let resp = answer_response(&answer);
                 self.count_outcome(&resp);
@@ -164,7 +164,7 @@ impl Shard {
     /// callback (`commits.rs`) once durable. `coord` is this shard, or the
     /// coordinator this shard logs for as the last participant to be ready
     /// (see `prepare_everywhere`).
-    pub(super) fn log(&mut self, txn: u64, coord: usize, participants: u64, m: Arc<Mutation>) {
+    pub(super) fn log(&mut self, txn: u64, coord: usize, participants: u64, m: Passed) {
         if self.to_log.is_empty() {
             self.log_wake.notify_one();
             // A batch the writer is done with, its room kept (or a new one).

@@ -13,7 +13,8 @@ use stockd_persistence::wal::SubmitError;
 use stockd_protocol::{Key, Response};
 use tokio::sync::Notify;
 
-use crate::state::{Command, Mutation, Refusal};
+use super::passed::Passed;
+use crate::state::{Command, Refusal};
 
 /// Client requests other shards may queue for this one.
 pub const FORWARD_CAPACITY: usize = 8_192;
@@ -90,7 +91,7 @@ pub enum Internal {
     /// last one undecided, every other one is ready: if its lines are ready
     /// too it logs the record itself instead of voting (a refusal is still a
     /// vote), and the coordinator next hears of it when it is durable.
-    Prepare { txn: u64, coord: usize, m: Arc<Mutation>, log_if_ready: Option<u64> },
+    Prepare { txn: u64, coord: usize, m: Passed, log_if_ready: Option<u64> },
     /// A participant's answer to `Prepare`.
     Vote { txn: u64, from: usize, result: Result<(), Refusal> },
     /// A participant that was to log `txn` found the log writer full or
@@ -98,7 +99,7 @@ pub enum Internal {
     NotLogged { txn: u64, error: SubmitError },
     /// Drop what `Prepare` reserved for `txn`, whose mutation is `m` (the
     /// room its lines here reserved).
-    Abort { txn: u64, m: Arc<Mutation> },
+    Abort { txn: u64, m: Passed },
     /// Durable records this shard takes part in, in LSN order: apply them.
     Committed(Vec<Commit>),
     /// Durable records this shard coordinated, already queued on every
@@ -119,7 +120,7 @@ pub struct Commit {
     pub txn: Option<u64>,
     pub lsn: u64,
     pub ts_ms: u64,
-    pub m: Arc<Mutation>,
+    pub m: Passed,
 }
 
 /// What the log writer hands back with each record.
@@ -130,11 +131,11 @@ pub enum WalToken {
         coord: usize,
         /// Bit i: shard i owns a line of the mutation.
         participants: u64,
-        m: Arc<Mutation>,
+        m: Passed,
     },
     /// A record of the primary's history that this standby logs and applies
     /// (replication, docs/ha.md); `None`: a layout record, nothing to apply.
-    Replicated(Option<Arc<Mutation>>),
+    Replicated(Option<Passed>),
 }
 
 pub struct Mailbox {
