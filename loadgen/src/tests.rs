@@ -55,33 +55,43 @@ fn the_alias_table_gives_every_item_its_exact_probability() {
 fn zipf_shape() {
     let n = 1000u64;
     let draws = 400_000;
-    // One key at a time, or in batches of 64 (`KeyGen::keys_into`): the same distribution.
-    let count = |s: f64, batched: bool| {
+    // One key at a time, in batches of 64 (`KeyGen::keys_into`), or each
+    // drawn a key ahead (`KeyGen::key_ahead`): the same distribution.
+    let count = |s: f64, how: &str| {
         let g = KeyGen::new(n, 1, s);
         let mut rng = Rng::new(42);
         let mut c = vec![0u64; n as usize + 1];
-        if batched {
-            let mut batch = Vec::new();
-            for _ in 0..draws / 64 {
-                g.keys_into(&mut rng, 64, &mut batch);
-                for k in &batch {
-                    c[k.item as usize] += 1;
+        match how {
+            "batch" => {
+                let mut batch = Vec::new();
+                for _ in 0..draws / 64 {
+                    g.keys_into(&mut rng, 64, &mut batch);
+                    for k in &batch {
+                        c[k.item as usize] += 1;
+                    }
                 }
             }
-        } else {
-            for _ in 0..draws {
-                c[g.item(&mut rng) as usize] += 1;
+            "ahead" => {
+                let mut ahead = g.ahead(&mut rng);
+                for _ in 0..draws {
+                    c[g.key_ahead(&mut rng, &mut ahead).item as usize] += 1;
+                }
+            }
+            _ => {
+                for _ in 0..draws {
+                    c[g.item(&mut rng) as usize] += 1;
+                }
             }
         }
         c
     };
-    for batched in [false, true] {
+    for how in ["one", "batch", "ahead"] {
         // Uniform: every item near draws / n.
-        let u = count(0.0, batched);
+        let u = count(0.0, how);
         let expect = draws as f64 / n as f64;
         assert!(u[1..].iter().all(|&c| (c as f64 - expect).abs() < expect * 0.4), "uniform spread");
         // s = 0.99: P(rank k) ~ 1/k^0.99 / H; item 1 about twice item 2, ten times item 10.
-        let z = count(0.99, batched);
+        let z = count(0.99, how);
         let h: f64 = (1..=n).map(|k| 1.0 / (k as f64).powf(0.99)).sum();
         let p1 = z[1] as f64 / draws as f64;
         assert!((p1 - 1.0 / h).abs() < 0.01, "p(item 1) = {p1}, expected {}", 1.0 / h);
