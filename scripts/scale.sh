@@ -14,7 +14,9 @@
 # items x 4 centers through each target's own write path. Each row: the
 # server's CPU seconds in the run (/proc), its CPU per operation, and the
 # load generator's own CPU per operation (so a client-bound row shows
-# itself), and for stockd the log's group commits in the run (from its
+# itself), how busy each kind of server thread was (/proc per thread: a
+# row whose threads are not near 100% is bound elsewhere), and for
+# stockd the log's group commits in the run (from its
 # /metrics: commits a second, records per commit, the mean write +
 # fdatasync: how much of an order's round trip is the disk). Prints a
 # Markdown table and writes it to $OUT/scale.md; with WRITE_DOCS=1 also
@@ -87,6 +89,22 @@ print(int(want["stockd_wal_fsync_seconds_count"]), int(want["stockd_wal_batch_re
 EOF2
 }
 
+# Every thread's name and CPU ticks so far, with the time: JSON into file $2.
+thread_ticks() {
+    python3 - "$1" > "$2" <<'EOF2'
+import json, os, sys, time
+pid, out = sys.argv[1], {}
+for t in os.listdir(f"/proc/{pid}/task"):
+    try:
+        s = open(f"/proc/{pid}/task/{t}/stat").read()
+    except OSError:
+        continue  # a thread that ended meanwhile
+    f = s.rsplit(")", 1)[1].split()
+    out[t] = [s[s.index("(") + 1 : s.rindex(")")], int(f[11]) + int(f[12])]
+print(json.dumps({"time": time.time(), "threads": out}))
+EOF2
+}
+
 cpu_seconds() { # pid -> user+system seconds so far
     python3 -c "import os,sys
 f=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split()
@@ -116,13 +134,16 @@ run_one() { # target label name index loadgen-args...: one run, one row
     shift 4
     local before after log_before log_after
     log_before=$(log_counts)
+    thread_ticks "$SERVER_PID" "$OUT/threads-before.json"
     before=$(cpu_seconds "$SERVER_PID")
     taskset -c "$LOADGEN_CPUS" $LG --target "$target" --keys "$KEYS" --centers 4 --threads "$LG_THREADS" \
         --duration "$DURATION" --zipf 0.99 --quiet --json "$OUT/$label-$i.json" "$@" > "$OUT/$label-$i.txt"
     after=$(cpu_seconds "$SERVER_PID")
+    thread_ticks "$SERVER_PID" "$OUT/threads-after.json"
     log_after=$(log_counts)
-    python3 - "$OUT/$label-$i.json" "$label" "$name" "$before" "$after" "$log_before" "$log_after" >> "$ROWS" <<'EOF'
-import json, sys
+    python3 - "$OUT/$label-$i.json" "$label" "$name" "$before" "$after" "$log_before" "$log_after" \
+        "$OUT/threads-before.json" "$OUT/threads-after.json" >> "$ROWS" <<'EOF'
+import json, os, re, sys
 r = json.load(open(sys.argv[1]))
 label, name, before, after = sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
 log = "-"
@@ -130,6 +151,20 @@ if "-" not in sys.argv[6:8]:
     (c0, n0, s0), (c1, n1, s1) = ([float(x) for x in a.split()] for a in sys.argv[6:8])
     if c1 > c0:
         log = f"{(c1 - c0) / r['duration_s']:,.0f}/s, {(n1 - n0) / (c1 - c0):.1f}, {(s1 - s0) * 1e6 / (c1 - c0):.0f} us"
+# Each kind of server thread's share of a CPU over the run (threads named
+# alike but for a number, e.g. one per shard, as a range), those over 5%.
+a, b = (json.load(open(f)) for f in sys.argv[8:10])
+wall = b["time"] - a["time"]
+kinds = {}
+for tid, (tname, ticks) in b["threads"].items():
+    if tid in a["threads"]:
+        share = (ticks - a["threads"][tid][1]) / os.sysconf("SC_CLK_TCK") / wall * 100
+        kinds.setdefault(re.sub(r"[-_]?\d+$", "", tname).removeprefix("stockd-"), []).append(share)
+busy = ", ".join(
+    f"{k} x{len(v)} {min(v):.0f}-{max(v):.0f}%" if len(v) > 1 else f"{k} {v[0]:.0f}%"
+    for k, v in sorted(kinds.items(), key=lambda kv: -max(kv[1]))
+    if max(v) >= 5
+)
 cpu = after - before
 rate = r["keys_per_s"] if "batch" in name else r["throughput_ops_s"]
 unit = "keys/s" if "batch" in name else "ops/s"
@@ -139,7 +174,7 @@ if late:  # the open loop: the load generator's own delay in sending (part of th
     name += f" (load generator delay p99 {late['p99']} us)"
 print("\t".join([label, name, f"{rate:,.0f} {unit}", f"{l['p50']}/{l['p99']}/{l['p999']}",
                  f"{cpu:.1f}", f"{cpu * 1e6 / max(r['ops'], 1):.2f}", f"{r['client_cpu_us_per_op']:.2f}",
-                 log, str(r["errors"])]))
+                 busy or "-", log, str(r["errors"])]))
 EOF
     tail -1 "$ROWS"
 }
@@ -190,9 +225,9 @@ fi
     echo "Server on CPUs $SERVER_CPUS, load generator on CPUs $LOADGEN_CPUS ($LG_THREADS threads), $DURATION per run,"
     echo "$KEYS items x 4 centers preloaded, zipf 0.99; $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)."
     echo
-    echo "| server | workload | throughput | p50/p99/p99.9 us | server CPU s | server CPU us/op | loadgen CPU us/op | group commits, records each, mean write + fdatasync | errors |"
-    echo "|---|---|---|---|---|---|---|---|---|"
-    while IFS=$'\t' read -r a b c d e f g h i; do echo "| $a | $b | $c | $d | $e | $f | $g | $h | $i |"; done < "$ROWS"
+    echo "| server | workload | throughput | p50/p99/p99.9 us | server CPU s | server CPU us/op | loadgen CPU us/op | server threads busy (of a CPU) | group commits, records each, mean write + fdatasync | errors |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
+    while IFS=$'\t' read -r a b c d e f g h i j; do echo "| $a | $b | $c | $d | $e | $f | $g | $h | $i | $j |"; done < "$ROWS"
 } > "$OUT/scale.md"
 echo
 cat "$OUT/scale.md"
