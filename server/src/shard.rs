@@ -44,6 +44,9 @@ use mailbox::WalToken;
 pub const MAX_SHARDS: usize = 64;
 /// Forwarded requests one drain serves before connections get a turn.
 const DRAIN_BUDGET: usize = 1024;
+/// Internal messages taken from the queue at a time (see
+/// [`Shard::drain_internal`]).
+const INTERNAL_RUN: usize = PREFETCH_KEYS;
 
 pub struct Shard {
     index: usize,
@@ -65,6 +68,9 @@ pub struct Shard {
     to_log: wal::Batch<WalToken>,
     /// Woken when the first record of a pass is queued.
     log_wake: Rc<Notify>,
+    /// Internal messages being handled (see [`Shard::drain_internal`]), its
+    /// room kept.
+    internal_run: Vec<Internal>,
 }
 
 pub fn now_ms() -> u64 {
@@ -96,6 +102,7 @@ impl Shard {
             snapshot_began: None,
             to_log: wal::Batch::default(),
             log_wake: Rc::new(Notify::new()),
+            internal_run: Vec::with_capacity(INTERNAL_RUN),
         }
     }
 
@@ -247,11 +254,38 @@ impl Shard {
         let _ = self.shared.snapshots.send(part);
     }
 
-    /// Applies queued commits and votes (not forwarded requests).
+    /// Applies queued commits and votes (not forwarded requests), in the
+    /// order they came. They are taken a run at a time, and the rows the
+    /// run's prepares check are asked for together first: a prepare from
+    /// another shard finds rows that no request on this shard brought into
+    /// the cache (with 2 shards, `Rows::find` was 117 ns per order when
+    /// every order stayed on its shard, 377 when half of them crossed).
     pub fn drain_internal(&mut self) {
-        while let Some(msg) = self.mailbox(self.index).pop_internal() {
-            self.internal(msg);
+        // Taken out so that a message handled below may drain again.
+        let mut run = std::mem::take(&mut self.internal_run);
+        loop {
+            let mut lines = 0;
+            while run.len() < INTERNAL_RUN && lines < PREFETCH_KEYS {
+                let Some(msg) = self.mailbox(self.index).pop_internal() else { break };
+                if let Internal::Prepare { m, .. } = &msg {
+                    lines += m.lines.len();
+                }
+                run.push(msg);
+            }
+            if run.is_empty() {
+                break;
+            }
+            if lines > 0 {
+                self.store.prefetch_rows(run.iter().filter_map(|msg| match msg {
+                    Internal::Prepare { m, .. } => Some(&**m),
+                    _ => None,
+                }));
+            }
+            for msg in run.drain(..) {
+                self.internal(msg);
+            }
         }
+        self.internal_run = run;
     }
 
     fn forwarded(&mut self, f: Forwarded) {

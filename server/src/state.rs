@@ -165,10 +165,12 @@ impl Store {
         }
     }
 
-    /// Brings the rows that `mutations` change into the cache, all at once,
-    /// before they are applied one by one.
+    /// Brings the rows of `mutations` that this store owns into the cache,
+    /// all at once (the first [`PREFETCH_KEYS`] of them), before they are
+    /// prepared or applied one by one.
     pub fn prefetch_rows<'a>(&self, mutations: impl Iterator<Item = &'a Mutation> + Clone) {
-        self.rows.prefetch(mutations.flat_map(|m| m.lines.iter().map(|l| l.key)));
+        let keys = mutations.flat_map(|m| m.lines.iter().map(|l| l.key));
+        self.rows.prefetch(keys.filter(|k| self.owns_item(k.item)).take(PREFETCH_KEYS));
     }
 
     /// Brings where the ids of `mutations` live (or would) into the cache,
