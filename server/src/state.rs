@@ -170,7 +170,13 @@ impl Store {
     /// prepared or applied one by one.
     pub fn prefetch_rows<'a>(&self, mutations: impl Iterator<Item = &'a Mutation> + Clone) {
         let keys = mutations.flat_map(|m| m.lines.iter().map(|l| l.key));
-        self.rows.prefetch(keys.filter(|k| self.owns_item(k.item)).take(PREFETCH_KEYS));
+        if self.shards == 1 {
+            // Every row is this store's: no hash and division per key (the
+            // walk goes over the keys twice).
+            self.rows.prefetch(keys.take(PREFETCH_KEYS));
+        } else {
+            self.rows.prefetch(keys.filter(|k| self.owns_item(k.item)).take(PREFETCH_KEYS));
+        }
     }
 
     /// Brings where the ids of `mutations` live (or would) into the cache,
