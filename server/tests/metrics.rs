@@ -50,6 +50,11 @@ async fn metrics_count_what_the_server_did() {
     assert_eq!(rows, 2.0);
     assert_eq!(sample(&body, "stockd_wal_fsync_seconds_count"), 1.0, "one group commit: the inbound");
     assert!(sample(&body, "stockd_wal_batch_records_count") >= 1.0);
+    assert_eq!(sample(&body, "stockd_wal_wait_seconds_count"), 1.0, "one record waited: the inbound");
+    assert!(
+        sample(&body, "stockd_wal_wait_seconds_sum") >= sample(&body, "stockd_wal_fsync_seconds_sum"),
+        "a record waits at least for the write + fdatasync that makes it durable"
+    );
     assert!(body.contains("stockd_wal_fsync_seconds_bucket{le=\"0.001\"}"), "{body}");
     assert!(body.trim_end().ends_with("# EOF"), "a complete OpenMetrics exposition");
     let (head, _) = get(addr, "/other");
