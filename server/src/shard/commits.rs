@@ -50,23 +50,31 @@ pub fn route_commits(
         }
         applies[last].push(commit(m));
     }
-    for (mb, list) in mailboxes.iter().zip(applies) {
+    // Shards that got something: only they are woken (a group commit of
+    // few records involves few of many shards).
+    let mut queued = 0u64;
+    for (i, (mb, list)) in mailboxes.iter().zip(applies).enumerate() {
         if !list.is_empty() {
             mb.queue_internal(Internal::Committed(list));
+            queued |= 1 << i;
         }
     }
-    for (mb, list) in mailboxes.iter().zip(answers) {
+    for (i, (mb, list)) in mailboxes.iter().zip(answers).enumerate() {
         if !list.is_empty() {
             mb.queue_internal(Internal::Answer(list));
+            queued |= 1 << i;
         }
     }
     if snapshot_due(last_lsn) {
         for mb in mailboxes {
             mb.queue_internal(Internal::Snapshot { lsn: last_lsn });
         }
+        queued = u64::MAX;
     }
-    for mb in mailboxes {
-        mb.notify.notify_one();
+    for (i, mb) in mailboxes.iter().enumerate() {
+        if queued & (1 << i) != 0 {
+            mb.notify.notify_one();
+        }
     }
 }
 

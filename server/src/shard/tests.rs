@@ -463,3 +463,44 @@ fn shard_counters_never_share_a_cache_line() {
         assert!(b - a >= 128, "neighbours' counters {} bytes apart", b - a);
     }
 }
+
+/// Whether `mb` holds a wake-up (a stored notification), taking it.
+fn woken(mb: &Mailbox) -> bool {
+    use std::future::Future;
+    let mut notified = std::pin::pin!(mb.notify.notified());
+    notified.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
+}
+
+#[test]
+fn a_group_commit_wakes_only_the_shards_it_gives_something() {
+    let dir = tempfile::tempdir().unwrap();
+    let (batch_tx, batches) = std_mpsc::channel();
+    let shared = shared_from(dir.path(), 3, 1024, 2, move |b, _| {
+        let _ = batch_tx.send(b);
+    });
+    // An order whose id and row live on the same shard: the others take no part.
+    let id = 1000;
+    let c = shard_of(id, 3);
+    let key = Key { item: (1..).find(|i| shard_of(*i, 3) == c).unwrap(), fc: 1 };
+    let mut shard = Shard::new(c, shared.clone(), stocked(c, 3, key, 10));
+    let (tx, mut rx) = outbox();
+    shard.start(opcode::ORDER, 1, order(id, key, 3), Some(tx));
+    shard.flush_log();
+    let batch = batches.recv_timeout(Duration::from_secs(10)).expect("a group commit");
+    for mb in shared.mailboxes.iter() {
+        woken(mb); // what came before
+    }
+    commits::route_commits(&shared.mailboxes, batch, |_| false);
+    for (i, mb) in shared.mailboxes.iter().enumerate() {
+        assert_eq!(woken(mb), i == c, "shard {i} (the order's is {c})");
+    }
+    shard.drain();
+    assert!(matches!(answer(&mut rx), Some(Response::Ok(stockd_protocol::Reply::Committed { lsn: 2 }))));
+    // A snapshot's mark goes to every shard, and wakes each.
+    let second = (id + 1..).find(|i| shard_of(*i, 3) == c).unwrap();
+    shard.start(opcode::ORDER, 2, order(second, key, 1), None);
+    shard.flush_log();
+    let batch = batches.recv_timeout(Duration::from_secs(10)).expect("a group commit");
+    commits::route_commits(&shared.mailboxes, batch, |_| true);
+    assert!(shared.mailboxes.iter().all(woken), "every shard takes the snapshot");
+}
