@@ -343,13 +343,22 @@ struct Pair {
     _dir: tempfile::TempDir,
 }
 
-fn pair(units: u32) -> Pair {
-    let dir = tempfile::tempdir().unwrap();
+/// State for `n` shards whose log hands each group commit to the receiver
+/// (the rows a test stocks are LSN 1, so its records start at 2).
+fn logging(
+    dir: &std::path::Path,
+    n: usize,
+) -> (Arc<Shared>, std_mpsc::Receiver<Vec<Committed<mailbox::WalToken>>>) {
     let (batch_tx, batches) = std_mpsc::channel();
-    // The stocked rows are LSN 1.
-    let shared = shared_from(dir.path(), 2, 1024, 2, move |b, _| {
+    let shared = shared_from(dir, n, 1024, 2, move |b, _| {
         let _ = batch_tx.send(b);
     });
+    (shared, batches)
+}
+
+fn pair(units: u32) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let (shared, batches) = logging(dir.path(), 2);
     let id = 1000;
     let c = shard_of(id, 2);
     let key = Key { item: (1..).find(|i| shard_of(*i, 2) != c).unwrap(), fc: 1 };
@@ -474,10 +483,7 @@ fn woken(mb: &Mailbox) -> bool {
 #[test]
 fn a_group_commit_wakes_only_the_shards_it_gives_something() {
     let dir = tempfile::tempdir().unwrap();
-    let (batch_tx, batches) = std_mpsc::channel();
-    let shared = shared_from(dir.path(), 3, 1024, 2, move |b, _| {
-        let _ = batch_tx.send(b);
-    });
+    let (shared, batches) = logging(dir.path(), 3);
     // An order whose id and row live on the same shard: the others take no part.
     let id = 1000;
     let c = shard_of(id, 3);
