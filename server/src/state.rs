@@ -166,16 +166,15 @@ impl Store {
     }
 
     /// Brings the rows of `mutations` that this store owns into the cache,
-    /// all at once (the first [`PREFETCH_KEYS`] of them), before they are
-    /// prepared or applied one by one.
+    /// all at once, before they are prepared or applied one by one.
     pub fn prefetch_rows<'a>(&self, mutations: impl Iterator<Item = &'a Mutation> + Clone) {
         let keys = mutations.flat_map(|m| m.lines.iter().map(|l| l.key));
         if self.shards == 1 {
             // Every row is this store's: no hash and division per key (the
             // walk goes over the keys twice).
-            self.rows.prefetch(keys.take(PREFETCH_KEYS));
+            self.rows.prefetch(keys);
         } else {
-            self.rows.prefetch(keys.filter(|k| self.owns_item(k.item)).take(PREFETCH_KEYS));
+            self.rows.prefetch(keys.filter(|k| self.owns_item(k.item)));
         }
     }
 
