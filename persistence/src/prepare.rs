@@ -82,7 +82,10 @@ impl Preparer {
             .spawn(move || {
                 // When the last segment was begun, and the log's bytes then.
                 let mut last: Option<(Instant, u64)> = None;
-                for seq in 0u64.. {
+                // The pause before trying again after a failure (a full disk).
+                let mut retry = RETRY_MIN;
+                let mut seq = 0u64;
+                loop {
                     let len = (FIRST_LEN << seq.min(32)).min(max_len);
                     let path = dir.join(format!("wal-{seq:020}{SUFFIX}"));
                     let now = (Instant::now(), durable.bytes());
@@ -91,16 +94,37 @@ impl Preparer {
                         (2.0 * (now.1 - bytes) as f64 / secs).max(MIN_PACE)
                     });
                     last = Some(now);
-                    let made = match zero_file(&path, len, pace, &halt) {
+                    // A segment is prepared only where it leaves as much room
+                    // again: near a full disk the writer's appends need it more.
+                    let room = free_bytes(&dir).and_then(|free| {
+                        if free >= 2 * len {
+                            Ok(())
+                        } else {
+                            Err(Error::Io(format!("{}: {free} bytes free, too few to lay down {len}", dir.display())))
+                        }
+                    });
+                    let made = match room.and_then(|()| zero_file(&path, len, pace, &halt)) {
                         Ok(Some(file)) => Prepared { file, path, len },
                         Ok(None) => break, // stopped half-way
                         Err(e) => {
-                            // The writer goes on appending to plain segments.
-                            tracing::warn!(error = %e, "cannot prepare a log segment; appending instead");
+                            // The writer appends to plain segments meanwhile
+                            // (reserving their room as it goes, `Writer::reserve`).
+                            if retry == RETRY_MIN {
+                                tracing::warn!(error = %e, "cannot prepare a log segment; appending instead, and trying again");
+                            }
                             let _ = remove_gently(&path);
-                            break;
+                            if !pause(retry, &halt) {
+                                break;
+                            }
+                            retry = (retry * 2).min(RETRY_MAX);
+                            continue;
                         }
                     };
+                    if retry != RETRY_MIN {
+                        tracing::info!("log segments are prepared again");
+                        retry = RETRY_MIN;
+                    }
+                    seq += 1;
                     // Waits until the writer takes it; fails once the writer is gone.
                     if let Err(unsent) = tx.send(made) {
                         let _ = remove_gently(&unsent.0.path);
@@ -132,6 +156,36 @@ impl Drop for Preparer {
             let _ = t.join();
         }
     }
+}
+
+/// The preparer's pauses after a failure: it tries again, soon at first.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Bytes an unprivileged writer may still use on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Result<u64, Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| Error::Io(e.to_string()))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer of the size statvfs fills.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(Error::io(dir, std::io::Error::last_os_error()));
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Sleeps for `d` unless `stop` is set first; false if it was.
+fn pause(d: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())));
+    }
+    !stop.load(Ordering::Relaxed)
 }
 
 /// Writes `len` zero bytes to a new file at `path`, at most `pace` bytes a

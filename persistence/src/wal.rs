@@ -22,9 +22,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam::channel::{self, Receiver, Sender, TrySendError};
 
@@ -410,6 +410,11 @@ pub struct WalStats {
     pub batch_records_hist: AtomicHistogram,
     /// Bytes per group commit.
     pub batch_bytes_hist: AtomicHistogram,
+    /// The writer is waiting for room on the log's disk (see
+    /// [`SubmitError::NoRoom`]).
+    pub stalled: AtomicBool,
+    /// Times the writer found no room on the log's disk and waited.
+    pub stalls: AtomicU64,
 }
 
 impl Default for WalStats {
@@ -423,6 +428,8 @@ impl Default for WalStats {
             wait_micros_hist: AtomicHistogram::new(SYNC_MICROS_BUCKETS),
             batch_records_hist: AtomicHistogram::new(BATCH_RECORDS_BUCKETS),
             batch_bytes_hist: AtomicHistogram::new(BATCH_BYTES_BUCKETS),
+            stalled: AtomicBool::new(false),
+            stalls: AtomicU64::new(0),
         }
     }
 }
@@ -549,6 +556,9 @@ pub enum SubmitError {
     Full,
     /// The writer has stopped.
     Closed,
+    /// The log's disk has no room: the writer waits for space with what it
+    /// was given, and takes no more mutations meanwhile (reads go on).
+    NoRoom,
 }
 
 /// Emptied batches the writer keeps for [`Wal::batch`]: a shard's pass
@@ -563,6 +573,9 @@ const SPARE_BATCH_BYTES: usize = 64 << 10;
 /// The submitting side of the log; cheap to clone.
 pub struct Wal<T> {
     tx: Sender<Batch<T>>,
+    /// Dropped with the last handle: a writer waiting for room on the disk
+    /// then gives up (see [`Writer::reserve`]).
+    _open: Arc<Open>,
     spare_batches: Receiver<Batch<T>>,
     pub stats: Arc<WalStats>,
     /// The highest LSN on disk, for readers that follow the log.
@@ -573,6 +586,7 @@ impl<T> Clone for Wal<T> {
     fn clone(&self) -> Self {
         Wal {
             tx: self.tx.clone(),
+            _open: self._open.clone(),
             spare_batches: self.spare_batches.clone(),
             stats: self.stats.clone(),
             durable: self.durable.clone(),
@@ -593,7 +607,8 @@ impl<T: Send + 'static> Wal<T> {
     /// threads end when every `Wal` handle is dropped, after the last
     /// callback; join the returned handle to wait for both.
     ///
-    /// A failed write or fsync aborts the process: after a failed fsync the
+    /// No room on the disk makes the writer wait (see `Writer::reserve`);
+    /// a failed write or fsync aborts the process: after a failed fsync the
     /// kernel may have dropped the dirty pages, so retrying could acknowledge
     /// data that is not on disk.
     pub fn start(
@@ -606,6 +621,7 @@ impl<T: Send + 'static> Wal<T> {
         let (spare_batches_tx, spare_batches) = channel::bounded(SPARE_BATCHES);
         let stats = Arc::new(WalStats::default());
         let durable = Arc::new(Durable::new(next_lsn - 1));
+        let closed = Arc::new(AtomicBool::new(false));
         let file = create_segment(&cfg.dir, next_lsn)?;
         // This first segment is appended to until the first zeroed one is ready.
         let preparer = Preparer::start(&cfg.dir, cfg.segment_bytes, durable.clone())?;
@@ -620,6 +636,7 @@ impl<T: Send + 'static> Wal<T> {
             last_ts_ms,
             stats: stats.clone(),
             durable: durable.clone(),
+            closed: closed.clone(),
         };
         // A rendezvous: the writer hands over a group commit only when the
         // callback thread is done with the previous one. Its buffer comes
@@ -643,7 +660,7 @@ impl<T: Send + 'static> Wal<T> {
                 let _ = callbacks.join();
             })
             .map_err(|e| Error::io(Path::new("<thread>"), e))?;
-        Ok((Wal { tx, spare_batches, stats, durable }, handle))
+        Ok((Wal { tx, _open: Arc::new(Open(closed)), spare_batches, stats, durable }, handle))
     }
 
     /// An empty batch to fill: one the writer is done with (its buffers'
@@ -658,6 +675,9 @@ impl<T: Send + 'static> Wal<T> {
     pub fn try_submit(&self, mut batch: Batch<T>) -> Result<(), (SubmitError, Batch<T>)> {
         if batch.is_empty() {
             return Ok(());
+        }
+        if self.stats.stalled.load(Ordering::Relaxed) {
+            return Err((SubmitError::NoRoom, batch));
         }
         batch.handed_at = Some(Instant::now());
         self.tx.try_send(batch).map_err(|e| match e {
@@ -714,7 +734,25 @@ struct Writer {
     last_ts_ms: u64,
     stats: Arc<WalStats>,
     durable: Arc<Durable>,
+    /// Set once every [`Wal`] handle is gone.
+    closed: Arc<AtomicBool>,
 }
+
+/// Sets its flag when dropped, that is when the last [`Wal`] handle goes.
+struct Open(Arc<AtomicBool>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The writer's pauses while the log's disk has no room: short at first,
+/// so that freed space is used at once, then a few a second.
+const NO_ROOM_PAUSE_MIN: Duration = Duration::from_millis(10);
+const NO_ROOM_PAUSE_MAX: Duration = Duration::from_millis(250);
+/// How often a writer still waiting for room says so again.
+const NO_ROOM_REPEAT: Duration = Duration::from_secs(10);
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -767,6 +805,13 @@ impl Writer {
                     let _ = spare_batches.try_send(b);
                 }
             }
+            if !self.reserve(buf.len() as u64, done.len()) {
+                tracing::warn!(
+                    records = done.len(),
+                    "stopping with records not written for lack of room on the log's disk; none was acknowledged"
+                );
+                return;
+            }
             let t = Instant::now();
             if let Err(e) = self.file.write_all_at(&buf, self.written).and_then(|_| self.file.sync_data()) {
                 tracing::error!(error = %e, "write-ahead log write or fdatasync failed; aborting to avoid acknowledging lost data");
@@ -797,6 +842,64 @@ impl Writer {
                 std::process::abort();
             }
         }
+    }
+
+    /// Makes sure the disk holds room for the next `bytes` of the segment
+    /// before they are written, so that a full disk never fails a write
+    /// half-way (its first records complete on disk, the rest not, and all
+    /// of them refused). Bytes over zeros laid down ahead (`prepare.rs`) have
+    /// their room; past them it is allocated first (`fallocate`, which
+    /// leaves zeros: a crash before the write ends the log there). With no
+    /// room the writer waits, and says so, until there is: the batches it
+    /// holds wait with it, new mutations are refused with
+    /// [`SubmitError::NoRoom`] meanwhile, and reads go on. False: every
+    /// [`Wal`] handle went while it waited (the server stops), and nothing
+    /// was written. Where `fallocate` fails otherwise (a file system without
+    /// it), the write goes ahead as before.
+    fn reserve(&mut self, bytes: u64, records: usize) -> bool {
+        if self.written + bytes <= self.zeroed {
+            return true;
+        }
+        let (mut pause, mut since, mut told) = (NO_ROOM_PAUSE_MIN, None::<Instant>, None::<Instant>);
+        loop {
+            let e = match allocate(&self.file, self.written, bytes) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // No room: the disk is full, a quota or the file-size limit is reached.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => e,
+                // Anything else (no `fallocate` here, say): the write finds out.
+                Err(_) => break,
+            };
+            let first = *since.get_or_insert_with(|| {
+                self.stats.stalled.store(true, Ordering::Relaxed);
+                self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+                Instant::now()
+            });
+            if told.is_none_or(|t| t.elapsed() >= NO_ROOM_REPEAT) {
+                tracing::error!(
+                    error = %e,
+                    bytes,
+                    records,
+                    waiting_s = first.elapsed().as_secs(),
+                    dir = %self.cfg.dir.display(),
+                    "no room on the log's disk: these records wait and new mutations are refused until space is freed"
+                );
+                told = Some(Instant::now());
+            }
+            if self.closed.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(NO_ROOM_PAUSE_MAX);
+        }
+        if let Some(since) = since {
+            self.stats.stalled.store(false, Ordering::Relaxed);
+            tracing::warn!(
+                waited_ms = since.elapsed().as_millis() as u64,
+                "room on the log's disk again: writing"
+            );
+        }
+        true
     }
 
     /// Starts the next segment, before `bytes` of records are written,
@@ -831,6 +934,20 @@ impl Writer {
         fs::rename(&p.path, &path).map_err(|e| Error::io(&path, e))?;
         sync_dir(&self.cfg.dir)?;
         Ok((p.file, p.len))
+    }
+}
+
+/// Allocates `len` bytes of `file` from `offset` (zeros to readers).
+fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    // SAFETY: a plain system call on a file descriptor this `File` owns.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -136,6 +136,11 @@ fn main() {
         .with_ansi(std::io::stdout().is_terminal())
         .init();
     let args = Args::parse();
+    // A file-size limit (`ulimit -f`) reached by the log then fails the
+    // write or allocation with EFBIG, which the log writer waits out like a
+    // full disk, instead of killing the server with SIGXFSZ.
+    // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shards = args.shards.map_or(default_shards(cores), usize::from);
     let mut cfg = Config::new(args.listen, args.data_dir, shards);

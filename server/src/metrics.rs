@@ -141,6 +141,18 @@ pub fn render(shared: &Shared, observed: &Observed) -> String {
         "Log records the last start replayed",
         gauge(observed.recovered_records.load(Relaxed)),
     );
+    registry.register(
+        "wal_stalled",
+        "1 while the log writer waits for room on the log's disk (mutations are refused meanwhile)",
+        gauge(u64::from(w.stalled.load(Relaxed))),
+    );
+    let stalls: Counter = Counter::default();
+    stalls.inc_by(w.stalls.load(Relaxed));
+    registry.register(
+        "wal_stalls",
+        "Times the log writer found no room on the log's disk and waited",
+        stalls,
+    );
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &registry).expect("text encoding into a String");
     out

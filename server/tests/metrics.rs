@@ -2,29 +2,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
 use common::*;
 use stockd_client::Line;
-
-fn get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).unwrap();
-    let mut all = String::new();
-    s.read_to_string(&mut all).unwrap();
-    let (head, body) = all.split_once("\r\n\r\n").unwrap();
-    (head.to_string(), body.to_string())
-}
-
-/// The value of the sample line that starts with `series ` (name and labels).
-fn sample(body: &str, series: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {series} in\n{body}"))
-        .parse()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_the_server_did() {
@@ -51,6 +30,7 @@ async fn metrics_count_what_the_server_did() {
     assert_eq!(sample(&body, "stockd_wal_fsync_seconds_count"), 1.0, "one group commit: the inbound");
     assert!(sample(&body, "stockd_wal_batch_records_count") >= 1.0);
     assert_eq!(sample(&body, "stockd_wal_wait_seconds_count"), 1.0, "one record waited: the inbound");
+    assert_eq!(sample(&body, "stockd_wal_stalled"), 0.0, "the log's disk has room");
     assert!(
         sample(&body, "stockd_wal_wait_seconds_sum") >= sample(&body, "stockd_wal_fsync_seconds_sum"),
         "a record waits at least for the write + fdatasync that makes it durable"

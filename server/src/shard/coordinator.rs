@@ -338,5 +338,9 @@ fn log_refused(e: SubmitError) -> Response {
         SubmitError::Closed => {
             Response::Error { status: Status::Internal, message: "the log writer has stopped".into() }
         }
+        SubmitError::NoRoom => Response::Error {
+            status: Status::Overloaded,
+            message: "no room on the server's log disk: not applied; retry once space is freed".into(),
+        },
     }
 }
