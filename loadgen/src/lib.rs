@@ -143,6 +143,10 @@ pub struct Config {
     /// multiplexed connection is cloned, so both carry a thread's requests
     /// over as few sockets as the target allows.
     pub own_connections: bool,
+    /// How long the run waits, once its duration is over, for the answers
+    /// still in flight; past it the run ends with an error (a server that
+    /// holds requests, its log's disk full say, or stopped answering).
+    pub drain_limit: Duration,
 }
 
 impl Config {
@@ -165,6 +169,7 @@ impl Config {
             progress: false,
             threads: 2,
             own_connections: false,
+            drain_limit: Duration::from_secs(10),
         }
     }
 }
@@ -844,9 +849,20 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
     }
     stop.store(true, Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
-    for done in finished {
-        done.await.map_err(|_| "a load generator thread panicked".to_string())??;
-    }
+    let drained = tokio::time::timeout(cfg.drain_limit, async {
+        for done in finished {
+            done.await.map_err(|_| "a load generator thread panicked".to_string())??;
+        }
+        Ok::<(), String>(())
+    });
+    drained.await.map_err(|_| {
+        format!(
+            "requests were still unanswered {:.1}s after the run's {:.1}s: the target holds them (a stockd whose \
+             log disk is full does) or stopped answering",
+            cfg.drain_limit.as_secs_f64(),
+            cfg.duration.as_secs_f64()
+        )
+    })??;
     let client_cpu_s = process_cpu_seconds() - cpu_at_start;
     let Tally {
         hist: histogram,

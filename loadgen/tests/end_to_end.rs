@@ -118,3 +118,30 @@ fn a_reader_that_stops_early_ends_nothing_else() {
     assert!(report["ops"].as_u64().unwrap() > 0);
     srv.shutdown();
 }
+
+/// A target that stops answering in the middle of a run (redis-server
+/// stopped with SIGSTOP): the run still ends, `drain_limit` after its
+/// duration, with an error that says why, instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_stops_answering_ends_the_run_with_an_error() {
+    let (redis, port) = start_redis();
+    let mut cfg = Config::new(format!("redis://127.0.0.1:{port}").parse().unwrap(), Workload::Query);
+    (cfg.connections, cfg.pipeline, cfg.keys) = (2, 4, 100);
+    (cfg.duration, cfg.drain_limit) = (Duration::from_millis(800), Duration::from_millis(500));
+    let pid = redis.0.id().to_string();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    let stopper = {
+        let pid = pid.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+        })
+    };
+    let t = Instant::now();
+    let result = run(&cfg).await;
+    stopper.join().unwrap();
+    signal("-CONT");
+    let err = result.err().expect("a run whose target stopped answering fails");
+    assert!(err.contains("still unanswered") && err.contains("0.5s"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "it ended {:?} after the start", t.elapsed());
+}
