@@ -72,6 +72,8 @@ pub struct SnapshotWriter {
     dir: std::path::PathBuf,
     name: String,
     tmp: std::path::PathBuf,
+    /// Given its name: the file is no longer ours to remove.
+    published: bool,
     file: File,
     writer: BoundedWriter,
     header: [u8; 32],
@@ -93,7 +95,17 @@ impl SnapshotWriter {
         let mut writer = BoundedWriter::default();
         writer.write(&mut file, &header).map_err(|e| Error::io(&tmp, e))?;
         let dir = dir.to_path_buf();
-        Ok(SnapshotWriter { dir, name, tmp, file, writer, header, payload_len: 0, payload_crc: 0 })
+        Ok(SnapshotWriter {
+            dir,
+            name,
+            tmp,
+            published: false,
+            file,
+            writer,
+            header,
+            payload_len: 0,
+            payload_crc: 0,
+        })
     }
 
     /// Appends the next piece of the payload.
@@ -116,7 +128,20 @@ impl SnapshotWriter {
         self.writer.write(&mut self.file, &sum.to_le_bytes()).map_err(io)?;
         self.file.write_all_at(&self.header[24..32], 24).map_err(io)?;
         self.file.sync_all().map_err(io)?;
-        publish(&self.dir, &self.tmp, &self.name)
+        publish(&self.dir, &self.tmp, &self.name)?;
+        self.published = true;
+        Ok(())
+    }
+}
+
+/// A part that failed (a full disk, say) or was given up is removed at
+/// once: its room is what a full disk needs back, and no snapshot set will
+/// name it.
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = remove_gently(&self.tmp);
+        }
     }
 }
 

@@ -186,11 +186,14 @@ fn snapshot_written_in_pieces_is_the_same_file() {
     snapshot::write_snapshot(dir.path(), 7, 0, 2, &payload).unwrap();
     let whole = std::fs::read(dir.path().join(snapshot::snapshot_name(7, 0))).unwrap();
 
-    // Dropped unfinished: no file under the snapshot's name.
+    // Dropped unfinished (its write failed, say): no file under the
+    // snapshot's name, and nothing of it left taking room.
     let mut w = snapshot::SnapshotWriter::create(dir.path(), 7, 1, 2).unwrap();
     w.append(&payload[..1000]).unwrap();
     drop(w);
     assert!(!dir.path().join(snapshot::snapshot_name(7, 1)).exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, [std::ffi::OsString::from(snapshot::snapshot_name(7, 0))], "only the finished part");
 
     // Pieces of many sizes, empty ones and ones across the 1 MiB writeback chunks.
     let mut w = snapshot::SnapshotWriter::create(dir.path(), 7, 1, 2).unwrap();
