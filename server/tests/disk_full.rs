@@ -104,6 +104,8 @@ async fn a_full_disk_holds_mutations_keeps_reads_and_loses_nothing() {
     rows_hold(&c, &keys, acked.len() as u64).await;
     assert!(no_room(&c.order(1_000_000, &[Line::new(0, 1, 1)]).await), "an order is refused too");
     assert_eq!(stalled(), 1.0, "the metrics say the log writer waits");
+    let stats = c.stats().await.unwrap();
+    assert!(stats.contains(&("wal_stalled".to_string(), 1)), "and STATS: {stats:?}");
 
     // Room again: the log writer writes what it held and takes new mutations.
     fs.grow(64);

@@ -125,6 +125,7 @@ impl Shared {
         out.push(("wal_fsyncs".into(), w.fsyncs.load(Relaxed)));
         out.push(("wal_bytes".into(), w.bytes.load(Relaxed)));
         out.push(("wal_sync_micros".into(), w.sync_micros.load(Relaxed)));
+        out.push(("wal_stalled".into(), u64::from(w.stalled.load(Relaxed))));
         if let Some(r) = &self.replica {
             out.push(("replication_role".into(), r.role() as u64));
             out.push(("replication_epoch".into(), r.following()));
