@@ -145,6 +145,17 @@ impl Drop for SnapshotWriter {
     }
 }
 
+/// Removes the parts of the snapshot set at `lsn` that were written, for a
+/// set no manifest will name (one of its parts failed).
+pub fn remove_set(dir: &Path, lsn: u64, shard_count: u32) {
+    for shard in 0..shard_count {
+        let path = dir.join(snapshot_name(lsn, shard));
+        if path.exists() {
+            let _ = remove_gently(&path);
+        }
+    }
+}
+
 /// Reads and checks one snapshot file; returns its payload.
 pub fn read_snapshot(dir: &Path, lsn: u64, shard: u32, shard_count: u32) -> Result<Vec<u8>, Error> {
     let path = dir.join(snapshot_name(lsn, shard));

@@ -441,32 +441,54 @@ fn snapshot_loop(
 ) {
     // Per LSN: parts written, and when the first shard began its part.
     let mut done: std::collections::BTreeMap<u64, (usize, Instant)> = Default::default();
-    // Per (LSN, shard): the part's file being written; None once it failed
-    // (the rest of its pieces are dropped).
-    let mut open: HashMap<(u64, usize), Option<snapshot::SnapshotWriter>> = HashMap::new();
+    // Per (LSN, shard): the part's file being written.
+    let mut open: HashMap<(u64, usize), snapshot::SnapshotWriter> = HashMap::new();
+    // Sets with a part that failed: no manifest will name them, so the rest
+    // of their pieces are dropped and what was written of them is removed
+    // (a full disk, the usual cause, wants that room back).
+    let mut failed: std::collections::BTreeSet<u64> = Default::default();
     for SnapshotPart { lsn, shard, bytes, last, began } in rx {
-        let writer = open.entry((lsn, shard)).or_insert_with(|| {
-            snapshot::SnapshotWriter::create(dir, lsn, shard as u32, shards as u32)
-                .map_err(|e| snapshot_failed(&e, lsn, shard, in_flight))
-                .ok()
-        });
-        if let Some(Err(e)) = writer.as_mut().map(|w| w.append(&bytes)) {
-            snapshot_failed(&e, lsn, shard, in_flight);
-            *writer = None;
+        let key = (lsn, shard);
+        let mut error = None;
+        if !failed.contains(&lsn) {
+            let writer = match open.entry(key) {
+                std::collections::hash_map::Entry::Occupied(o) => Some(o.into_mut()),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    match snapshot::SnapshotWriter::create(dir, lsn, shard as u32, shards as u32) {
+                        Ok(w) => Some(v.insert(w)),
+                        Err(e) => {
+                            error = Some(e);
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(Err(e)) = writer.map(|w| w.append(&bytes)) {
+                error = Some(e);
+            }
         }
         let queue = &queues[shard];
         queue.queued.fetch_sub(bytes.len(), Release);
-        if !last {
+        if last {
+            // The shard's part is complete: the buffers it would fill again are freed.
+            while queue.spares.pop().is_some() {}
+            if let (None, Some(w)) = (&error, open.remove(&key)) {
+                error = w.finish().err();
+            }
+        } else {
             let mut spare = bytes;
             spare.clear();
             let _ = queue.spares.push(spare); // beyond a few, dropped
+        }
+        if let Some(e) = error {
+            snapshot_failed(&e, lsn, shard, in_flight);
+            failed.insert(lsn);
+            open.retain(|(l, _), _| *l != lsn); // their unfinished files go with them
+            done.remove(&lsn);
+            snapshot::remove_set(dir, lsn, shards as u32);
             continue;
         }
-        // The shard's part is complete: the buffers it would fill again are freed.
-        while queue.spares.pop().is_some() {}
-        let Some(w) = open.remove(&(lsn, shard)).flatten() else { continue };
-        if let Err(e) = w.finish() {
-            snapshot_failed(&e, lsn, shard, in_flight);
+        if !last || failed.contains(&lsn) {
             continue;
         }
         tracing::debug!(lsn, shard, "snapshot part written");
@@ -478,6 +500,7 @@ fn snapshot_loop(
         }
         let began = *first_began;
         done.retain(|l, _| *l > lsn);
+        failed.retain(|l| *l > lsn);
         let t = Instant::now();
         let res =
             snapshot::commit_manifest(dir, Manifest { lsn, shard_count: shards as u32 }).and_then(|_| {
@@ -544,5 +567,62 @@ impl Running {
         // Last: the sinks get what the writer made durable before it stopped.
         sinks.stop();
         tracing::info!("stockd stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot set one of whose parts cannot be written leaves nothing
+    /// behind: the part already written is removed, the later parts are not
+    /// written, and no manifest names the set; a later set is written whole.
+    #[test]
+    fn a_snapshot_set_with_a_failed_part_is_removed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shards, lsn) = (3, 7);
+        // Shard 1's part cannot be created: its temporary name is a directory.
+        let blocker = dir.path().join(format!("{}.tmp", snapshot::snapshot_name(lsn, 1)));
+        std::fs::create_dir(&blocker).unwrap();
+        let part = |lsn, shard, last| SnapshotPart {
+            lsn,
+            shard,
+            bytes: vec![shard as u8; 1000],
+            last,
+            began: Instant::now(),
+        };
+        let queues: Vec<SnapshotQueue> = (0..shards).map(|_| SnapshotQueue::default()).collect();
+        let (retention, observed) = (Retention::new(dir.path(), 0), Observed::default());
+        let in_flight = AtomicBool::new(true);
+        let run = |parts: Vec<SnapshotPart>| {
+            let (tx, rx) = crossbeam::channel::unbounded();
+            for p in parts {
+                queues[p.shard].queued.fetch_add(p.bytes.len(), Relaxed);
+                tx.send(p).unwrap();
+            }
+            drop(tx);
+            snapshot_loop(dir.path(), shards, rx, &queues, &retention, &observed, &in_flight);
+            assert!(queues.iter().all(|q| q.queued.load(Relaxed) == 0), "every piece accounted for");
+            // (The blocking directory is the test's, whatever a cleanup made of its name.)
+            let blocker_name = blocker.file_name().unwrap().to_str().unwrap().to_string();
+            let mut left: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.starts_with(&blocker_name))
+                .collect();
+            left.sort();
+            left
+        };
+        let left = run(vec![part(lsn, 0, true), part(lsn, 2, false), part(lsn, 1, true), part(lsn, 2, true)]);
+        assert!(left.is_empty(), "nothing of set {lsn} is left: {left:?}");
+        assert!(!in_flight.load(Relaxed), "the policy may mark the next set");
+        assert_eq!(snapshot::read_manifest(dir.path()).unwrap(), None);
+
+        let left = run((0..shards).map(|s| part(9, s, true)).collect());
+        let mut want: Vec<String> = (0..shards as u32).map(|s| snapshot::snapshot_name(9, s)).collect();
+        want.push(snapshot::MANIFEST.to_string());
+        want.sort();
+        assert_eq!(left, want, "a later set is written whole");
+        assert_eq!(snapshot::read_manifest(dir.path()).unwrap().map(|m| m.lsn), Some(9));
     }
 }
