@@ -183,7 +183,7 @@ fn pause(d: Duration, stop: &AtomicBool) -> bool {
         if stop.load(Ordering::Relaxed) {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())));
+        std::thread::sleep(NAP.min(until.saturating_duration_since(Instant::now())));
     }
     !stop.load(Ordering::Relaxed)
 }
