@@ -24,6 +24,7 @@
 //! (their storage, grown without copies), [`rows`] (the rows), [`index`]
 //! (the u64 -> u32 table both build on).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashSet};
 
 use stockd_protocol::{shard_of, Key, MAX_CENTERS_PER_ITEM, STOCK_MAX};
@@ -53,13 +54,6 @@ pub use snapshot::SnapshotPiece;
 /// Keys whose lookups are started together (see `Rows::prefetch`): enough
 /// to keep the memory system busy, few enough that their lines stay in L1.
 pub const PREFETCH_KEYS: usize = 32;
-
-/// Whether `prepare` sets room aside for a line or gives it back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Reservation {
-    Take,
-    Return,
-}
 
 /// The rows and ids of one shard (or, during recovery, of all of them).
 pub struct Store {
@@ -225,11 +219,6 @@ impl Store {
         self.rows.iter().map(|(key, r)| (key, r.on_hand, r.held))
     }
 
-    /// Centers the item has rows in.
-    fn centers(&self, item: u64) -> usize {
-        self.rows.of_item(item).count()
-    }
-
     /// Step 2, on every shard owning a row of `m`: check this shard's lines and
     /// reserve room for them under `txn`. All or nothing on this shard.
     pub fn prepare(&mut self, txn: u64, m: &Mutation) -> Result<(), Refusal> {
@@ -241,18 +230,11 @@ impl Store {
             if !self.owns_item(d.key.item) {
                 continue;
             }
-            let existing = self.row(d.key).copied();
-            let row = existing.unwrap_or_default();
             let earlier = m.deltas().take(reserved_upto);
-            if let Err(r) = check_line(i as u16, &row, &self.pending_on(d.key), d, &m.op, earlier) {
+            if let Err(r) = self.reserve(i as u16, d, &m.op, earlier) {
                 result = Err(r);
                 break;
             }
-            if existing.is_none() && self.centers(d.key.item) >= MAX_CENTERS_PER_ITEM {
-                result = Err(Refusal::TooManyCenters { line: i as u16 });
-                break;
-            }
-            self.reserve(d, Reservation::Take);
             reserved_upto = i + 1;
             owns_a_row = true;
         }
@@ -270,50 +252,73 @@ impl Store {
     fn give_back(&mut self, m: &Mutation, lines: usize) {
         for d in m.deltas().take(lines) {
             if self.owns_item(d.key.item) {
-                self.reserve(d, Reservation::Return);
+                self.unreserve(d);
             }
         }
     }
 
-    fn reserve(&mut self, d: Delta, how: Reservation) {
-        // Taking makes the row if it is new; returning finds the row taking
-        // made (rows are never removed), and changes nothing in it.
-        let row = match how {
-            Reservation::Take => *self.row_mut(d.key),
-            Reservation::Return => *self.rows.get(d.key).expect("invariant: a reserved row exists"),
-        };
+    /// Checks line `line` (`d`) against its row and what is reserved on the
+    /// row already, and if it fits, reserves room for it (making the row if
+    /// it is new). `earlier`: the lines of the same mutation reserved here.
+    /// One lookup of the row and one of its reservations: a hot row is
+    /// checked and reserved in one probe of each table.
+    fn reserve(
+        &mut self,
+        line: u16,
+        d: Delta,
+        op: &Op,
+        earlier: impl Iterator<Item = Delta>,
+    ) -> Result<(), Refusal> {
+        let slot = self.rows.slot_of(d.key);
+        let row = slot.map_or_else(Row::default, |at| *self.rows.at(at));
         let (take, add) = (units_taken(d), d.on_hand.max(0) as u64);
-        let pend = match how {
-            Reservation::Take => {
-                let p = self.pend.entry(RowKey(d.key)).or_default();
+        let pend = match self.pend.entry(RowKey(d.key)) {
+            Entry::Occupied(mut o) => {
+                check_line(line, &row, o.get(), d, op, earlier)?;
+                let p = o.get_mut();
                 p.take += take;
                 p.add += add;
                 p.n += 1;
                 *p
             }
-            Reservation::Return => {
-                let bad = "invariant: a reservation is returned at most once";
-                let p = self.pend.get_mut(&RowKey(d.key)).expect(bad);
-                p.take = p.take.checked_sub(take).expect(bad);
-                p.add = p.add.checked_sub(add).expect(bad);
-                p.n = p.n.checked_sub(1).expect(bad);
-                let p = *p;
-                if p.n == 0 {
-                    assert_eq!(
-                        p,
-                        Pending::default(),
-                        "invariant: a row's last reservation returns all of it"
-                    );
-                    self.pend.remove(&RowKey(d.key));
-                    self.shrink_pend();
+            // Nothing is inserted unless the line fits.
+            Entry::Vacant(v) => {
+                check_line(line, &row, &Pending::default(), d, op, earlier)?;
+                if slot.is_none() && self.rows.of_item(d.key.item).count() >= MAX_CENTERS_PER_ITEM {
+                    return Err(Refusal::TooManyCenters { line });
                 }
-                p
+                *v.insert(Pending { take, add, n: 1 })
             }
         };
         assert!(
             pend.take <= row.available(),
             "invariant: reservations never exceed available units ({row:?}, {pend:?})"
         );
+        if slot.is_none() {
+            // Taking makes the row (rows are never removed, so returning
+            // finds it); its quantities change only when the record applies.
+            self.row_mut(d.key);
+        }
+        Ok(())
+    }
+
+    /// Returns the room [`Store::reserve`] set aside for `d`: what is left
+    /// reserved on its row.
+    fn unreserve(&mut self, d: Delta) -> Pending {
+        let (take, add) = (units_taken(d), d.on_hand.max(0) as u64);
+        let bad = "invariant: a reservation is returned at most once";
+        let Entry::Occupied(mut o) = self.pend.entry(RowKey(d.key)) else { panic!("{bad}") };
+        let p = o.get_mut();
+        p.take = p.take.checked_sub(take).expect(bad);
+        p.add = p.add.checked_sub(add).expect(bad);
+        p.n = p.n.checked_sub(1).expect(bad);
+        let p = *p;
+        if p.n == 0 {
+            assert_eq!(p, Pending::default(), "invariant: a row's last reservation returns all of it");
+            o.remove();
+            self.shrink_pend();
+        }
+        p
     }
 
     /// Gives back the room a burst left in the table of reserved rows. A
@@ -413,10 +418,8 @@ impl Store {
                 owns_a_row = true;
                 // Each line's reservation goes first: then its row changes
                 // by the line itself.
-                if give_back {
-                    self.reserve(d, Reservation::Return);
-                }
-                self.apply_delta(d, m);
+                let pend = if give_back { self.unreserve(d) } else { self.pending_on(d.key) };
+                self.apply_delta(d, m, pend);
             }
         }
         if let Some((txn, settled)) = settled {
@@ -424,7 +427,8 @@ impl Store {
         }
     }
 
-    fn apply_delta(&mut self, d: Delta, m: &Mutation) {
+    /// Changes a row by one line; `pend` is what stays reserved on it.
+    fn apply_delta(&mut self, d: Delta, m: &Mutation, pend: Pending) {
         let row = self.row_mut(d.key);
         let on_hand = row.on_hand.checked_add_signed(d.on_hand);
         let held = row.held.checked_add_signed(d.held);
@@ -435,7 +439,6 @@ impl Store {
             _ => panic!("invariant: 0 <= held <= on hand <= STOCK_MAX; {row:?} cannot take {m:?}"),
         }
         let row = *row;
-        let pend = self.pending_on(d.key);
         assert!(
             pend.take <= row.available(),
             "invariant: reservations never exceed available units ({row:?}, {pend:?})"

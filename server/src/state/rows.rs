@@ -124,6 +124,11 @@ impl Rows {
         self.walk(keys.iter().copied(), PREFETCH_CHAIN_STEPS, |i, f| found[i] = f);
     }
 
+    /// The slot of `key`'s row, if it has one (for [`Rows::at`]).
+    pub fn slot_of(&self, key: Key) -> Option<u32> {
+        self.find(key).map(|at| at as u32)
+    }
+
     /// The row in `slot`, as [`Rows::locate`] found it.
     pub fn at(&self, slot: u32) -> &Row {
         &self.slots[slot as usize].row
