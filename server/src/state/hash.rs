@@ -44,6 +44,18 @@ impl Hasher for IdHasher {
     fn write_u64(&mut self, x: u64) {
         self.0 = fmix64(self.0 ^ x);
     }
+    // An enum's discriminant is hashed as a usize (`IdKey`'s, say): one mix
+    // step, not one per byte through `write` (which made each hash of an
+    // `IdKey` nine finalizers, ~100 instructions per lookup of `busy_ids`).
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(x as u64);
+    }
+    fn write_u8(&mut self, x: u8) {
+        self.write_u64(x as u64);
+    }
     fn finish(&self) -> u64 {
         self.0
     }
