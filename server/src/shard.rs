@@ -12,7 +12,8 @@
 //! (queues and messages), [`shared`] (state all shards share, STATS),
 //! [`coordinator`] (two-phase commit), [`commits`] (routing durable records,
 //! snapshot policy), [`answers`] (domain answers as wire responses),
-//! [`passed`] (a mutation as it passes between threads).
+//! [`passed`] (a mutation as it passes between threads), [`txns`] (the
+//! mutations a shard coordinates, by number).
 
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
@@ -30,15 +31,17 @@ pub mod coordinator;
 pub mod mailbox;
 pub mod passed;
 pub mod shared;
+pub mod txns;
 
 pub use coordinator::{CONTENDED_RETRY_FOR, MAX_TXNS};
 pub use mailbox::{Forwarded, Internal, Mailbox, Out, Outbox, ReplyTo, FORWARD_CAPACITY};
 pub use shared::{ShardStats, Shared, SnapshotPart, SnapshotQueue, SNAPSHOT_QUEUED_BYTES};
 
-use crate::state::{IdHashBuilder, IdKey, IdMap, SnapshotPiece, Store, PREFETCH_KEYS};
+use crate::state::{IdHashBuilder, IdKey, SnapshotPiece, Store, PREFETCH_KEYS};
 use answers::respond;
 use coordinator::Txn;
 use mailbox::WalToken;
+use txns::Txns;
 
 /// Most shards: a mutation's participants are a 64-bit mask.
 pub const MAX_SHARDS: usize = 64;
@@ -52,10 +55,9 @@ pub struct Shard {
     index: usize,
     shared: Arc<Shared>,
     store: Store,
-    txns: IdMap<Txn>,
+    txns: Txns<Txn>,
     /// Ids with a mutation in flight.
     busy_ids: HashSet<IdKey, IdHashBuilder>,
-    next_txn: u64,
     /// Mutations refused only because undecided ones reserved the units:
     /// prepared again after a short pause (see [`Shard::retry_contended`]).
     retries: Vec<u64>,
@@ -93,9 +95,8 @@ impl Shard {
             index,
             shared,
             store,
-            txns: IdMap::default(),
+            txns: Txns::new(index, MAX_TXNS),
             busy_ids: HashSet::default(),
-            next_txn: 0,
             retries: Vec::new(),
             retry_wake: Rc::new(Notify::new()),
             snapshot_wake: Rc::new(Notify::new()),

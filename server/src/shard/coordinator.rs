@@ -88,8 +88,6 @@ impl Shard {
         };
         let n = self.shared.shards();
         let participants = m.lines.iter().fold(0u64, |acc, l| acc | 1 << shard_of(l.key.item, n));
-        self.next_txn += 1;
-        let txn = (self.index as u64) << 56 | self.next_txn;
         if let Some(k) = id_key {
             self.busy_ids.insert(k);
         }
@@ -109,8 +107,7 @@ impl Shard {
             contended_since,
             expiry,
         };
-        self.txns.insert(txn, t);
-        assert!(self.txns.len() <= MAX_TXNS, "invariant: at most MAX_TXNS mutations in flight per shard");
+        let txn = self.txns.insert(t);
         self.stats().txns_open.store(self.txns.len() as u64, Relaxed);
         self.prepare_everywhere(txn);
     }
@@ -121,7 +118,7 @@ impl Shard {
     /// message between the shards instead of two (prepare and vote), and
     /// the record reaches the log a hop sooner.
     fn prepare_everywhere(&mut self, txn: u64) {
-        let Some(t) = self.txns.get_mut(&txn) else { return };
+        let Some(t) = self.txns.get_mut(txn) else { return };
         let (participants, m) = (t.participants, t.m.clone());
         t.waiting = participants.count_ones();
         t.prepared = 0;
@@ -139,7 +136,7 @@ impl Shard {
             // Counted as prepared from now on: if the mutation is aborted
             // after all (the record fenced, say), `i` is told to drop what
             // it may have reserved; an abort of nothing is a no-op.
-            self.txns.get_mut(&txn).expect("present").prepared |= 1 << i;
+            self.txns.get_mut(txn).expect("present").prepared |= 1 << i;
             let log_if_ready = Some(participants);
             self.mailbox(i).push_internal(Internal::Prepare { txn, coord: self.index, m, log_if_ready });
             return;
@@ -208,7 +205,7 @@ impl Shard {
 
     /// The participant that was to log `txn` could not.
     pub(super) fn not_logged(&mut self, txn: u64, error: SubmitError) {
-        if self.txns.contains_key(&txn) {
+        if self.txns.contains(txn) {
             self.abort_everywhere(txn);
             self.finish(txn, log_refused(error));
         }
@@ -223,7 +220,7 @@ impl Shard {
     }
 
     pub(super) fn vote(&mut self, txn: u64, from: usize, result: Result<(), Refusal>) {
-        let Some(t) = self.txns.get_mut(&txn) else { return };
+        let Some(t) = self.txns.get_mut(txn) else { return };
         t.waiting = t.waiting.checked_sub(1).expect("invariant: one vote per participant");
         match result {
             Ok(()) => t.prepared |= 1 << from,
@@ -240,7 +237,7 @@ impl Shard {
     }
 
     fn decide(&mut self, txn: u64) {
-        let t = self.txns.get_mut(&txn).expect("decide is called for a known txn");
+        let t = self.txns.get_mut(txn).expect("decide is called for a known txn");
         // A definitive refusal answers at once. A contended one (the units
         // exist but undecided mutations reserved them) would be an answer no
         // serial order explains if those mutations abort; so release our own
@@ -262,7 +259,7 @@ impl Shard {
     }
 
     fn abort_everywhere(&mut self, txn: u64) {
-        let t = &self.txns[&txn];
+        let t = self.txns.get(txn).expect("invariant: a mutation aborted is in flight");
         let (prepared, m) = (t.prepared, t.m.clone());
         for i in 0..self.shared.shards() {
             if prepared & (1 << i) != 0 {
@@ -278,7 +275,7 @@ impl Shard {
     /// The record of `txn` is logged here but will never be confirmed by the
     /// replication topic: another node is the primary (docs/ha.md).
     pub(super) fn fence(&mut self, txn: u64, message: &str) {
-        if self.txns.contains_key(&txn) {
+        if self.txns.contains(txn) {
             self.abort_everywhere(txn);
             self.finish(txn, Response::Error { status: Status::NotPrimary, message: message.into() });
         }
@@ -286,14 +283,14 @@ impl Shard {
 
     /// The record of `txn` is durable and queued on every shard it involves.
     pub(super) fn answer_committed(&mut self, txn: u64, lsn: u64) {
-        if self.txns.get(&txn).is_some_and(|t| t.expiry) {
+        if self.txns.get(txn).is_some_and(|t| t.expiry) {
             self.stats().holds_expired.fetch_add(1, Relaxed);
         }
         self.finish(txn, Response::Ok(Reply::Committed { lsn }));
     }
 
     fn finish(&mut self, txn: u64, resp: Response) {
-        let Some(t) = self.txns.remove(&txn) else { return };
+        let Some(t) = self.txns.remove(txn) else { return };
         if let Some(k) = t.id_key {
             self.busy_ids.remove(&k);
         }
