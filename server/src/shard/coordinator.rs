@@ -119,18 +119,21 @@ impl Shard {
     /// the record reaches the log a hop sooner.
     fn prepare_everywhere(&mut self, txn: u64) {
         let Some(t) = self.txns.get_mut(txn) else { return };
-        let (participants, m) = (t.participants, t.m.clone());
+        let participants = t.participants;
         t.waiting = participants.count_ones();
         t.prepared = 0;
         t.contended = None;
         let me = 1u64 << self.index;
         let others = participants & !me;
+        // A copy for the other participants, if there are any.
+        let m = (others != 0).then(|| t.m.clone());
         let mut local_ready = true;
         if participants & me != 0 {
-            let result = self.store.prepare(txn, &m);
+            let result = self.store.prepare(txn, &t.m);
             local_ready = result.is_ok();
             self.vote(txn, self.index, result);
         }
+        let Some(m) = m else { return };
         if others.count_ones() == 1 && local_ready {
             let i = others.trailing_zeros() as usize;
             // Counted as prepared from now on: if the mutation is aborted
