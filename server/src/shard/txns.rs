@@ -74,17 +74,17 @@ impl<T> Txns<T> {
         txn
     }
 
-    fn slot(&self, txn: u64) -> Option<&Slot<T>> {
-        let at = (txn & (self.capacity as u64 - 1)) as usize;
-        self.slots.get(at).filter(|s| s.txn == txn)
+    /// The slot a number names (whether or not it still holds that number).
+    fn at(&self, txn: u64) -> usize {
+        (txn & (self.capacity as u64 - 1)) as usize
     }
 
     pub fn get(&self, txn: u64) -> Option<&T> {
-        self.slot(txn)?.value.as_ref()
+        self.slots.get(self.at(txn)).filter(|s| s.txn == txn)?.value.as_ref()
     }
 
     pub fn get_mut(&mut self, txn: u64) -> Option<&mut T> {
-        let at = (txn & (self.capacity as u64 - 1)) as usize;
+        let at = self.at(txn);
         self.slots.get_mut(at).filter(|s| s.txn == txn)?.value.as_mut()
     }
 
@@ -93,7 +93,7 @@ impl<T> Txns<T> {
     }
 
     pub fn remove(&mut self, txn: u64) -> Option<T> {
-        let at = (txn & (self.capacity as u64 - 1)) as usize;
+        let at = self.at(txn);
         let value = self.slots.get_mut(at).filter(|s| s.txn == txn)?.value.take()?;
         self.len -= 1;
         self.free.push(at as u32);
