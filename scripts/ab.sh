@@ -42,7 +42,7 @@ if [ -n "${LOADGEN_CPUS:-}" ]; then
     LG_PIN=(taskset -c "$LOADGEN_CPUS")
     KEYS+=(--threads "$(count_cpus "$LOADGEN_CPUS")")
 fi
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/ports.sh
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rows=$(mktemp)
 pid="" dir=""
@@ -62,10 +62,7 @@ for round in $(seq "$ROUNDS"); do
         RUST_LOG=warn "${SERVER_PIN[@]}" "$bin" --listen 127.0.0.1:"$port" --shard-port-base 0 --shards "$SHARDS" --data-dir "$dir" \
             > "$dir/stockd.log" 2>&1 &
         pid=$!
-        for _ in $(seq 100); do
-            python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.1)" 2>/dev/null && break
-            sleep 0.1
-        done
+        wait_port "$port" 100
         "${LG_PIN[@]}" "$LG" --target stockd://127.0.0.1:"$port" "${KEYS[@]}" --quiet --duration 1s --workload query --preload > /dev/null
         t0=$(cpu_ticks "$pid")
         "${LG_PIN[@]}" "$LG" --target stockd://127.0.0.1:"$port" "${KEYS[@]}" --connections "$CONNECTIONS" --quiet \

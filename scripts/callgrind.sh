@@ -34,7 +34,8 @@ command -v valgrind > /dev/null || { echo "valgrind is not installed" >&2; exit 
 mkdir -p "$OUT"
 rm -f "$OUT"/callgrind.out*
 dir=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+. scripts/ports.sh
+port=$(free_port)
 pid=""
 cleanup() {
     if [ -n "$pid" ]; then kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; fi
@@ -47,10 +48,7 @@ RUST_LOG=warn valgrind --tool=callgrind --separate-threads=yes --instr-atstart=n
     "$bin" --listen 127.0.0.1:"$port" --shard-port-base 0 --shards "$SHARDS" --data-dir "$dir" \
     > "$OUT/stockd.log" 2>&1 &
 pid=$!
-for _ in $(seq 300); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.1)" 2>/dev/null && break
-    sleep 0.1
-done
+wait_port "$port" 300 # valgrind takes seconds to start the server
 KEYS=(--target stockd://127.0.0.1:"$port" --keys 100000 --centers 4 --quiet)
 "$LG" "${KEYS[@]}" --duration 1s --workload query --preload > /dev/null
 "$LG" "${KEYS[@]}" --connections "$CONNECTIONS" --duration 3s "$@" > /dev/null
