@@ -71,9 +71,11 @@ impl Shard {
         let id_key = cmd.id_key();
         // A retried order, reserve or inbound whose id is remembered has its
         // answer whatever else is in flight on the id (say, the server
-        // releasing that hold as it expires): plan gives it below.
-        let retry_of_known = cmd.creates_id() && id_key.is_some_and(|k| self.store.remembers(k));
-        if let Some(k) = id_key.filter(|k| !retry_of_known && self.busy_ids.contains(k)) {
+        // releasing that hold as it expires): plan gives it below. The id
+        // table is asked only about a busy id: `plan` looks every id up
+        // anyway, and a new id's lookup walks the longest probe.
+        let retry_of_known = |k: &IdKey| cmd.creates_id() && self.store.remembers(*k);
+        if let Some(k) = id_key.filter(|k| self.busy_ids.contains(k) && !retry_of_known(k)) {
             let msg = format!("id {} has an operation in flight; retry when it is answered", k.id());
             self.stats().errors.fetch_add(1, Relaxed);
             return send(&reply, respond_error(op, request_id, Status::Conflict, &msg));
