@@ -69,13 +69,17 @@ impl Shard {
             return send(&reply, respond_error(op, request_id, Status::Overloaded, msg));
         }
         let id_key = cmd.id_key();
+        // The id is marked busy at once (one probe of the set, where a
+        // look and then an insert were two); a mutation that does not go
+        // ahead unmarks it below.
+        let marked = id_key.is_some_and(|k| self.busy_ids.insert(k));
         // A retried order, reserve or inbound whose id is remembered has its
         // answer whatever else is in flight on the id (say, the server
         // releasing that hold as it expires): plan gives it below. The id
         // table is asked only about a busy id: `plan` looks every id up
         // anyway, and a new id's lookup walks the longest probe.
         let retry_of_known = |k: &IdKey| cmd.creates_id() && self.store.remembers(*k);
-        if let Some(k) = id_key.filter(|k| self.busy_ids.contains(k) && !retry_of_known(k)) {
+        if let Some(k) = id_key.filter(|k| !marked && !retry_of_known(k)) {
             let msg = format!("id {} has an operation in flight; retry when it is answered", k.id());
             self.stats().errors.fetch_add(1, Relaxed);
             return send(&reply, respond_error(op, request_id, Status::Conflict, &msg));
@@ -83,6 +87,9 @@ impl Shard {
         let m = match self.store.plan(cmd, now_ms) {
             Ok(m) => Passed::new(m),
             Err(answer) => {
+                if let Some(k) = id_key.filter(|_| marked) {
+                    self.busy_ids.remove(&k);
+                }
                 let resp = answer_response(&answer);
                 self.count_outcome(&resp);
                 return send(&reply, respond(op, request_id, resp));
@@ -90,9 +97,6 @@ impl Shard {
         };
         let n = self.shared.shards();
         let participants = m.lines.iter().fold(0u64, |acc, l| acc | 1 << shard_of(l.key.item, n));
-        if let Some(k) = id_key {
-            self.busy_ids.insert(k);
-        }
         let waiting = participants.count_ones();
         let (refusal, contended, contended_since) = (None, None, None);
         let t = Txn {
