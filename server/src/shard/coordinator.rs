@@ -69,15 +69,15 @@ impl Shard {
             return send(&reply, respond_error(op, request_id, Status::Overloaded, msg));
         }
         let id_key = cmd.id_key();
-        // The id is marked busy at once (one probe of the set, where a
-        // look and then an insert were two); a mutation that does not go
-        // ahead unmarks it below.
-        let marked = id_key.is_some_and(|k| self.busy_ids.insert(k));
-        // A retried order, reserve or inbound whose id is remembered has its
-        // answer whatever else is in flight on the id (say, the server
-        // releasing that hold as it expires): plan gives it below. The id
-        // table is asked only about a busy id: `plan` looks every id up
+        // The id is marked in flight at once: one probe of the set, where
+        // a look and then an insert were two; a mutation that does not go
+        // ahead takes the mark back below. An id already in flight is
+        // refused, except a retried order, reserve or inbound whose id is
+        // remembered: it has its answer whatever else runs on the id (say,
+        // the server releasing that hold as it expires), which plan gives
+        // below. The id table is asked only then: `plan` looks every id up
         // anyway, and a new id's lookup walks the longest probe.
+        let marked = id_key.is_some_and(|k| self.busy_ids.insert(k));
         let retry_of_known = |k: &IdKey| cmd.creates_id() && self.store.remembers(*k);
         if let Some(k) = id_key.filter(|k| !marked && !retry_of_known(k)) {
             let msg = format!("id {} has an operation in flight; retry when it is answered", k.id());

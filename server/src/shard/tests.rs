@@ -306,6 +306,28 @@ async fn read_answer(s: &mut tokio::net::TcpStream) -> (u64, Response) {
 }
 
 #[test]
+fn a_mutation_that_does_not_go_ahead_leaves_its_id_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = shared_with(dir.path(), 1, 1024, |_, _| {});
+    let mut store = stocked(0, 1, KEY, 5);
+    let known = Mutation { op: Op::Order { id: 41 }, lines: vec![Line { key: KEY, qty: 1 }].into() };
+    store.apply(None, 2, 1_000, &known);
+    let mut shard = Shard::new(0, shared, store);
+    let (tx, mut rx) = outbox();
+    // A retry of a remembered order, and a cancel of an order never seen:
+    // answered from the plan, neither leaves its id in flight.
+    shard.start(opcode::ORDER, 1, order(41, KEY, 1), Some(tx.clone()));
+    assert_eq!(answer(&mut rx), Some(Response::Duplicate { lsn: 2 }));
+    shard.start(opcode::CANCEL, 2, Command::Cancel { id: 42 }, Some(tx.clone()));
+    assert!(matches!(answer(&mut rx), Some(Response::Error { status: Status::NotFound, .. })));
+    assert!(shard.busy_ids.is_empty(), "no id stays marked in flight");
+    // A new order goes ahead and holds its id until it is answered.
+    shard.start(opcode::ORDER, 3, order(43, KEY, 1), Some(tx));
+    assert!(shard.busy_ids.contains(&IdKey::OrderOrHold(43)));
+    assert_eq!(shard.busy_ids.len(), 1);
+}
+
+#[test]
 fn a_reserve_retried_while_its_hold_expires_answers_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     // Commits are never routed: the expiry's release stays in flight.
