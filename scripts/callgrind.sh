@@ -23,10 +23,8 @@
 # Needs valgrind (apt-get install valgrind) and this tree's stock-loadgen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/stockd
-if [ $# -gt 0 ] && [ "$1" != "--" ]; then bin=$1; shift; fi
-[ "${1:-}" = "--" ] || { echo "usage: $0 [STOCKD] -- LOADGEN_ARGS..." >&2; exit 2; }
-shift
+. scripts/stockd_args.sh
+parse_stockd_args "$@"
 SHARDS=${SHARDS:-1} DURATION=${DURATION:-15s} CONNECTIONS=${CONNECTIONS:-16} TOP=${TOP:-25}
 OUT=${OUT:-$(mktemp -d)}
 LG=${LG:-target/release/stock-loadgen}
@@ -51,9 +49,9 @@ pid=$!
 wait_port "$port" 300 # valgrind takes seconds to start the server
 KEYS=(--target stockd://127.0.0.1:"$port" --keys 100000 --centers 4 --quiet)
 "$LG" "${KEYS[@]}" --duration 1s --workload query --preload > /dev/null
-"$LG" "${KEYS[@]}" --connections "$CONNECTIONS" --duration 3s "$@" > /dev/null
+"$LG" "${KEYS[@]}" --connections "$CONNECTIONS" --duration 3s "${loadgen_args[@]}" > /dev/null
 callgrind_control -i on "$pid" > /dev/null 2>&1
-"$LG" "${KEYS[@]}" --connections "$CONNECTIONS" --duration "$DURATION" --json "$OUT/report.json" "$@" > /dev/null
+"$LG" "${KEYS[@]}" --connections "$CONNECTIONS" --duration "$DURATION" --json "$OUT/report.json" "${loadgen_args[@]}" > /dev/null
 callgrind_control -d "$pid" > /dev/null 2>&1
 callgrind_control -i off "$pid" > /dev/null 2>&1
 kill "$pid"

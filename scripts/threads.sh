@@ -18,10 +18,8 @@
 # load generator's report). Stops what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/stockd
-if [ $# -gt 0 ] && [ "$1" != "--" ]; then bin=$1; shift; fi
-[ "${1:-}" = "--" ] || { echo "usage: $0 [STOCKD] -- LOADGEN_ARGS..." >&2; exit 2; }
-shift
+. scripts/stockd_args.sh
+parse_stockd_args "$@"
 SHARDS=${SHARDS:-1} DURATION=${DURATION:-10} CONNECTIONS=${CONNECTIONS:-16}
 LG=${LG:-target/release/stock-loadgen}
 [ "$DURATION" -ge 9 ] || { echo "DURATION must be at least 9 (seconds): the window is 3 s to 8 s" >&2; exit 2; }
@@ -42,7 +40,7 @@ pid=$!
 wait_port "$port" 100
 KEYS=(--target stockd://127.0.0.1:"$port" --keys 100000 --centers 4 --quiet)
 "$LG" "${KEYS[@]}" --duration 1s --workload query --preload > /dev/null
-"$LG" "${KEYS[@]}" --connections "$CONNECTIONS" --duration "${DURATION}s" --json "$dir/report.json" "$@" \
+"$LG" "${KEYS[@]}" --connections "$CONNECTIONS" --duration "${DURATION}s" --json "$dir/report.json" "${loadgen_args[@]}" \
     > /dev/null &
 lg=$!
 # One line per thread: process, thread id, name, user ticks, system ticks,
