@@ -377,11 +377,36 @@ pub struct WalConfig {
     pub max_batch: usize,
     /// Batches that may wait for the writer; beyond this `try_submit` says Full.
     pub queue_capacity: usize,
+    /// The nice value the writer and its commit thread run at: 0 leaves
+    /// them at the process's own, as any other thread; a negative one runs
+    /// them ahead of the rest (see [`run_at_nice`]).
+    pub nice: i32,
 }
 
 impl WalConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        WalConfig { dir: dir.into(), segment_bytes: 64 << 20, max_batch: 4096, queue_capacity: 16384 }
+        WalConfig {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            max_batch: 4096,
+            queue_capacity: 16384,
+            nice: 0,
+        }
+    }
+}
+
+/// Sets the calling thread's nice value, unless it is 0 (on Linux a nice
+/// value is a thread's own). A process that may not raise its priority
+/// (no `CAP_SYS_NICE`, `RLIMIT_NICE` too low) keeps the default and says
+/// so, once: the log is as correct, only slower on a busy machine.
+fn run_at_nice(nice: i32) {
+    static REFUSED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: setpriority reads no memory of ours; 0 names the calling thread.
+    if nice != 0 && unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        let e = io::Error::last_os_error();
+        REFUSED.call_once(|| {
+            tracing::warn!(nice, error = %e, "the log's threads run at the default priority (raise RLIMIT_NICE or grant CAP_SYS_NICE to let them run ahead of the shards)");
+        });
     }
 }
 
@@ -618,6 +643,7 @@ impl<T: Send + 'static> Wal<T> {
         on_commit: impl FnMut(Vec<Committed<T>>, &[u8]) + Send + 'static,
     ) -> Result<(Wal<T>, std::thread::JoinHandle<()>), Error> {
         let (tx, rx) = channel::bounded(cfg.queue_capacity);
+        let nice = cfg.nice;
         let (spare_batches_tx, spare_batches) = channel::bounded(SPARE_BATCHES);
         let stats = Arc::new(WalStats::default());
         let durable = Arc::new(Durable::new(next_lsn - 1));
@@ -647,6 +673,7 @@ impl<T: Send + 'static> Wal<T> {
         let callbacks = std::thread::Builder::new()
             .name("stockd-wal-commit".into())
             .spawn(move || {
+                run_at_nice(nice);
                 for (records, bytes) in commits_rx {
                     on_commit(records, &bytes);
                     let _ = spare_tx.try_send(bytes);
@@ -656,6 +683,7 @@ impl<T: Send + 'static> Wal<T> {
         let handle = std::thread::Builder::new()
             .name("stockd-wal".into())
             .spawn(move || {
+                run_at_nice(nice);
                 w.run(rx, commits_tx, spare_rx, spare_batches_tx);
                 let _ = callbacks.join();
             })
@@ -999,5 +1027,41 @@ mod tests {
         replay(dir.path(), 0, |r| replayed.push(r.payload.to_vec())).unwrap();
         assert_eq!(replayed[..3], [b"first, long payload".to_vec(), b"second".to_vec(), b"third".to_vec()]);
         assert_eq!(replayed[3].len(), SPARE_BATCH_BYTES + 1);
+    }
+
+    /// The writer and its commit thread run at the configured nice value.
+    /// A positive one, which any process may take, so the test needs no
+    /// privilege; the threads of other tests' logs run at 0.
+    #[test]
+    fn the_logs_threads_run_at_the_configured_nice_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let cfg = WalConfig { nice: 7, ..WalConfig::new(dir.path()) };
+        let (w, handle) = Wal::start(cfg, 1, 0, move |batch, _| {
+            for c in batch {
+                done_tx.send(c.lsn).unwrap();
+            }
+        })
+        .unwrap();
+        w.submit(b"one".to_vec(), ()).unwrap();
+        assert_eq!(done.recv().unwrap(), 1, "both threads have run");
+        let nice_of = |name: &str| -> Vec<i64> {
+            let mut found = Vec::new();
+            for t in fs::read_dir("/proc/self/task").unwrap().flatten() {
+                let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                if comm.trim_end() == name {
+                    let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                    // Fields after the name: state is field 3, nice field 19.
+                    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+                    found.push(fields[16].parse().unwrap());
+                }
+            }
+            found
+        };
+        // Thread names are cut to 15 bytes: "stockd-wal-commit" reads "stockd-wal-comm".
+        assert!(nice_of("stockd-wal").contains(&7), "writer: {:?}", nice_of("stockd-wal"));
+        assert!(nice_of("stockd-wal-comm").contains(&7), "commit thread: {:?}", nice_of("stockd-wal-comm"));
+        drop(w);
+        handle.join().unwrap();
     }
 }
