@@ -26,6 +26,8 @@ fn signal(child: &Child, sig: &str) {
 pub struct Redis {
     child: Child,
     pub port: u16,
+    /// Its log (redis-server logs to stdout otherwise), for a failure's message.
+    log: tempfile::NamedTempFile,
 }
 
 impl Redis {
@@ -34,21 +36,40 @@ impl Redis {
     }
 
     pub fn start_on(port: u16) -> Redis {
+        let log = tempfile::Builder::new().prefix("redis-server.").suffix(".log").tempfile().unwrap();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--logfile")
+            .arg(log.path())
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (apt-get install redis-server; .ci/run does it)");
         wait_listening(port, "redis-server");
-        Redis { child, port }
+        Redis { child, port, log }
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// A connection; a server that refuses one fails the test with what its
+    /// process and its log say.
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+        match redis::Client::open(self.url()).unwrap().get_connection() {
+            Ok(c) => c,
+            Err(e) => {
+                let pid = self.child.id();
+                let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(')')
+                            .map(|(_, rest)| rest.split_whitespace().next().unwrap_or("?").to_string())
+                    })
+                    .unwrap_or_else(|| "gone".into());
+                let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+                panic!("redis-server (pid {pid}, state {state}) on port {} refused a connection: {e}; its log:\n{log}", self.port)
+            }
+        }
     }
 
     /// Stops answering (SIGSTOP) until [`Redis::resume`].
