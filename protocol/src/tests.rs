@@ -122,7 +122,13 @@ proptest! {
         let (h, body) = one_frame(&buf);
         prop_assert_eq!(h.opcode, op | RESPONSE_BIT);
         prop_assert_eq!(h.request_id, rid);
-        prop_assert_eq!(Response::decode(h.opcode, body).unwrap(), resp);
+        prop_assert_eq!(&Response::decode(h.opcode, body).unwrap(), &resp);
+        // The server's one-copy answer to a query is the same frame.
+        if let (opcode::QUERY, Response::Ok(Reply::Available(n))) = (op, &resp) {
+            let mut same = Vec::new();
+            encode_available_frame(op, rid, *n, &mut same);
+            prop_assert_eq!(&same, &buf);
+        }
     }
 
     #[test]
@@ -172,6 +178,22 @@ fn documented_examples() {
     let mut buf = Vec::new();
     Response::Insufficient { line: 0, available: 1 }.encode(opcode::ORDER, 3, &mut buf);
     assert_eq!(hex(&buf), "17 00 00 00 01 a0 00 00 03 00 00 00 00 00 00 00 01 00 00 01 00 00 00 00 00 00 00");
+}
+
+#[test]
+fn a_short_key_names_the_field_it_ends_in() {
+    let body = 1001u64.to_le_bytes();
+    let e = Request::decode(opcode::QUERY, &body[..5]).unwrap_err();
+    assert_eq!(e.0, "body ends inside vendor_item_id");
+    let e = Request::decode(opcode::QUERY, &body).unwrap_err();
+    assert_eq!(e.0, "body ends inside fulfillment_center_id");
+    let mut long = body.to_vec();
+    long.extend_from_slice(&[7, 0, 0, 0, 9]);
+    assert_eq!(Request::decode(opcode::QUERY, &long).unwrap_err().0, "1 unexpected trailing bytes");
+    assert_eq!(
+        Request::decode(opcode::QUERY, &long[..12]).unwrap(),
+        Request::Query { key: Key { item: 1001, fc: 7 } }
+    );
 }
 
 #[test]

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stockd_protocol::{
-    begin_frame, constant_time_eq, end_frame, opcode, parse_frame, shard_of, DecodeError, FrameError,
-    HelloInfo, Key, Reply, Request, Response, Status, HEADER_LEN, MAX_BODY, RESPONSE_BIT,
+    begin_frame, constant_time_eq, encode_available_frame, end_frame, opcode, parse_frame, shard_of,
+    DecodeError, FrameError, HelloInfo, Key, Reply, Request, Response, Status, HEADER_LEN, MAX_BODY,
+    RESPONSE_BIT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -336,11 +337,7 @@ impl Conn {
             return self.forward(sh, owner, op, rid, Forwarded::Query { request_id: rid, key, reply: None });
         }
         // The hot path: straight into the write buffer, no Response value.
-        let available = sh.read_one(key);
-        let start = begin_frame(&mut self.wbuf, op | RESPONSE_BIT, rid);
-        self.wbuf.push(Status::Ok as u8);
-        self.wbuf.extend_from_slice(&available.to_le_bytes());
-        end_frame(&mut self.wbuf, start);
+        encode_available_frame(op, rid, sh.read_one(key), &mut self.wbuf);
     }
 
     fn query_item(&mut self, sh: &mut Shard, op: u8, rid: u64, item: u64) {
