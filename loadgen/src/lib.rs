@@ -434,12 +434,12 @@ pub struct Outcome {
 /// among its largest costs). Readers sum the tallies.
 #[derive(Clone)]
 struct Tally {
-    hist: Histogram<u64>,
     /// Open loop: the load generator's own delay per send (us), see
     /// [`Report::send_late_us`].
     late: Histogram<u64>,
     /// Latency by kind of request, indexed by [`Kind`] (for
-    /// [`Report::latency_by_kind_us`]).
+    /// [`Report::latency_by_kind_us`]); the run's is their sum
+    /// ([`Tally::latency`]), so that a request is recorded once.
     by_kind: [Histogram<u64>; 4],
     ops: u64,
     keys: u64,
@@ -454,7 +454,6 @@ struct Tally {
 impl Default for Tally {
     fn default() -> Tally {
         Tally {
-            hist: new_histogram(),
             late: new_histogram(),
             by_kind: std::array::from_fn(|_| new_histogram()),
             ops: 0,
@@ -470,7 +469,6 @@ impl Default for Tally {
 
 impl Tally {
     fn add(&mut self, o: &Tally) {
-        self.hist.add(&o.hist).expect("histograms of the same bounds");
         self.late.add(&o.late).expect("histograms of the same bounds");
         for (h, o) in self.by_kind.iter_mut().zip(&o.by_kind) {
             h.add(o).expect("histograms of the same bounds");
@@ -484,6 +482,15 @@ impl Tally {
             *self.errors.entry(k.clone()).or_default() += n;
         }
         self.slowest = self.slowest.max(o.slowest);
+    }
+
+    /// Every request's latency, whatever its kind.
+    fn latency(&self) -> Histogram<u64> {
+        let mut all = new_histogram();
+        for h in &self.by_kind {
+            all.add(h).expect("histograms of the same bounds");
+        }
+        all
     }
 }
 
@@ -841,7 +848,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
                 now.ops - last_ops,
                 now.errors.values().sum::<u64>(),
                 now.insufficient,
-                now.hist.value_at_quantile(0.99),
+                now.latency().value_at_quantile(0.99),
                 recorder.take_slowest()
             );
             last_ops = now.ops;
@@ -864,8 +871,9 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         )
     })??;
     let client_cpu_s = process_cpu_seconds() - cpu_at_start;
+    let all = recorder.sum();
+    let histogram = all.latency();
     let Tally {
-        hist: histogram,
         late,
         by_kind,
         ops,
@@ -875,7 +883,7 @@ pub async fn run(cfg: &Config) -> Result<Outcome, String> {
         inbound_units,
         errors: errors_by_kind,
         slowest: _,
-    } = recorder.sum();
+    } = all;
     let client_cpu_us_per_op = client_cpu_s * 1e6 / ops.max(1) as f64;
     let errors = errors_by_kind.values().sum();
     let report = Report {
@@ -1091,7 +1099,6 @@ impl Worker {
             last_done = done;
             let us = done.saturating_duration_since(sent_at).as_micros().max(1) as u64;
             recorder.record(|t| {
-                t.hist.saturating_record(us);
                 t.by_kind[kind as usize].saturating_record(us);
                 if let Some(late) = late {
                     t.late.saturating_record(late.as_micros() as u64);
