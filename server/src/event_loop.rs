@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::conn::{serve, ConnCtx};
 use crate::shard::{Shard, Shared};
 use crate::state::Store;
+use crate::throttled::{Throttled, WARN_EVERY};
 
 /// Pause before contended mutations are prepared again: long enough for
 /// the mutations holding the units to be decided (an fsync or so).
@@ -81,6 +82,7 @@ pub fn shard_main(
 }
 
 async fn accept_loop(l: tokio::net::TcpListener, shard: Rc<RefCell<Shard>>, ctx: Rc<ConnCtx>) {
+    let mut over_cap = Throttled::new(WARN_EVERY);
     loop {
         match l.accept().await {
             Ok((stream, peer)) => {
@@ -88,6 +90,13 @@ async fn accept_loop(l: tokio::net::TcpListener, shard: Rc<RefCell<Shard>>, ctx:
                 // Counted here, before the task runs, so a burst cannot pass the cap.
                 if shared.connections() >= shared.max_connections {
                     refuse(stream, shared.max_connections);
+                    if let Some(refused) = over_cap.hit(std::time::Instant::now()) {
+                        tracing::warn!(
+                            max = shared.max_connections,
+                            refused,
+                            "refused connections: at --max-connections"
+                        );
+                    }
                     continue;
                 }
                 shared.stats[index].connections.fetch_add(1, Relaxed);
@@ -116,7 +125,6 @@ fn refuse(stream: tokio::net::TcpStream, max: usize) {
     let message = format!("stockd has {max} connections open, its --max-connections; retry later");
     stockd_protocol::encode_error(0, 0, stockd_protocol::Status::Overloaded, &message, &mut frame);
     let _ = stream.try_write(&frame);
-    tracing::warn!(max, "refused a connection: at --max-connections");
 }
 
 async fn retry_loop(shard: Rc<RefCell<Shard>>) {

@@ -9,6 +9,7 @@
 //! - [`metrics`]: the Prometheus endpoint (`--metrics-listen`).
 //! - [`recovery`]: the stores rebuilt from snapshots and the log.
 //! - [`server`]: startup, snapshots, shutdown.
+//! - [`throttled`]: a warning logged at most once per interval, with a count.
 
 pub mod conn;
 pub mod event_loop;
@@ -19,5 +20,6 @@ pub mod replication;
 pub mod server;
 pub mod shard;
 pub mod state;
+pub mod throttled;
 
 pub use server::{start, Config, Running, SinkConfig};

@@ -38,6 +38,7 @@ pub use mailbox::{Forwarded, Internal, Mailbox, Out, Outbox, ReplyTo, FORWARD_CA
 pub use shared::{ShardStats, Shared, SnapshotPart, SnapshotQueue, SNAPSHOT_QUEUED_BYTES};
 
 use crate::state::{IdHashBuilder, IdKey, SnapshotPiece, Store, PREFETCH_KEYS};
+use crate::throttled::{Throttled, WARN_EVERY};
 use answers::respond;
 use coordinator::Txn;
 use mailbox::WalToken;
@@ -73,6 +74,8 @@ pub struct Shard {
     /// Internal messages taken from the mailbox and not yet handled (see
     /// [`Shard::drain_internal`]), its room kept.
     internal_run: VecDeque<Internal>,
+    /// The warning that new ids are refused because the id table is full.
+    table_full: Throttled,
 }
 
 pub fn now_ms() -> u64 {
@@ -104,6 +107,7 @@ impl Shard {
             to_log: wal::Batch::default(),
             log_wake: Rc::new(Notify::new()),
             internal_run: VecDeque::with_capacity(INTERNAL_RUN),
+            table_full: Throttled::new(WARN_EVERY),
         }
     }
 

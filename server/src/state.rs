@@ -203,6 +203,11 @@ impl Store {
         v
     }
 
+    /// The limits of the id memory this store was made with.
+    pub fn id_limits(&self) -> IdLimits {
+        self.limits
+    }
+
     pub fn row_count(&self) -> usize {
         self.rows.len()
     }

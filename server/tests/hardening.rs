@@ -257,3 +257,43 @@ fn a_client_that_stops_inside_a_frame_is_closed_after_the_timeout() {
     assert_eq!(read_answers(&mut idle, 1)[0].0, 3);
     srv.shutdown();
 }
+
+/// With the id table full, clients get OVERLOADED and the operator gets one
+/// warning that says what to change, not one per refused order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_id_table_is_told_to_the_operator_once_not_per_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--shard-port-base", "0", "--shards", "1"])
+        .args(["--max-ids-per-shard", "5", "--id-min-window-secs", "600"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(log.reopen().unwrap()) // where stockd logs
+        .spawn()
+        .unwrap();
+    let c = client_at(port).await;
+    let line = [Line::new(1, 1, 1)];
+    c.inbound(1, &[Line::new(1, 1, 100)]).await.unwrap();
+    let mut refused = 0;
+    for id in 1..=20 {
+        match c.order(id, &line).await {
+            Ok(_) => {}
+            Err(e) if e.status() == Some(Status::Overloaded) => refused += 1,
+            Err(e) => panic!("order {id}: {e}"),
+        }
+    }
+    assert_eq!(refused, 16, "a receipt and four orders fill the table of five ids");
+    assert_eq!(c.query(1, 1).await.unwrap(), 96, "refused orders take nothing");
+    drop(c);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("the id table is full")).collect();
+    assert_eq!(warnings.len(), 1, "one warning within ten seconds:\n{text}");
+    for said in ["refused=1", "max_ids_per_shard=5", "id_min_window_secs=600", "--max-ids-per-shard"] {
+        assert!(warnings[0].contains(said), "{said} in {}", warnings[0]);
+    }
+}

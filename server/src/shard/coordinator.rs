@@ -14,7 +14,7 @@ use super::answers::{answer_response, refusal_response, respond, respond_error};
 use super::mailbox::{Internal, ReplyTo, WalToken};
 use super::passed::Passed;
 use super::{now_ms, send, Shard};
-use crate::state::{Command, IdKey, Refusal};
+use crate::state::{Answer, Command, IdKey, Refusal};
 
 /// Most mutations one shard coordinates at once; beyond it, OVERLOADED.
 pub const MAX_TXNS: usize = 16_384;
@@ -90,6 +90,9 @@ impl Shard {
                 if let Some(k) = id_key.filter(|_| marked) {
                     self.busy_ids.remove(&k);
                 }
+                if answer == Answer::TableFull {
+                    self.warn_table_full();
+                }
                 let resp = answer_response(&answer);
                 self.count_outcome(&resp);
                 return send(&reply, respond(op, request_id, resp));
@@ -161,6 +164,22 @@ impl Shard {
                 });
             }
         }
+    }
+
+    /// Tells the operator, at most every [`crate::throttled::WARN_EVERY`], that new ids are
+    /// being refused and what to change: clients see only OVERLOADED.
+    fn warn_table_full(&mut self) {
+        let Some(refused) = self.table_full.hit(Instant::now()) else { return };
+        let limits = self.store.id_limits();
+        tracing::warn!(
+            shard = self.index,
+            refused,
+            ids = self.store.id_count(),
+            max_ids_per_shard = limits.max_ids,
+            id_min_window_secs = limits.min_window_ms / 1000,
+            "the id table is full: new orders, holds and receipts are refused with OVERLOADED until its oldest ids \
+             are older than --id-min-window-secs; raise --max-ids-per-shard (about 100 bytes an id) or run more shards"
+        );
     }
 
     /// Queues the record of `txn` for the log writer. The records of one
