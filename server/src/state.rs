@@ -19,7 +19,8 @@
 //!
 //! Files: this one (the store, its rows, prepare/apply/abort, regrouping),
 //! [`plan`] (commands and step 1), [`ids`] (the idempotency memory and
-//! forgetting), [`snapshot`] (the snapshot codec), [`answer`] (answers and
+//! forgetting), [`snapshot`] (the snapshot codec) and [`varint`] (its
+//! compact integers), [`answer`] (answers and
 //! refusals), [`hash`] and [`id_table`] (id-keyed tables), [`chunked`]
 //! (their storage, grown without copies), [`rows`] (the rows), [`index`]
 //! (the u64 -> u32 table both build on).
@@ -39,6 +40,7 @@ pub mod index;
 pub mod plan;
 pub mod rows;
 pub mod snapshot;
+pub mod varint;
 
 pub use answer::{Answer, IdKind, Refusal};
 use chunked::ChunkedQueue;

@@ -153,6 +153,11 @@ impl<T: Copy> ChunkedQueue<T> {
         self.chunks.front().and_then(|c| c.get(self.head))
     }
 
+    /// The newest value, if any.
+    pub fn back(&self) -> Option<&T> {
+        self.chunks.back().and_then(|c| c.last()).filter(|_| !self.is_empty())
+    }
+
     pub fn pop_front(&mut self) -> Option<T> {
         let first = self.chunks.front()?;
         let v = *first.get(self.head)?;

@@ -230,6 +230,18 @@ impl Store {
         self.ids.get(&id)
     }
 
+    /// When the newest id in the line began to age (0 if none does): a
+    /// time near now by the log's clock, which a snapshot writes its
+    /// times as differences from.
+    pub(super) fn newest_aging_ts(&self) -> u64 {
+        self.fifo.back().map_or(0, |a| a.ts_ms())
+    }
+
+    /// The record a remembered receipt id came with.
+    pub fn receipt(&self, id: u64) -> Option<&LogStamp> {
+        self.receipts.get(&id)
+    }
+
     /// True if a new id cannot be remembered at `now_ms` without forgetting
     /// one younger than the minimum window.
     pub(super) fn table_full(&self, now: &impl super::plan::NowMs) -> bool {

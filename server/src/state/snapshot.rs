@@ -2,17 +2,26 @@
 //! part while the shard keeps serving, and read back into a store of any
 //! layout.
 //!
-//! Payload (little-endian): magic `STKSTAT3`, u64 lsn, u64 row count, rows
-//! (u64 item, u32 center, u64 on_hand, u64 held); then for each of the 64
-//! id parts: u64 receipt count, receipts (u64 id, u64 lsn, u64 ts_ms); u64
-//! id count, ids (u64 id, u64 lsn, u64 ts_ms, u8 is_hold, state (see
-//! [`put_state`]), u64 aging_lsn, u64 aging_ts_ms, u16 line count, lines of
-//! u64 item, u32 center, u32 qty). A live hold has aging stamp 0, 0.
+//! Payload, the fourth layout (little-endian; `v` a varint, `d(base)` a
+//! value as its zigzag-coded difference from a base, both in
+//! `varint.rs`): magic `STKSTAT4`, u64 lsn, u64 base_ts (a time near the
+//! mark: the newest an id began to age at), u64 row count, rows (v item,
+//! v center, v on_hand, v held); then for each of the 64 id parts: u64
+//! receipt count, receipts (u64 id, d(lsn) lsn, d(base_ts) ts_ms); u64 id
+//! count, ids (u64 id, d(lsn) lsn, d(base_ts) ts_ms, state (see
+//! [`put_state`]), v line count, lines of v item, v center, v qty).
 //! `ts_ms` is the timestamp the id ages from: its creation's, or for a
-//! confirmed or released hold that record's (the same as `aging_ts_ms`;
-//! snapshots before 2026-11-27 kept a hold's creation time there, and are
-//! read the same way). `is_hold` and `aging_lsn` follow from the state and
-//! are checked against it.
+//! confirmed or released hold that record's. A one-line order takes ~22
+//! bytes, where the third layout's fixed-width fields took 61.
+//!
+//! The third layout (`STKSTAT3`, written until the twenty-first session)
+//! is still read: u64 lsn, u64 row count, rows (u64 item, u32 center, u64
+//! on_hand, u64 held); per part u64 receipt count, receipts (u64 id, u64
+//! lsn, u64 ts_ms), u64 id count, ids (u64 id, u64 lsn, u64 ts_ms, u8
+//! is_hold, state (see [`read_state_v3`]), u64 aging_lsn, u64 aging_ts_ms,
+//! u16 line count, lines of u64 item, u32 center, u32 qty); a live hold
+//! has aging stamp 0, 0, and `is_hold` and `aging_lsn` follow from the
+//! state and are checked against it.
 
 use std::num::NonZeroU64;
 
@@ -23,6 +32,7 @@ use stockd_protocol::{prefetch, shard_of, DecodeError, Key, Line, Lines, Reader,
 use super::id_table::IdTable;
 use super::ids::{IdEntry, IdLines, IdState, LogStamp};
 use super::rows::Rows;
+use super::varint;
 use super::{IdHashBuilder, IdMap, Row, SplitMap, Store, SPLIT_PARTS};
 
 /// A snapshot being serialized a stretch of at most `step` positions or
@@ -38,7 +48,8 @@ use super::{IdHashBuilder, IdMap, Row, SplitMap, Store, SPLIT_PARTS};
 /// or after the cursor. Replay after `lsn` then sees exactly the state the
 /// live shard had, and forgets the same ids.
 pub(super) struct Capture {
-    lsn: u64,
+    /// Its LSN, and the time its times are written as differences from.
+    base: Base,
     /// The rows still to write, if any (they go first).
     rows: Option<RowsCursor>,
     /// The part being written and where in it.
@@ -103,9 +114,9 @@ impl Capture {
     /// A capture whose `buf` holds the header; `rows_at_mark` (the store's
     /// row count at the mark) rows are still to be written, unless `buf`
     /// has them already (None).
-    fn new(lsn: u64, step: usize, buf: Vec<u8>, rows_at_mark: Option<usize>) -> Capture {
+    fn new(base: Base, step: usize, buf: Vec<u8>, rows_at_mark: Option<usize>) -> Capture {
         let mut c = Capture {
-            lsn,
+            base,
             rows: rows_at_mark.map(|n| RowsCursor { pos: 0, slots_at_mark: n, before: HashMap::default() }),
             next_part: 0,
             section: Section::Receipts,
@@ -216,19 +227,19 @@ impl Capture {
                 return true;
             }
             let part = self.next_part;
-            let (buf, written, cursor, lsn) = (&mut self.buf, &mut self.written, self.cursor, self.lsn);
+            let (buf, written, cursor, base) = (&mut self.buf, &mut self.written, self.cursor, self.base);
             let (end, slots) = match self.section {
                 Section::Receipts => write_live(
                     receipts.part(part),
                     cursor,
                     budget,
-                    lsn,
+                    base,
                     &self.receipts_before[part],
                     buf,
                     written,
                 ),
                 Section::Ids => {
-                    write_live(ids.part(part), cursor, budget, lsn, &self.ids_before[part], buf, written)
+                    write_live(ids.part(part), cursor, budget, base, &self.ids_before[part], buf, written)
                 }
             };
             budget -= end - self.cursor;
@@ -239,9 +250,9 @@ impl Capture {
             // The section's live entries are written: its before-images, its count.
             let kept = match self.section {
                 Section::Receipts => {
-                    write_kept(&std::mem::take(&mut self.receipts_before[part]), buf, written)
+                    write_kept(&std::mem::take(&mut self.receipts_before[part]), base, buf, written)
                 }
-                Section::Ids => write_kept(&std::mem::take(&mut self.ids_before[part]), buf, written),
+                Section::Ids => write_kept(&std::mem::take(&mut self.ids_before[part]), base, buf, written),
             };
             budget = budget.saturating_sub(kept);
             self.buf[self.count_at..self.count_at + 8].copy_from_slice(&self.written.to_le_bytes());
@@ -273,7 +284,7 @@ impl Store {
         // out by its LSN. (It kept an empty one until 2026-11-27: a hash
         // insert per new id, and a map the snapshot's steps then probed for
         // every id they wrote.)
-        if let Some(before) = self.ids.get(&id).filter(|e| e.lsn <= c.lsn) {
+        if let Some(before) = self.ids.get(&id).filter(|e| e.lsn <= c.base.lsn) {
             c.ids_before[part].insert(id, before.clone());
         }
     }
@@ -293,7 +304,7 @@ impl Store {
         if !c.pending(part, Section::Receipts, slot) || c.receipts_before[part].contains_key(&id) {
             return;
         }
-        if let Some(before) = self.receipts.get(&id).filter(|r| r.lsn <= c.lsn) {
+        if let Some(before) = self.receipts.get(&id).filter(|r| r.lsn <= c.base.lsn) {
             c.receipts_before[part].insert(id, *before);
         }
     }
@@ -301,11 +312,12 @@ impl Store {
     /// Serializes the durable state (rows, ids, receipts; not pending) at once.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        write_header(self.applied_lsn, self.row_count(), &mut out);
+        let base = Base { lsn: self.applied_lsn, ts_ms: self.newest_aging_ts() };
+        write_header(base, self.row_count(), &mut out);
         for (key, r) in self.rows.iter() {
             put_row(&mut out, key, r);
         }
-        let mut c = Capture::new(self.applied_lsn, usize::MAX, out, None);
+        let mut c = Capture::new(base, usize::MAX, out, None);
         c.step(&self.rows, &self.ids, &self.receipts);
         c.buf
     }
@@ -315,8 +327,9 @@ impl Store {
     pub fn begin_snapshot(&mut self, lsn: u64) {
         assert!(self.capture.is_none(), "invariant: one snapshot at a time per shard");
         let mut buf = Vec::with_capacity(2 * self.snapshot_piece_bytes);
-        write_header(lsn, self.row_count(), &mut buf);
-        self.capture = Some(Capture::new(lsn, self.snapshot_step_slots, buf, Some(self.row_count())));
+        let base = Base { lsn, ts_ms: self.newest_aging_ts() };
+        write_header(base, self.row_count(), &mut buf);
+        self.capture = Some(Capture::new(base, self.snapshot_step_slots, buf, Some(self.row_count())));
     }
 
     /// Slots of the id tables one step writes at most (tests make it tiny).
@@ -350,12 +363,12 @@ impl Store {
         let mut c = self.capture.take()?;
         if c.step(&self.rows, &self.ids, &self.receipts) {
             self.snapshot_spares.clear();
-            return Some(SnapshotPiece { lsn: c.lsn, bytes: c.buf, last: true });
+            return Some(SnapshotPiece { lsn: c.base.lsn, bytes: c.buf, last: true });
         }
         let piece = (c.final_len() >= self.snapshot_piece_bytes.max(1)).then(|| {
             let next = self.snapshot_spares.pop().unwrap_or_default();
             SnapshotPiece {
-                lsn: c.lsn,
+                lsn: c.base.lsn,
                 bytes: c.take_final(next, 2 * self.snapshot_piece_bytes),
                 last: false,
             }
@@ -370,7 +383,7 @@ impl Store {
         c.step = usize::MAX;
         c.step(&self.rows, &self.ids, &self.receipts);
         self.snapshot_spares.clear();
-        Some(SnapshotPiece { lsn: c.lsn, bytes: c.buf, last: true })
+        Some(SnapshotPiece { lsn: c.base.lsn, bytes: c.buf, last: true })
     }
 
     /// Adds the state of an encoded snapshot (of any shard count) to this store,
@@ -378,15 +391,16 @@ impl Store {
     pub fn absorb(&mut self, buf: &[u8]) -> Result<(), String> {
         let mut r = Reader::new(buf);
         let e = |e: DecodeError| e.0;
-        if r.bytes(SNAPSHOT_MAGIC.len(), "magic").map_err(e)? != SNAPSHOT_MAGIC {
-            return Err("not a stockd state snapshot of this format (written by another version?)".into());
-        }
+        let magic = r.bytes(SNAPSHOT_MAGIC.len(), "magic").map_err(e)?;
         let lsn = r.u64("lsn").map_err(e)?;
+        let layout = match magic {
+            m if m == SNAPSHOT_MAGIC => Layout::Compact(Base { lsn, ts_ms: r.u64("base_ts").map_err(e)? }),
+            m if m == SNAPSHOT_MAGIC_V3 => Layout::Fixed,
+            _ => return Err("not a stockd state snapshot of a layout this version reads".into()),
+        };
         self.applied_lsn = self.applied_lsn.max(lsn);
         for _ in 0..r.u64("rows").map_err(e)? {
-            let key = r.key().map_err(e)?;
-            let on_hand = r.u64("on_hand").map_err(e)?;
-            let held = r.u64("held").map_err(e)?;
+            let (key, Row { on_hand, held }) = read_row(layout, &mut r).map_err(e)?;
             if held > on_hand || on_hand > STOCK_MAX {
                 return Err(format!("row {key:?}: held {held} > on_hand {on_hand} or above max"));
             }
@@ -397,18 +411,22 @@ impl Store {
         for part in 0..SPLIT_PARTS {
             // Counts come first: room for them at once, not a re-hash per doubling.
             let receipts = r.u64("receipts").map_err(e)?;
-            self.receipts.reserve_part(part, (receipts as usize).min(r.remaining() / 24));
+            self.receipts
+                .reserve_part(part, (receipts as usize).min(r.remaining() / layout.least_receipt_bytes()));
             for _ in 0..receipts {
-                let id = r.u64("id").map_err(e)?;
-                let stamp = LogStamp { lsn: r.u64("lsn").map_err(e)?, ts_ms: r.u64("ts").map_err(e)? };
+                let (id, stamp) = read_receipt(layout, &mut r).map_err(e)?;
                 if shard_of(id, self.shards) == self.shard {
                     self.receipts.insert(id, stamp);
                 }
             }
             let ids = r.u64("ids").map_err(e)?;
-            self.ids.reserve_part(part, (ids as usize).min(r.remaining() / 40));
+            self.ids.reserve_part(part, (ids as usize).min(r.remaining() / layout.least_id_bytes()));
             for _ in 0..ids {
-                let (id, entry) = read_id_entry(&mut r).map_err(e)?;
+                let (id, entry) = match layout {
+                    Layout::Compact(base) => read_id_entry(base, &mut r),
+                    Layout::Fixed => read_id_entry_v3(&mut r),
+                }
+                .map_err(e)?;
                 if shard_of(id, self.shards) == self.shard {
                     self.insert_entry(id, entry);
                 }
@@ -423,7 +441,7 @@ impl Store {
 /// An entry of a snapshot's id sections: the LSN it was made at, and its encoding.
 trait Entry {
     fn lsn(&self) -> u64;
-    fn put(&self, id: u64, out: &mut Vec<u8>);
+    fn put(&self, id: u64, base: Base, out: &mut Vec<u8>);
     /// Asks for what `put` will read outside the table's own slot.
     fn prefetch(&self) {}
 }
@@ -432,8 +450,8 @@ impl Entry for LogStamp {
     fn lsn(&self) -> u64 {
         self.lsn
     }
-    fn put(&self, id: u64, out: &mut Vec<u8>) {
-        put_receipt(out, id, self);
+    fn put(&self, id: u64, base: Base, out: &mut Vec<u8>) {
+        put_receipt(out, id, self, base);
     }
 }
 
@@ -441,8 +459,8 @@ impl Entry for IdEntry {
     fn lsn(&self) -> u64 {
         self.lsn
     }
-    fn put(&self, id: u64, out: &mut Vec<u8>) {
-        put_id(out, id, self);
+    fn put(&self, id: u64, base: Base, out: &mut Vec<u8>) {
+        put_id(out, id, self, base);
     }
     /// Lines of more than one live on the heap: one cache miss per id, most
     /// of what writing an id cost before it was asked for ahead. (One line
@@ -468,7 +486,7 @@ fn write_live<V: Entry>(
     table: &IdTable<V>,
     from: usize,
     budget: usize,
-    lsn: u64,
+    base: Base,
     before: &IdMap<V>,
     out: &mut Vec<u8>,
     written: &mut u64,
@@ -480,8 +498,8 @@ fn write_live<V: Entry>(
             v.prefetch();
         }
         if let Some((id, v)) = entry {
-            if v.lsn() <= lsn && !before.contains_key(&id) {
-                v.put(id, out);
+            if v.lsn() <= base.lsn && !before.contains_key(&id) {
+                v.put(id, base, out);
                 *written += 1;
             }
         }
@@ -490,66 +508,140 @@ fn write_live<V: Entry>(
 }
 
 /// Writes the before-images; adds them to `written`. Returns how many.
-fn write_kept<V: Entry>(kept: &IdMap<V>, out: &mut Vec<u8>, written: &mut u64) -> usize {
+fn write_kept<V: Entry>(kept: &IdMap<V>, base: Base, out: &mut Vec<u8>, written: &mut u64) -> usize {
     for (id, v) in kept {
-        v.put(*id, out);
+        v.put(*id, base, out);
         *written += 1;
     }
     kept.len()
 }
 
-/// Magic, u64 lsn, u64 row count; the rows follow.
-fn write_header(lsn: u64, rows: usize, out: &mut Vec<u8>) {
+/// What a snapshot's LSNs and times are written as differences from: its
+/// LSN, and a time near its mark (ids age within a window of it).
+#[derive(Clone, Copy, Debug)]
+struct Base {
+    lsn: u64,
+    ts_ms: u64,
+}
+
+/// The layout a snapshot being read was written in.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// The fourth: varints and differences from its base.
+    Compact(Base),
+    /// The third: fixed-width fields.
+    Fixed,
+}
+
+impl Layout {
+    /// The fewest bytes a receipt or an id takes (a bound on what the
+    /// counts read ask to reserve, whatever a damaged count says).
+    fn least_receipt_bytes(self) -> usize {
+        match self {
+            Layout::Compact(_) => 10,
+            Layout::Fixed => 24,
+        }
+    }
+
+    fn least_id_bytes(self) -> usize {
+        match self {
+            Layout::Compact(_) => 12,
+            Layout::Fixed => 40,
+        }
+    }
+}
+
+/// Magic, u64 lsn, u64 base_ts, u64 row count; the rows follow.
+fn write_header(base: Base, rows: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(SNAPSHOT_MAGIC);
-    out.extend_from_slice(&lsn.to_le_bytes());
+    out.extend_from_slice(&base.lsn.to_le_bytes());
+    out.extend_from_slice(&base.ts_ms.to_le_bytes());
     out.extend_from_slice(&(rows as u64).to_le_bytes());
 }
 
-/// A row: u64 item, u32 center, u64 on_hand, u64 held.
+/// A row: v item, v center, v on_hand, v held.
 fn put_row(out: &mut Vec<u8>, key: Key, r: &Row) {
-    out.extend_from_slice(&key.item.to_le_bytes());
-    out.extend_from_slice(&key.fc.to_le_bytes());
-    out.extend_from_slice(&r.on_hand.to_le_bytes());
-    out.extend_from_slice(&r.held.to_le_bytes());
+    varint::put(out, key.item);
+    varint::put(out, key.fc.into());
+    varint::put(out, r.on_hand);
+    varint::put(out, r.held);
 }
 
-/// A receipt: u64 id, u64 lsn, u64 ts_ms.
-fn put_receipt(out: &mut Vec<u8>, id: u64, r: &LogStamp) {
-    for v in [id, r.lsn, r.ts_ms] {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+fn read_row(layout: Layout, r: &mut Reader<'_>) -> Result<(Key, Row), DecodeError> {
+    Ok(match layout {
+        Layout::Compact(_) => {
+            let key = Key { item: varint::read(r, "item")?, fc: varint::read_u32(r, "center")? };
+            (key, Row { on_hand: varint::read(r, "on_hand")?, held: varint::read(r, "held")? })
+        }
+        Layout::Fixed => (r.key()?, Row { on_hand: r.u64("on_hand")?, held: r.u64("held")? }),
+    })
 }
 
-/// An order or hold id: u64 id, lsn, ts (the one it ages from); u8
-/// is_hold; state (see [`put_state`]); u64 aging lsn and ts (0, 0 for a
-/// live hold); u16 line count, lines of u64 item, u32 center, u32 qty.
-fn put_id(out: &mut Vec<u8>, id: u64, e: &IdEntry) {
-    let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
-    put(out, id);
-    put(out, e.lsn);
-    put(out, e.ts_ms);
-    out.push(e.is_hold() as u8);
-    put_state(out, &e.state);
-    let aging = e.aging_from().unwrap_or(LogStamp { lsn: 0, ts_ms: 0 });
-    put(out, aging.lsn);
-    put(out, aging.ts_ms);
-    out.extend_from_slice(&(e.lines.len() as u16).to_le_bytes());
+/// A receipt: u64 id, d(lsn) lsn, d(base_ts) ts_ms.
+fn put_receipt(out: &mut Vec<u8>, id: u64, r: &LogStamp, base: Base) {
+    out.extend_from_slice(&id.to_le_bytes());
+    varint::put_delta(out, r.lsn, base.lsn);
+    varint::put_delta(out, r.ts_ms, base.ts_ms);
+}
+
+fn read_receipt(layout: Layout, r: &mut Reader<'_>) -> Result<(u64, LogStamp), DecodeError> {
+    let id = r.u64("id")?;
+    let stamp = match layout {
+        Layout::Compact(base) => LogStamp {
+            lsn: varint::read_delta(r, base.lsn, "lsn")?,
+            ts_ms: varint::read_delta(r, base.ts_ms, "ts")?,
+        },
+        Layout::Fixed => LogStamp { lsn: r.u64("lsn")?, ts_ms: r.u64("ts")? },
+    };
+    Ok((id, stamp))
+}
+
+/// An order or hold id: u64 id, d(lsn) lsn, d(base_ts) ts (the one it ages
+/// from), state (see [`put_state`]), v line count, lines of v item, v
+/// center, v qty. Whether it is a hold and the LSN it ages from follow
+/// from its state.
+fn put_id(out: &mut Vec<u8>, id: u64, e: &IdEntry, base: Base) {
+    out.extend_from_slice(&id.to_le_bytes());
+    varint::put_delta(out, e.lsn, base.lsn);
+    varint::put_delta(out, e.ts_ms, base.ts_ms);
+    put_state(out, &e.state, base);
+    varint::put(out, e.lines.len() as u64);
     for l in e.lines.iter() {
-        put(out, l.key.item);
-        out.extend_from_slice(&l.key.fc.to_le_bytes());
-        out.extend_from_slice(&l.qty.to_le_bytes());
+        varint::put(out, l.key.item);
+        varint::put(out, l.key.fc.into());
+        varint::put(out, l.qty.into());
     }
 }
 
-/// Marks a state snapshot payload of this layout (the 3rd: ids carry their aging stamp).
-const SNAPSHOT_MAGIC: &[u8; 8] = b"STKSTAT3";
+/// Marks a state snapshot payload of this layout (the 4th: varints, LSNs
+/// and times as differences from the header's).
+const SNAPSHOT_MAGIC: &[u8; 8] = b"STKSTAT4";
+/// The 3rd layout (fixed-width fields; ids carry their aging stamp), still read.
+const SNAPSHOT_MAGIC_V3: &[u8; 8] = b"STKSTAT3";
 
-fn read_id_entry(r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
+fn read_id_entry(base: Base, r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
+    let id = r.u64("id")?;
+    let lsn = varint::read_delta(r, base.lsn, "lsn")?;
+    let ts_ms = varint::read_delta(r, base.ts_ms, "ts")?;
+    let state = read_state(r, base)?;
+    let n = varint::read(r, "lines")?;
+    if n > u64::from(u16::MAX) {
+        return Err(DecodeError(format!("id {id}: {n} lines")));
+    }
+    let mut lines = Lines::with_capacity((n as usize).min(r.remaining() / 3));
+    for _ in 0..n {
+        let key = Key { item: varint::read(r, "item")?, fc: varint::read_u32(r, "center")? };
+        lines.push(Line { key, qty: varint::read_u32(r, "qty")? });
+    }
+    Ok((id, IdEntry::new(lsn, ts_ms, IdLines::from(lines), state)))
+}
+
+fn read_id_entry_v3(r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
     let id = r.u64("id")?;
     let lsn = r.u64("lsn")?;
     let ts_ms = r.u64("ts")?;
     let is_hold = r.u8("is_hold")? != 0;
-    let state = read_state(r)?;
+    let state = read_state_v3(r)?;
     let aging = LogStamp { lsn: r.u64("aging_lsn")?, ts_ms: r.u64("aging_ts")? };
     let aging_from = (aging.lsn != 0).then_some(aging);
     let n = r.u16("lines")? as usize;
@@ -568,40 +660,69 @@ fn read_id_entry(r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
     Ok((id, e))
 }
 
-/// An id's state: u8 tag, then its fields. held (0): u64 deadline_ms;
-/// released (1): u64 lsn, u8 expired; ordered (2): optional confirm lsn;
-/// cancelled (3): u64 lsn, optional confirm lsn. Optional: u8 0, or u8 1 and u64.
-fn put_state(out: &mut Vec<u8>, state: &IdState) {
-    let put_opt = |out: &mut Vec<u8>, v: Option<NonZeroU64>| match v {
-        None => out.push(0),
-        Some(v) => {
-            out.push(1);
-            out.extend_from_slice(&v.get().to_le_bytes());
-        }
-    };
+/// An id's state: a u8 whose two low bits say which (held 0, released 1,
+/// ordered 2, cancelled 3), bit 2 that a confirm LSN follows, bit 3 that a
+/// release was an expiry; then its fields: held d(base_ts) deadline_ms;
+/// released d(lsn) lsn; ordered [d(lsn) confirm lsn]; cancelled d(lsn) lsn,
+/// [d(lsn) confirm lsn].
+fn put_state(out: &mut Vec<u8>, state: &IdState, base: Base) {
+    const CONFIRMED: u8 = 4;
+    const EXPIRED: u8 = 8;
+    let confirmed = |c: Option<NonZeroU64>| if c.is_some() { CONFIRMED } else { 0 };
     match *state {
         IdState::Held { deadline_ms } => {
             out.push(0);
-            out.extend_from_slice(&deadline_ms.to_le_bytes());
+            varint::put_delta(out, deadline_ms, base.ts_ms);
         }
         IdState::Released { lsn, expired } => {
-            out.push(1);
-            out.extend_from_slice(&lsn.to_le_bytes());
-            out.push(expired as u8);
+            out.push(1 | if expired { EXPIRED } else { 0 });
+            varint::put_delta(out, lsn, base.lsn);
         }
-        IdState::Ordered { confirm_lsn } => {
-            out.push(2);
-            put_opt(out, confirm_lsn);
-        }
+        IdState::Ordered { confirm_lsn } => out.push(2 | confirmed(confirm_lsn)),
         IdState::Cancelled { lsn, confirm_lsn } => {
-            out.push(3);
-            out.extend_from_slice(&lsn.to_le_bytes());
-            put_opt(out, confirm_lsn);
+            out.push(3 | confirmed(confirm_lsn));
+            varint::put_delta(out, lsn, base.lsn);
         }
+    }
+    if let IdState::Ordered { confirm_lsn: Some(c) } | IdState::Cancelled { confirm_lsn: Some(c), .. } =
+        *state
+    {
+        varint::put_delta(out, c.get(), base.lsn);
     }
 }
 
-fn read_state(r: &mut Reader<'_>) -> Result<IdState, DecodeError> {
+fn read_state(r: &mut Reader<'_>, base: Base) -> Result<IdState, DecodeError> {
+    let tag = r.u8("state")?;
+    let (kind, confirmed, expired) = (tag & 3, tag & 4 != 0, tag & 8 != 0);
+    let fits = tag < 16 && (!confirmed || kind >= 2) && (!expired || kind == 1);
+    if !fits {
+        return Err(DecodeError(format!("bad id state {tag:#04x}")));
+    }
+    let confirm = |r: &mut Reader<'_>| -> Result<Option<NonZeroU64>, DecodeError> {
+        if !confirmed {
+            return Ok(None);
+        }
+        match NonZeroU64::new(varint::read_delta(r, base.lsn, "confirm_lsn")?) {
+            Some(lsn) => Ok(Some(lsn)),
+            None => Err(DecodeError("confirm_lsn 0 (LSNs start at 1)".into())),
+        }
+    };
+    Ok(match kind {
+        0 => IdState::Held { deadline_ms: varint::read_delta(r, base.ts_ms, "deadline_ms")? },
+        1 => IdState::Released { lsn: varint::read_delta(r, base.lsn, "release lsn")?, expired },
+        2 => IdState::Ordered { confirm_lsn: confirm(r)? },
+        _ => {
+            let lsn = varint::read_delta(r, base.lsn, "cancel lsn")?;
+            IdState::Cancelled { lsn, confirm_lsn: confirm(r)? }
+        }
+    })
+}
+
+/// The third layout's state: u8 tag, then its fields. held (0): u64
+/// deadline_ms; released (1): u64 lsn, u8 expired; ordered (2): optional
+/// confirm lsn; cancelled (3): u64 lsn, optional confirm lsn. Optional: u8
+/// 0, or u8 1 and u64.
+fn read_state_v3(r: &mut Reader<'_>) -> Result<IdState, DecodeError> {
     let read_opt = |r: &mut Reader<'_>| -> Result<Option<NonZeroU64>, DecodeError> {
         match r.u8("has confirm_lsn")? {
             0 => Ok(None),
