@@ -151,7 +151,9 @@ impl Cluster {
     /// snapshot set and the log after it (a snapshot still being written is lost).
     fn restart(&self, shards: usize, now: u64) -> Cluster {
         let mut rebuild = match &self.snapshot {
-            Some((_, parts)) => Rebuild::from_snapshot(self.limits, parts.len(), parts.clone(), 0).unwrap(),
+            Some((_, parts)) => {
+                Rebuild::from_snapshot(self.limits, parts.len(), |i| Ok(parts[i].clone()), 0).unwrap()
+            }
             None => Rebuild::new(self.limits, 0),
         };
         let after = self.snapshot.as_ref().map_or(0, |(lsn, _)| *lsn);
