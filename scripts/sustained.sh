@@ -16,8 +16,10 @@
 # p99, the slowest whole second, each snapshot's time (mark to manifest),
 # the last snapshot's bytes and bytes per state entry, and the restart's
 # time to load the snapshot and to be recovered. The server and the load
-# generator share the machine's CPUs, as in scripts/bench.sh. Uses this
-# tree's stock-loadgen (or LG=/path) and python3.
+# generator share the machine's CPUs, as in scripts/bench.sh, unless
+# SERVER_CPUS and LOADGEN_CPUS pin them apart (taskset lists, as in
+# scripts/ab.sh; the load generator then runs a thread per CPU of its own).
+# Uses this tree's stock-loadgen (or LG=/path) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage() { echo "usage: $0 STOCKD [MORE_STOCKD...] [-- LOADGEN_ARGS...]" >&2; exit 2; }
@@ -27,6 +29,13 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do builds+=("$1"); shift; done
 [ $# -gt 0 ] && shift
 ROUNDS=${ROUNDS:-2} SHARDS=${SHARDS:-1} DURATION=${DURATION:-30s} CONNECTIONS=${CONNECTIONS:-16}
 LG=${LG:-target/release/stock-loadgen}
+SERVER_PIN=() LG_PIN=() LG_THREADS=()
+if [ -n "${SERVER_CPUS:-}" ]; then SERVER_PIN=(taskset -c "$SERVER_CPUS"); fi
+if [ -n "${LOADGEN_CPUS:-}" ]; then
+    . scripts/cpus.sh
+    LG_PIN=(taskset -c "$LOADGEN_CPUS")
+    LG_THREADS=(--threads "$(count_cpus "$LOADGEN_CPUS")")
+fi
 . scripts/ports.sh
 pid="" dir=""
 cleanup() {
@@ -36,7 +45,7 @@ cleanup() {
 }
 trap cleanup EXIT
 start() { # start BIN LOGFILE: a server on $dir, $port
-    RUST_LOG=info "$1" --listen 127.0.0.1:"$port" --shard-port-base 0 --shards "$SHARDS" --data-dir "$dir/data" > "$2" 2>&1 &
+    RUST_LOG=info "${SERVER_PIN[@]}" "$1" --listen 127.0.0.1:"$port" --shard-port-base 0 --shards "$SHARDS" --data-dir "$dir/data" > "$2" 2>&1 &
     pid=$!
 }
 for round in $(seq "$ROUNDS"); do
@@ -45,9 +54,9 @@ for round in $(seq "$ROUNDS"); do
         dir=$(mktemp -d) port=$(free_port)
         start "$bin" "$dir/run.log"
         wait_port "$port" 100
-        KEYS=(--target stockd://127.0.0.1:"$port" --keys 100000 --centers 4)
-        "$LG" "${KEYS[@]}" --quiet --duration 1s --workload query --preload > /dev/null
-        "$LG" "${KEYS[@]}" --workload order --connections "$CONNECTIONS" --duration "$DURATION" \
+        KEYS=(--target stockd://127.0.0.1:"$port" --keys 100000 --centers 4 "${LG_THREADS[@]}")
+        "${LG_PIN[@]}" "$LG" "${KEYS[@]}" --quiet --duration 1s --workload query --preload > /dev/null
+        "${LG_PIN[@]}" "$LG" "${KEYS[@]}" --workload order --connections "$CONNECTIONS" --duration "$DURATION" \
             --json "$dir/report.json" "$@" 2> "$dir/seconds.txt" > /dev/null
         sleep 1 # a snapshot just finished writes its manifest
         bytes=$( (cat "$dir"/data/snap-*.bin 2>/dev/null || true) | wc -c)
