@@ -371,6 +371,15 @@ impl<'a> Reader<'a> {
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
+    /// The bytes not read yet, for a field of variable length decoded in
+    /// place; [`Reader::skip`] then moves past what it took.
+    pub fn rest(&self) -> &'a [u8] {
+        &self.buf[self.pos..]
+    }
+    /// Moves past `n` bytes of [`Reader::rest`] (at most all of them).
+    pub fn skip(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.buf.len());
+    }
     /// Fails if bytes are left over: every body has an exact length.
     pub fn finish(&self) -> Result<(), DecodeError> {
         if self.remaining() != 0 {
