@@ -660,22 +660,24 @@ fn read_id_entry_v3(r: &mut Reader<'_>) -> Result<(u64, IdEntry), DecodeError> {
     Ok((id, e))
 }
 
+/// The bits of a state's byte beside its kind (the two low bits).
+const STATE_CONFIRMED: u8 = 4;
+const STATE_EXPIRED: u8 = 8;
+
 /// An id's state: a u8 whose two low bits say which (held 0, released 1,
 /// ordered 2, cancelled 3), bit 2 that a confirm LSN follows, bit 3 that a
 /// release was an expiry; then its fields: held d(base_ts) deadline_ms;
 /// released d(lsn) lsn; ordered [d(lsn) confirm lsn]; cancelled d(lsn) lsn,
 /// [d(lsn) confirm lsn].
 fn put_state(out: &mut Vec<u8>, state: &IdState, base: Base) {
-    const CONFIRMED: u8 = 4;
-    const EXPIRED: u8 = 8;
-    let confirmed = |c: Option<NonZeroU64>| if c.is_some() { CONFIRMED } else { 0 };
+    let confirmed = |c: Option<NonZeroU64>| if c.is_some() { STATE_CONFIRMED } else { 0 };
     match *state {
         IdState::Held { deadline_ms } => {
             out.push(0);
             varint::put_delta(out, deadline_ms, base.ts_ms);
         }
         IdState::Released { lsn, expired } => {
-            out.push(1 | if expired { EXPIRED } else { 0 });
+            out.push(1 | if expired { STATE_EXPIRED } else { 0 });
             varint::put_delta(out, lsn, base.lsn);
         }
         IdState::Ordered { confirm_lsn } => out.push(2 | confirmed(confirm_lsn)),
@@ -693,8 +695,8 @@ fn put_state(out: &mut Vec<u8>, state: &IdState, base: Base) {
 
 fn read_state(r: &mut Reader<'_>, base: Base) -> Result<IdState, DecodeError> {
     let tag = r.u8("state")?;
-    let (kind, confirmed, expired) = (tag & 3, tag & 4 != 0, tag & 8 != 0);
-    let fits = tag < 16 && (!confirmed || kind >= 2) && (!expired || kind == 1);
+    let (kind, confirmed, expired) = (tag & 3, tag & STATE_CONFIRMED != 0, tag & STATE_EXPIRED != 0);
+    let fits = tag < 2 * STATE_EXPIRED && (!confirmed || kind >= 2) && (!expired || kind == 1);
     if !fits {
         return Err(DecodeError(format!("bad id state {tag:#04x}")));
     }
